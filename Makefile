@@ -1,0 +1,40 @@
+# Two commands set up everything on a fresh machine with only Python:
+#   make demo   create .venv, install torch + the project, train the tiny model on synthetic data
+#   make test   same set-up, then the whole test suite
+#
+# Bring your own torch: either install it into $(VENV) first (any build, e.g. CUDA) - an importable
+# torch is never replaced - or name it: make demo TORCH_SPEC="torch==2.9.1 --index-url URL".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.blip-installed
+
+.PHONY: demo test lint install clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "using the torch already in $(VENV): $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	else \
+		$(BIN)/python -m pip install --quiet $(TORCH_SPEC); \
+	fi
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/blip run blip_pretrain --config debug job.output_dir=outputs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,242 @@
+"""The ``blip`` command: run recipes (in process or through torchrun), validate, list, copy.
+
+blip run [torchrun flags] RECIPE --config FILE [overrides...]
+blip validate --config FILE [--world-size N] [overrides...]
+blip ls
+blip cp NAME DEST [--force]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from blip_recipes._registry import (
+    CONFIGS_DIR,
+    RECIPES,
+    config_names,
+    resolve_config,
+    resolve_recipe,
+)
+from blip_recipes.config import (
+    ConfigError,
+    LaunchContext,
+    help_text,
+    load_config,
+    split_config_arg,
+    to_toml,
+    validate,
+)
+
+MAIN_HELP = """blip: BLIP vision-language pretraining recipes
+
+commands:
+  blip run [torchrun flags] RECIPE --config FILE [overrides...]
+        Run a recipe (a path such as recipes/blip_pretrain.py or a name such as
+        blip_pretrain) with a config (a path or a built-in name such as debug).
+        With any torchrun flag (--nproc-per-node 2, --nnodes, --standalone, ...) it launches
+        through torch.distributed.run; without, it runs in this process.
+  blip validate --config FILE [--world-size N] [overrides...]
+        Print the fully resolved config as TOML (exit 0) or the errors (exit 2).
+  blip ls
+        List recipes and their configs.
+  blip cp NAME DEST [--force]
+        Copy a recipe or config out to edit it.
+
+overrides: section.key=value (TorchTune style) or --section.key value (TorchTitan style),
+applied in order after the TOML file. `blip run --help` lists every key.
+"""
+
+RUN_HELP = """usage: blip run [torchrun flags] RECIPE --config FILE [overrides...]
+
+examples:
+  blip run blip_pretrain --config debug
+  blip run --nproc-per-node 2 recipes/blip_pretrain.py --config configs/debug.toml training.steps=20
+  blip run --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 \\
+      blip_pretrain --config base data.batch_size=75
+
+torchrun flags: every flag of `python -m torch.distributed.run`, e.g. --nproc-per-node,
+--nnodes, --node-rank, --rdzv-backend, --rdzv-endpoint, --rdzv-id, --master-addr,
+--master-port, --standalone, --max-restarts.
+
+Config keys (section.key (type, default) and meaning):
+"""
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed without a traceback, exit status 2."""
+
+
+def _torchrun_options() -> dict[str, bool]:
+    """torchrun's option strings, mapped to whether each takes a value."""
+    from torch.distributed.run import get_args_parser
+
+    options = {}
+    for action in get_args_parser()._actions:
+        for opt in action.option_strings:
+            if opt not in ("-h", "--help"):
+                options[opt] = action.nargs != 0
+    return options
+
+
+def split_launcher_args(args: Sequence[str]) -> tuple[list[str], str, list[str]]:
+    """Split ``[torchrun flags] RECIPE rest...`` into its three parts.
+
+    Raises:
+        UsageError: for an unknown flag, a flag missing its value, or a missing recipe.
+    """
+    options = _torchrun_options()
+    launcher: list[str] = []
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        flag = args[i].split("=", 1)[0]
+        if flag not in options:
+            known = ", ".join(sorted(o for o in options if o.startswith("--") and "_" not in o))
+            raise UsageError(f"unknown flag '{flag}' before the recipe (torchrun flags: {known})")
+        if options[flag] and "=" not in args[i]:
+            if i + 1 >= len(args):
+                raise UsageError(f"torchrun flag '{flag}' needs a value")
+            launcher += [args[i], args[i + 1]]
+            i += 2
+        else:
+            launcher.append(args[i])
+            i += 1
+    if i >= len(args):
+        raise UsageError("missing RECIPE (a .py path or a name from `blip ls`)")
+    return launcher, args[i], list(args[i + 1 :])
+
+
+def _launch_world_size(launcher: list[str]) -> int | None:
+    """World size implied by --nproc-per-node and --nnodes, when both are plain integers."""
+    values = {"nproc": "1", "nnodes": "1"}
+    for j, arg in enumerate(launcher):
+        key, _, inline = arg.partition("=")
+        value = inline or (launcher[j + 1] if j + 1 < len(launcher) else "")
+        if key in ("--nproc-per-node", "--nproc_per_node"):
+            values["nproc"] = value
+        elif key == "--nnodes":
+            values["nnodes"] = value
+    try:
+        return int(values["nproc"]) * int(values["nnodes"])
+    except ValueError:
+        return None  # "auto", "gpu" or an elastic range: checked again inside the recipe
+
+
+def run_recipe_in_process(recipe: Path, argv: list[str]) -> int:
+    """Import a recipe file and call its ``main(argv)``."""
+    spec = importlib.util.spec_from_file_location(f"blip_recipe_{recipe.stem}", recipe)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "main"):
+        raise UsageError(f"recipe {recipe} has no main(argv) function")
+    return int(module.main(argv) or 0)
+
+
+def cmd_run(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help"):
+        print(RUN_HELP + help_text())
+        return 0
+    launcher, recipe_arg, rest = split_launcher_args(args)
+    recipe = resolve_recipe(recipe_arg)
+    config_arg, overrides = split_config_arg(rest)
+    if "--help" in overrides or "-h" in overrides:
+        return run_recipe_in_process(recipe, ["--help"])
+    if config_arg is None:
+        raise UsageError("missing --config FILE (a path or a built-in name from `blip ls`)")
+    config = resolve_config(config_arg)
+    cfg = load_config(config, overrides)  # fail fast, before any process starts
+    world_size = _launch_world_size(launcher) if launcher else None
+    validate(cfg, LaunchContext(world_size=world_size or 1) if launcher else None)
+    recipe_argv = ["--config", str(config), *overrides]
+    if not launcher:
+        return run_recipe_in_process(recipe, recipe_argv)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main([*launcher, str(recipe), *recipe_argv])
+    except ChildFailedError as e:  # torchrun already printed each failed rank's error
+        codes = [f.exitcode for f in e.failures.values()]
+        return 2 if codes and all(c == 2 for c in codes) else 1
+    return 0
+
+
+def cmd_validate(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print("usage: blip validate --config FILE [--world-size N] [overrides...]")
+        return 0
+    config_arg, rest = split_config_arg(args)
+    world_size = 1
+    if "--world-size" in rest:
+        j = rest.index("--world-size")
+        try:
+            world_size = int(rest[j + 1])
+        except (IndexError, ValueError):
+            raise UsageError("--world-size needs an integer") from None
+        del rest[j : j + 2]
+    path = resolve_config(config_arg) if config_arg is not None else None
+    cfg = load_config(path, rest)
+    validate(cfg, LaunchContext(world_size=world_size))
+    print(to_toml(cfg))
+    return 0
+
+
+def cmd_ls(args: list[str]) -> int:
+    print(f"{'RECIPE':<24}CONFIGS")
+    for entry in RECIPES.values():
+        print(f"{entry.name:<24}{', '.join(entry.configs)}")
+    listed = {c for e in RECIPES.values() for c in e.configs}
+    others = [c for c in config_names() if c not in listed]
+    if others:
+        print(f"{'(other configs)':<24}{', '.join(others)}")
+    return 0
+
+
+def cmd_cp(args: list[str]) -> int:
+    force = "--force" in args
+    positional = [a for a in args if a != "--force"]
+    if len(positional) != 2:
+        raise UsageError("usage: blip cp NAME DEST [--force]")
+    name, dest = positional
+    if name.removesuffix(".py") in RECIPES:
+        source = RECIPES[name.removesuffix(".py")].path
+    elif (CONFIGS_DIR / f"{name.removesuffix('.toml')}.toml").is_file():
+        source = CONFIGS_DIR / f"{name.removesuffix('.toml')}.toml"
+    else:
+        raise UsageError(f"'{name}' is not a recipe or config name (see `blip ls`)")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() and not force:
+        raise UsageError(f"{target} exists; pass --force to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    print(f"copied {source.name} to {target}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "cp": cmd_cp}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(MAIN_HELP)
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"blip: unknown command '{command}' (one of: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except (UsageError, ConfigError, FileNotFoundError) as e:
+        print(f"blip {command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Command-line parsing shared by every recipe: ``--config FILE [overrides...]``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from blip_recipes.config._schema import ConfigError
+from blip_recipes.config.loader import help_text, load_config
+from blip_recipes.config.sections import Config
+from blip_recipes.config.validation import LaunchContext, validate
+
+USAGE = "usage: RECIPE --config FILE [section.key=value | --section.key value ...]"
+
+
+def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Take ``--config FILE`` / ``--config=FILE`` / ``-c FILE`` out of argv.
+
+    Returns:
+        The config argument (None if absent) and the remaining override arguments.
+    """
+    config = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a file or config name")
+            config, i = argv[i + 1], i + 2
+        elif arg.startswith("--config="):
+            config, i = arg.split("=", 1)[1], i + 1
+        else:
+            rest.append(arg)
+            i += 1
+    return config, rest
+
+
+def parse_recipe_args(argv: Sequence[str] | None = None, description: str = "") -> Config:
+    """Resolve and validate a recipe's config from its command line; exit 2 on any error.
+
+    ``--help`` prints the description and every config key with its documentation.
+    """
+    from blip_recipes._registry import resolve_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(f"{description}\n\n{USAGE}\n\nConfig keys:\n{help_text()}")
+        raise SystemExit(0)
+    try:
+        config, overrides = split_config_arg(argv)
+        path = resolve_config(config) if config is not None else None
+        cfg = load_config(path, overrides)
+        validate(cfg, LaunchContext.from_env())
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg

@@ -1,0 +1,238 @@
+"""One dataclass per TOML section. Each field's docstring is its help text (``blip run --help``).
+
+The field docstrings are plain string literals placed right after the field, as Sphinx's
+``#:``-free attribute docstrings; :func:`blip_recipes.config.field_docs` reads them back.
+Components receive their own section (``cfg.data``, ``cfg.optimizer``...), never the whole config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class JobConfig:
+    output_dir: str = "outputs/blip"
+    """Folder for checkpoints, metrics.jsonl and TensorBoard events of this run."""
+    seed: int = 42
+    """Seed for weights, queues, data order, augmentation and negative sampling."""
+    name: str = "blip"
+    """A name for the run, shown in logs."""
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["blip_pretrain_tiny", "blip_pretrain_base", "blip_pretrain_large"] = (
+        "blip_pretrain_base"
+    )
+    """Model builder from blip_recipes.models."""
+    image_size: int = 224
+    """Input resolution in pixels (square)."""
+    embed_dim: int = 256
+    """Width of the ITC projection space."""
+    queue_size: int = 57600
+    """Number of momentum features kept in each ITC queue; must be a multiple of batch_size * world size."""
+    momentum: float = 0.995
+    """EMA factor of the momentum encoders: p_m = m * p_m + (1 - m) * p."""
+    drop_path_rate: Optional[float] = None
+    """ViT stochastic depth; None keeps the builder's default (0 for ViT-B, 0.1 for ViT-L)."""
+    share_cross_attention_kv: bool = True
+    """Project image tokens to cross-attention keys/values once per step for ITM and LM (exact, saves ~16% FLOPs)."""
+    momentum_train_mode: bool = True
+    """Run the momentum encoders in train mode (dropout active) as the reference does."""
+    text_init: Optional[str] = None
+    """Local BERT checkpoint (HF folder or bert-base-uncased state dict) to initialise the text side from."""
+    vision_init: Optional[str] = None
+    """Local DeiT/timm-style ViT .pth to initialise the image encoder from."""
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["wordpiece", "bpe", "synthetic"] = "wordpiece"
+    """wordpiece: transformers BERT tokenizer from `path`; bpe: tiktoken file at `path`; synthetic: built-in vocabulary of the synthetic data set."""
+    path: Optional[str] = None
+    """vocab.txt or tokenizer folder (wordpiece), or a .tiktoken ranks file (bpe)."""
+    max_length: int = 30
+    """Fixed caption length in tokens, special tokens included."""
+
+
+@dataclass
+class DataSourceConfig:
+    kind: Literal["synthetic", "json", "jsonl", "shards"] = "synthetic"
+    """synthetic: generated shapes and captions; json/jsonl: BLIP annotations + image_root; shards: webdataset tars."""
+    paths: list[str] = field(default_factory=list)
+    """Annotation files (json/jsonl) or shard files / brace patterns like shards-{00000..00127}.tar."""
+    image_root: str = ""
+    """Folder that the annotation image paths are relative to."""
+    weight: float = 1.0
+    """Relative sampling weight when several sources are mixed."""
+    num_samples: int = 4096
+    """Size of the synthetic source (other kinds count their files)."""
+    image_size: int = 128
+    """Side in pixels of the generated images (synthetic only; the train transform then crops and resizes)."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSourceConfig] = field(default_factory=lambda: [DataSourceConfig()])
+    """Training sources, as [[data.sources]] tables; override as data.sources.0.kind=json."""
+    batch_size: int = 75
+    """Samples per rank per step (global batch = batch_size * world size)."""
+    num_workers: int = 4
+    """Loader worker processes per rank (0 loads in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    pin_memory: bool = True
+    """Pin host batches for faster copies to CUDA (ignored on CPU)."""
+    max_words: int = 30
+    """Captions are cut to this many words by pre_caption."""
+    min_scale: float = 0.2
+    """Lower bound of the RandomResizedCrop area scale."""
+    randaugment: bool = True
+    """Apply RandAugment(N=2, M=5) over the reference's ten ops."""
+    shuffle_buffer: int = 1000
+    """Shuffle buffer of streamed tar shards."""
+    max_bad_fraction: float = 0.05
+    """Stop the run when more than this fraction of samples could not be read."""
+    bad_fraction_min_samples: int = 1000
+    """Samples a rank reads before max_bad_fraction is enforced (a few early bad files do not stop a run)."""
+    max_aspect_ratio: float = 20.0
+    """Images more elongated than this (long side / short side) are bad samples."""
+    jpeg_draft: bool = True
+    """Decode JPEGs at reduced size (Image.draft) when the random crop still has enough pixels."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    """Optimizer."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    decay_norms_and_biases: bool = True
+    """Apply weight decay to biases, norms and other 1-d params as the reference does; false excludes them."""
+    fused: Optional[bool] = None
+    """Fused AdamW kernel; None picks it on CUDA."""
+
+
+@dataclass
+class LRSchedulerConfig:
+    name: Literal["step", "cosine"] = "step"
+    """step: linear warmup, then lr * decay_rate**epoch (reference); cosine: warmup, then cosine to min_lr."""
+    warmup_steps: int = 3000
+    """Linear warmup from warmup_lr to lr over this many steps."""
+    warmup_lr: float = 1e-6
+    """Learning rate at step 0."""
+    decay_rate: float = 0.9
+    """Per-epoch decay of the step schedule (the paper text says 0.85, the code 0.9)."""
+    min_lr: float = 1e-6
+    """Floor of both schedules."""
+
+
+@dataclass
+class TrainingConfig:
+    steps: Optional[int] = None
+    """Stop after this many optimizer steps; None runs `epochs` epochs."""
+    epochs: int = 20
+    """Number of passes over the data when `steps` is None."""
+    steps_per_epoch: Optional[int] = None
+    """Steps that make one epoch for schedules and alpha; None derives it from the data size."""
+    alpha: float = 0.4
+    """Final weight of the momentum-distillation targets in ITC."""
+    alpha_ramp_epochs: float = 2.0
+    """Alpha rises linearly from 0 over this many epochs."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Parameter dtype in compute: auto is bf16 on CUDA and fp32 on CPU."""
+    grad_clip: Optional[float] = None
+    """Clip the global gradient norm to this value (reference: none)."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (each one skips its update)."""
+
+
+@dataclass
+class ParallelConfig:
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: CUDA when present, else CPU with gloo."""
+    fsdp: bool = True
+    """Shard parameters, gradients and optimizer state with FSDP2 (fully_shard per block)."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after forward (saves memory, costs an all-gather in backward)."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    activation_checkpointing: Literal["none", "full", "vit_last_n"] = "none"
+    """none; full: every block; vit_last_n: the last `ac_vit_layers` ViT blocks (reference)."""
+    ac_vit_layers: int = 0
+    """Number of trailing ViT blocks to checkpoint with vit_last_n."""
+    float8: bool = False
+    """Train eligible linears in float8 through torchao."""
+    float8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """torchao float8 scaling recipe."""
+    float8_emulate: bool = False
+    """Emulate float8 matmuls (for CPU tests)."""
+    float8_fsdp_all_gather: bool = True
+    """All-gather float8 weights with precomputed scales (tensorwise only)."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    """Save every this many steps (and at the end)."""
+    keep_latest_k: int = 3
+    """Keep this many newest checkpoints; 0 keeps all."""
+    resume: str = "auto"
+    """auto: newest complete checkpoint in output_dir; none: start fresh; or a checkpoint folder."""
+    init_from: Optional[str] = None
+    """Initialise model weights (only) from this checkpoint folder."""
+    async_save: bool = False
+    """Save in the background on a dedicated gloo group."""
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10
+    """Log (and sync with the host) every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under output_dir/tensorboard."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Run retrieval evaluation every this many steps during pretraining (0: never)."""
+    annotation: Optional[str] = None
+    """COCO-Karpathy-style test annotations: [{"image": path, "caption": [texts]}]."""
+    image_root: str = ""
+    """Folder the evaluation image paths are relative to."""
+    checkpoint: Optional[str] = None
+    """Model to evaluate: a DCP checkpoint folder, a reference BLIP .pth, or a HF BLIP folder."""
+    k_test: int = 256
+    """Candidates per query reranked with ITM."""
+    text_max_length: int = 35
+    """Token length of evaluation captions."""
+    batch_size: int = 64
+    """Images or texts per forward pass."""
+    num_captions: int = 4
+    """Captions of fixed eval images logged to TensorBoard at eval steps."""
+
+
+@dataclass
+class Config:
+    """The whole run configuration: one attribute per TOML section."""
+
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

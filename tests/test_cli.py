@@ -1,0 +1,137 @@
+"""The `blip` command as a user runs it: a real subprocess, exit codes, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blip_recipes.config import load_toml
+
+REPO = Path(__file__).resolve().parents[1]
+ECHO = REPO / "tests" / "assets" / "echo_recipe.py"
+
+
+def blip(*args: str, cwd: Path = REPO, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "blip_recipes.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_help_is_useful():
+    out = blip("--help")
+    assert out.returncode == 0 and "blip run" in out.stdout and "blip validate" in out.stdout
+    out = blip("run", "--help")
+    assert out.returncode == 0
+    assert "--nproc-per-node" in out.stdout and "training.steps" in out.stdout
+    assert "Samples per rank per step" in out.stdout  # field documentation is the help text
+
+
+def test_validate_prints_loadable_toml(tmp_path):
+    out = blip("validate", "--config", "debug", "training.steps=33", "--optimizer.lr", "0.01")
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "resolved.toml"
+    path.write_text(out.stdout)
+    cfg = load_toml(path)
+    assert cfg.training.steps == 33 and cfg.optimizer.lr == 0.01
+    assert cfg.model.name == "blip_pretrain_tiny"
+
+
+@pytest.mark.parametrize("name", ["debug", "base", "large", "configs/base.toml"])
+def test_builtin_configs_validate(name):
+    out = blip("validate", "--config", name)
+    assert out.returncode == 0, out.stderr
+
+
+def test_validate_errors_exit_2_without_traceback():
+    out = blip("validate", "--config", "debug", "trainig.steps=3")
+    assert out.returncode == 2
+    assert "did you mean 'training.steps'?" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = blip("validate", "--config", "nope")
+    assert out.returncode == 2 and "built-in: " in out.stderr
+    out = blip("validate", "--config", "debug", "--world-size", "3")
+    assert out.returncode == 2 and "16 x 3 = 48" in out.stderr
+
+
+def test_run_in_process(tmp_path):
+    out = blip(
+        "run",
+        str(ECHO),
+        "--config",
+        "debug",
+        f"job.output_dir={tmp_path}",
+        "training.steps=4",
+        "--data.batch_size",
+        "8",
+    )
+    assert out.returncode == 0, out.stderr
+    record = json.loads((tmp_path / "echo-rank0.json").read_text())
+    assert record == {"rank": 0, "world": 1, "sum": 1, "steps": 4, "batch_size": 8, "lr": 1e-3}
+
+
+def test_run_through_torchrun(tmp_path):
+    out = blip(
+        "run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ECHO),
+        "--config",
+        "debug",
+        f"job.output_dir={tmp_path}",
+        "data.batch_size=8",
+    )
+    assert out.returncode == 0, out.stderr
+    records = [json.loads((tmp_path / f"echo-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in records] == [2, 2]
+    assert [r["sum"] for r in records] == [3, 3]  # the all-reduce crossed both processes
+
+
+def test_run_rejects_bad_input_before_launching(tmp_path):
+    out = blip(
+        "run",
+        "--nproc-per-node",
+        "2",
+        str(ECHO),
+        "--config",
+        "debug",
+        f"job.output_dir={tmp_path}",
+        "data.batch_size=10",
+    )  # 256 % 20 != 0
+    assert out.returncode == 2 and "10 x 2 = 20" in out.stderr
+    assert not list(tmp_path.iterdir())
+    out = blip("run", "--nproc-per-nod", "2", str(ECHO), "--config", "debug")
+    assert out.returncode == 2 and "unknown flag '--nproc-per-nod'" in out.stderr
+    out = blip("run", str(ECHO))
+    assert out.returncode == 2 and "missing --config" in out.stderr
+    out = blip("run", "no_such_recipe", "--config", "debug")
+    assert out.returncode == 2 and "registered: blip_eval_retrieval, blip_pretrain" in out.stderr
+    out = blip("frobnicate")
+    assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_ls_and_cp(tmp_path):
+    out = blip("ls")
+    assert out.returncode == 0
+    assert "blip_pretrain" in out.stdout and "debug, base, large" in out.stdout
+    out = blip("cp", "debug", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    copied = tmp_path / "debug.toml"
+    assert load_toml(copied).model.name == "blip_pretrain_tiny"
+    copied.write_text("# mine\n")
+    out = blip("cp", "debug", str(tmp_path))
+    assert out.returncode == 2 and "--force" in out.stderr
+    assert copied.read_text() == "# mine\n"  # never overwritten without --force
+    out = blip("cp", "debug", str(tmp_path), "--force")
+    assert out.returncode == 0 and copied.read_text() != "# mine\n"
+    out = blip("cp", "nothing", str(tmp_path))
+    assert out.returncode == 2
