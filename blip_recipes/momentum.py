@@ -1,0 +1,240 @@
+"""The momentum state: EMA encoders + feature queues + pointer, one `Stateful` for DCP.
+
+Per step (reference order): `update(online)` (EMA, shard-local, no communication), then
+`targets(images, ids, mask)` (momentum features + queue snapshot), the online forward/backward,
+then `enqueue(targets)` (one all-gather per queue when a process group with more than one rank
+exists). Queues are replicated fp32 tensors, seeded identically on every rank, never broadcast.
+
+The momentum modules (`encoders`, also reachable as `.visual_encoder`, `.text_encoder`, ...) are
+sharded by the recipe exactly like the online ones; the EMA then pairs local shards directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from blip_recipes.models.blip import MomentumTargets
+from blip_recipes.models.builders import build_momentum_encoders, preset_queue_size
+from blip_recipes.models.momentum_encoders import ONLINE_PREFIX_OF, MomentumEncoders
+
+_WRAPPER_TOKENS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def check_queue_batch(queue_size: int, batch_size: int, world_size: int = 1) -> None:
+    """Raise ValueError unless the global batch B * W divides the queue size Q.
+
+    Call at start-up: the reference asserts this mid-run, after hours of training.
+    """
+    global_batch = batch_size * world_size
+    if global_batch <= 0 or queue_size % global_batch != 0:
+        raise ValueError(
+            f"queue size {queue_size} is not a multiple of the global batch {global_batch} "
+            f"(batch {batch_size} x world size {world_size}); pick a queue size divisible by it"
+        )
+
+
+def _canonical(name: str) -> str:
+    for token in _WRAPPER_TOKENS:
+        name = name.replace(token, "")
+    return name
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def paired_parameters(
+    encoders: nn.Module, online: nn.Module
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Momentum parameters and the online parameters they follow, in matching order.
+
+    Names are compared after removing activation-checkpoint / compile wrapper prefixes, so the
+    online model may be wrapped differently from the momentum one. Every momentum parameter
+    must have an online partner of the same shape.
+    """
+    online_params = {_canonical(n): p for n, p in online.named_parameters()}
+    momentum_list, online_list = [], []
+    for name, param in encoders.named_parameters():
+        name = _canonical(name)
+        top, _, rest = name.partition(".")
+        online_name = f"{ONLINE_PREFIX_OF.get(top, top)}.{rest}"
+        partner = online_params.get(online_name)
+        if partner is None:
+            raise KeyError(f"momentum parameter {name} has no online partner {online_name}")
+        if partner.shape != param.shape:
+            raise ValueError(
+                f"{name}: momentum {tuple(param.shape)} vs online {tuple(partner.shape)}"
+            )
+        momentum_list.append(param)
+        online_list.append(partner)
+    return momentum_list, online_list
+
+
+class MomentumState(Stateful):
+    """EMA encoders, image/text queues (E, Q) and the queue pointer.
+
+    Args:
+        encoders: momentum encoders (from `build_momentum_encoders`, same preset as online).
+        queue_size: Q.
+        embed_dim: E.
+        momentum: EMA coefficient m in `p_m = m * p_m + (1 - m) * p` (0.995).
+        train_mode: keep dropout / drop-path active in the momentum forward (reference: True).
+        seed: seed of the queue initialisation (identical on every rank).
+        device: device of the queues.
+    """
+
+    def __init__(
+        self,
+        encoders: MomentumEncoders,
+        queue_size: int,
+        embed_dim: int,
+        momentum: float = 0.995,
+        train_mode: bool = True,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.encoders = encoders
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.train_mode = train_mode
+        generator = torch.Generator().manual_seed(seed)
+        queues = torch.randn(2, embed_dim, queue_size, generator=generator)
+        queues = torch.nn.functional.normalize(queues, dim=1).to(device)
+        self.image_queue = queues[0].clone()
+        self.text_queue = queues[1].clone()
+        self.queue_ptr = torch.zeros(1, dtype=torch.long, device=device)
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        momentum: float = 0.995,
+        train_mode: bool = True,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        **model_overrides: Any,
+    ) -> MomentumState:
+        """Momentum state for `build_model(name, **model_overrides)` (queue_size included)."""
+        encoders = build_momentum_encoders(name, **model_overrides)
+        queue_size = preset_queue_size(name, **model_overrides)
+        return cls(
+            encoders,
+            queue_size,
+            encoders.vision_proj.out_features,
+            momentum=momentum,
+            train_mode=train_mode,
+            seed=seed,
+            device=device,
+        )
+
+    @property
+    def visual_encoder(self) -> nn.Module:
+        return self.encoders.visual_encoder
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.encoders.text_encoder
+
+    @property
+    def vision_proj(self) -> nn.Module:
+        return self.encoders.vision_proj
+
+    @property
+    def text_proj(self) -> nn.Module:
+        return self.encoders.text_proj
+
+    def to(self, device: torch.device | str) -> MomentumState:
+        """Move the encoders (unsharded use) and the queues to `device`."""
+        self.encoders.to(device)
+        self.image_queue = self.image_queue.to(device)
+        self.text_queue = self.text_queue.to(device)
+        self.queue_ptr = self.queue_ptr.to(device)
+        return self
+
+    @torch.no_grad()
+    def copy_from(self, online: nn.Module) -> None:
+        """Set every momentum parameter to its online partner (after the weights are loaded)."""
+        momentum_params, online_params = paired_parameters(self.encoders, online)
+        torch._foreach_copy_(momentum_params, online_params)
+
+    @torch.no_grad()
+    def update(self, online: nn.Module) -> None:
+        """EMA step `p_m <- m * p_m + (1 - m) * p` with one `_foreach_lerp_` (buffers untouched).
+
+        Works on FSDP2 DTensor parameters when online and momentum are sharded the same way.
+        """
+        momentum_params, online_params = paired_parameters(self.encoders, online)
+        online_params = [p.to(m.dtype) if p.dtype != m.dtype else p for m, p in
+                         zip(momentum_params, online_params)]  # fmt: skip
+        torch._foreach_lerp_(momentum_params, online_params, 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def targets(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> MomentumTargets:
+        """Momentum features of the batch and the current queues (call after `update`).
+
+        Args:
+            images: (B, 3, H, W) normalised.
+            input_ids: (B, L) with [CLS] first.
+            attention_mask: (B, L).
+
+        Returns:
+            `MomentumTargets`; the queues are the live buffers (read before `enqueue`).
+        """
+        self.encoders.train(self.train_mode)
+        image_feat_m, text_feat_m = self.encoders(images, input_ids, attention_mask)
+        return MomentumTargets(image_feat_m, text_feat_m, self.image_queue, self.text_queue)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
+        """Write the global batch's momentum features at the pointer and advance it.
+
+        Args:
+            image_feat_m, text_feat_m: (B, E) local momentum features. With a process group of
+                W > 1 ranks they are all-gathered (rank order) into (B * W, E) first.
+
+        Raises:
+            ValueError: when B * W does not divide Q.
+        """
+        world = _world_size()
+        batch = image_feat_m.shape[0]
+        check_queue_batch(self.queue_size, batch, world)
+        feats = torch.stack([image_feat_m, text_feat_m]).to(self.image_queue.dtype)  # (2, B, E)
+        if world > 1:
+            gathered = feats.new_empty((world, *feats.shape))
+            dist.all_gather_into_tensor(gathered, feats.contiguous())
+            feats = gathered.transpose(0, 1).reshape(2, world * batch, -1)
+        columns = self.queue_ptr + torch.arange(world * batch, device=self.queue_ptr.device)
+        self.image_queue.index_copy_(1, columns, feats[0].t())
+        self.text_queue.index_copy_(1, columns, feats[1].t())
+        self.queue_ptr.copy_((self.queue_ptr + world * batch) % self.queue_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Momentum weights (DCP model state dict, sharded if FSDP2), queues and pointer."""
+        return {
+            "encoders": get_model_state_dict(self.encoders),
+            "image_queue": self.image_queue,
+            "text_queue": self.text_queue,
+            "queue_ptr": self.queue_ptr,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore weights, queues and pointer (in place; shapes must match)."""
+        set_model_state_dict(
+            self.encoders, state_dict["encoders"], options=StateDictOptions(strict=True)
+        )
+        with torch.no_grad():
+            self.image_queue.copy_(state_dict["image_queue"])
+            self.text_queue.copy_(state_dict["text_queue"])
+            self.queue_ptr.copy_(state_dict["queue_ptr"])
