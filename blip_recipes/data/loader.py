@@ -1,0 +1,378 @@
+"""The training loader: fixed-size per-rank batches in an order defined over global sample indices.
+
+**Order.** Epoch ``e`` is a sequence of ``N`` global positions (the concatenated map-style sources,
+each repeated or subsampled by its weight, then permuted by ``(seed, e)``). A step consumes ``G =
+batch_size * world_size`` consecutive positions; rank ``r`` takes positions ``[p + r*B, p + r*B +
+B)`` of the step starting at ``p``. The tail of an epoch shorter than ``G`` is dropped
+(``drop_last``), and the next epoch starts at position 0 with a new permutation. Iteration never
+ends: the recipe keeps calling ``next()`` and the epoch advances by itself (``loader.epoch`` /
+``stats()["epoch"]`` say where it is).
+
+**Samples.** A sample's augmentation and caption choice use ``random.Random(derive_seed(seed,
+epoch, position))``. A bad sample (missing, truncated, undecodable, zero-sized or absurd-aspect
+image, empty caption after ``pre_caption``) is replaced by the sample at a position drawn from
+``(seed, epoch, position, attempt)``, so batches keep their size and stay deterministic.
+
+**State.** A batch is a pure function of ``(epoch, position)``, so the loader's whole position is
+two integers that are identical on every rank: ``state_dict()`` returns them with the global batch
+and the per-rank counters. Workers are stateless: worker ``w`` produces steps ``w, w + nw, ...``
+after the resume point, and the default in-order ``DataLoader`` interleaves them, so the batches
+after ``load_state_dict`` are bitwise those of an uninterrupted run with any number of workers.
+Resuming on another world size with the same global batch continues at the same global sample.
+If the global batch changes, the run continues at the same position of the same epoch (no sample
+of the epoch is repeated or skipped), with steps now ``G'`` samples wide; ``steps_per_epoch``
+changes accordingly.
+
+Streamed tar shards have no global index; see :mod:`.shards` for their (per rank and worker) state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from blip_recipes.config.sections import DataConfig
+from blip_recipes.data._seeding import derive_seed
+from blip_recipes.data.captions import pre_caption
+from blip_recipes.data.sources import MapSource, build_map_source
+from blip_recipes.data.transforms import BadImage, TrainTransform, open_image
+
+logger = logging.getLogger("blip_recipes.data")
+
+MAX_REPLACEMENTS = 50
+_PRIVATE = ("_epoch", "_position", "_bad", "_bad_samples")
+
+
+class BadSampleError(RuntimeError):
+    """Too many bad samples: the data is broken, stop the run."""
+
+
+@dataclass
+class BatchContext:
+    """What producing a batch needs: shared by the loader and its workers (pickled to them)."""
+
+    tokenizer: object
+    transform: TrainTransform
+    max_words: int
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+
+
+def load_sample(source: MapSource, index: int, rng: random.Random, ctx: BatchContext):
+    """(uint8 image (3, s, s), cleaned caption) of ``source[index]``; raises :class:`BadImage`."""
+    image_ref, caption, origin = source.get(index, rng)
+    try:
+        caption = pre_caption(caption, ctx.max_words)
+        if not caption:
+            raise BadImage("empty caption after cleaning")
+        return ctx.transform(open_image(image_ref), rng), caption
+    except BadImage as e:
+        raise BadImage(f"{origin}: {e}") from e
+
+
+class EpochPlan:
+    """Epoch-by-epoch order of map-style sources mixed by weight.
+
+    Source ``k`` of ``n_k`` samples contributes ``max(1, round(weight_k * n_k))`` draws to every
+    epoch: weight 1 visits each sample once, 2 twice, 0.5 a fresh random half each epoch.
+    """
+
+    def __init__(self, sources: list[MapSource], weights: list[float], seed: int) -> None:
+        self.sources = sources
+        self.sizes = [len(s) for s in sources]
+        self.counts = [max(1, round(w * n)) if n else 0 for w, n in zip(weights, self.sizes)]
+        self.offsets = np.cumsum([0, *self.sizes])
+        self.seed = seed
+        self.length = int(sum(self.counts))
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Global sample ids (concatenated-source numbering) of epoch ``epoch``, in order."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, epoch, 0xE90C)))
+        parts = []
+        for k, (n, count) in enumerate(zip(self.sizes, self.counts)):
+            if count == 0:
+                continue
+            reps = -(-count // n)
+            ids = np.concatenate([rng.permutation(n) for _ in range(reps)])[:count]
+            parts.append(ids + self.offsets[k])
+        order = rng.permutation(np.concatenate(parts))
+        self._cached = (epoch, order)
+        return order
+
+    def locate(self, sample_id: int) -> tuple[MapSource, int]:
+        k = int(np.searchsorted(self.offsets, sample_id, side="right") - 1)
+        return self.sources[k], int(sample_id - self.offsets[k])
+
+    def advance(self, epoch: int, position: int, global_batch: int, steps: int = 1):
+        """(epoch, position) after ``steps`` steps of ``global_batch`` from ``(epoch, position)``."""
+        n = self.length
+        if position + global_batch > n:  # (can happen after a global-batch change)
+            epoch, position = epoch + 1, 0
+        left = (n - position) // global_batch
+        if steps < left:
+            return epoch, position + steps * global_batch
+        steps -= left
+        per_epoch = n // global_batch
+        return epoch + 1 + steps // per_epoch, (steps % per_epoch) * global_batch
+
+
+class MapBatches(IterableDataset):
+    """Infinite stream of one rank's batches starting at ``(epoch, position)``; worker ``w`` of
+    ``nw`` makes steps ``w, w + nw, ...`` (the in-order DataLoader interleaves them)."""
+
+    def __init__(self, plan: EpochPlan, ctx: BatchContext, epoch: int, position: int) -> None:
+        self.plan, self.ctx = plan, ctx
+        self.epoch, self.position = epoch, position
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        ctx = self.ctx
+        global_batch = ctx.batch_size * ctx.world_size
+        step = worker
+        while True:
+            epoch, position = self.plan.advance(self.epoch, self.position, global_batch, step)
+            yield self.make_batch(epoch, position)
+            step += num_workers
+
+    def make_batch(self, epoch: int, position: int) -> dict:
+        """The batch of this rank for the step starting at global ``position`` of ``epoch``."""
+        ctx, plan = self.ctx, self.plan
+        order = plan.order(epoch)
+        images, captions, bad = [], [], []
+        start = position + ctx.rank * ctx.batch_size
+        for pos in range(start, start + ctx.batch_size):
+            sample_pos = pos
+            for attempt in range(MAX_REPLACEMENTS + 1):
+                rng = random.Random(derive_seed(ctx.seed, epoch, pos, attempt))
+                source, index = plan.locate(int(order[sample_pos]))
+                try:
+                    image, caption = load_sample(source, index, rng, ctx)
+                    break
+                except BadImage as e:
+                    bad.append(str(e))
+                    sample_pos = derive_seed(ctx.seed, epoch, pos, attempt, 0xBAD) % plan.length
+            else:
+                raise BadSampleError(
+                    f"{MAX_REPLACEMENTS} replacements in a row were bad samples; last: {bad[-1]}"
+                )
+            images.append(image)
+            captions.append(caption)
+        input_ids, attention_mask = ctx.tokenizer(captions)
+        return {
+            "images": torch.stack(images),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "_epoch": epoch,
+            "_position": position,
+            "_bad": len(bad),
+            "_bad_samples": bad[:8],
+        }
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+class TrainLoader:
+    """Infinite, resumable iterator of ``{"images", "input_ids", "attention_mask"}`` batches.
+
+    ``images`` is uint8 (B, 3, s, s), ``input_ids``/``attention_mask`` int64 (B, L), with B =
+    ``data.batch_size`` always. A ``Stateful`` (``state_dict``/``load_state_dict``) for the
+    checkpoint manager; ``stats()`` gives the per-rank counters.
+    """
+
+    def __init__(
+        self,
+        plan: EpochPlan,
+        ctx: BatchContext,
+        data_cfg: DataConfig,
+    ) -> None:
+        self.plan, self.ctx, self.cfg = plan, ctx, data_cfg
+        self.global_batch = ctx.batch_size * ctx.world_size
+        if plan.length < self.global_batch:
+            raise ValueError(
+                f"the data has {plan.length} samples per epoch, fewer than one global batch "
+                f"(data.batch_size x world size = {self.global_batch})"
+            )
+        self.epoch, self.position = 0, 0
+        self.samples, self.bad_samples = 0, 0
+        self._iterator: Iterator | None = None
+        self._last_warning = 0.0
+        self._warned = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in a full epoch (``N // global batch``)."""
+        return self.plan.length // self.global_batch
+
+    @property
+    def epoch_length(self) -> int:
+        """Global samples in one epoch."""
+        return self.plan.length
+
+    def _make_iterator(self) -> Iterator:
+        dataset = MapBatches(self.plan, self.ctx, self.epoch, self.position)
+        workers = self.cfg.num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            worker_init_fn=_worker_init if workers > 0 else None,
+            persistent_workers=False,
+        )
+        return iter(loader)
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = self._make_iterator()
+        batch = next(self._iterator)
+        epoch, position = batch.pop("_epoch"), batch.pop("_position")
+        bad, bad_samples = batch.pop("_bad"), batch.pop("_bad_samples")
+        self.epoch, self.position = self.plan.advance(epoch, position, self.global_batch)
+        self.samples += self.ctx.batch_size
+        if bad:
+            self._record_bad(bad, bad_samples)
+        return batch
+
+    def _record_bad(self, bad: int, messages: list[str]) -> None:
+        self.bad_samples += bad
+        now = time.monotonic()
+        if self._warned < 5 or now - self._last_warning > 30.0:
+            self._warned += 1
+            self._last_warning = now
+            logger.warning(
+                "rank %d: replaced %d bad sample(s) (%d so far of %d): %s",
+                self.ctx.rank,
+                bad,
+                self.bad_samples,
+                self.samples + self.bad_samples,
+                "; ".join(messages),
+            )
+        seen = self.samples + self.bad_samples
+        fraction = self.bad_samples / seen
+        if seen >= self.cfg.bad_fraction_min_samples and fraction > self.cfg.max_bad_fraction:
+            raise BadSampleError(
+                f"rank {self.ctx.rank}: {self.bad_samples} of {seen} samples were bad "
+                f"({fraction:.1%} > data.max_bad_fraction={self.cfg.max_bad_fraction}); latest: "
+                f"{'; '.join(messages)}. Fix or filter the data (tools/build_shards.py reports bad "
+                "inputs), or raise data.max_bad_fraction."
+            )
+
+    def stats(self) -> dict:
+        """Per-rank counters: samples delivered, bad samples replaced, epoch and position."""
+        seen = self.samples + self.bad_samples
+        return {
+            "samples": self.samples,
+            "bad_samples": self.bad_samples,
+            "bad_fraction": self.bad_samples / seen if seen else 0.0,
+            "epoch": self.epoch,
+            "position": self.position,
+        }
+
+    def state_dict(self) -> dict:
+        """Position (identical on all ranks) plus this rank's counters."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "global_batch": self.global_batch,
+            "epoch_length": self.plan.length,
+            "samples": self.samples,
+            "bad_samples": self.bad_samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at the saved position (see the module docstring for global-batch changes)."""
+        if int(state["epoch_length"]) != self.plan.length:
+            logger.warning(
+                "data epoch length changed (%d -> %d samples): the order of the resumed epoch "
+                "differs from the interrupted run",
+                int(state["epoch_length"]),
+                self.plan.length,
+            )
+        if int(state["global_batch"]) != self.global_batch:
+            logger.warning(
+                "global batch changed (%d -> %d): continuing at global sample %d of epoch %d",
+                int(state["global_batch"]),
+                self.global_batch,
+                int(state["position"]),
+                int(state["epoch"]),
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if self.position + self.global_batch > self.plan.length:
+            self.epoch, self.position = self.epoch + 1, 0
+        self.samples = int(state.get("samples", 0))
+        self.bad_samples = int(state.get("bad_samples", 0))
+        self._iterator = None
+
+
+def build_train_loader(
+    data_cfg: DataConfig,
+    tokenizer,
+    image_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """Build the training loader of this rank (see the module docstring for order and state).
+
+    Args:
+        data_cfg: the ``[data]`` section.
+        tokenizer: from :func:`build_tokenizer`; captions are tokenized in the loader.
+        image_size: output side of the train transform.
+        seed: the run seed (data order, augmentation, replacements).
+        rank, world_size: this process's place among the data-parallel ranks.
+
+    Returns:
+        An infinite iterator of ``{"images": uint8 (B, 3, s, s), "input_ids": int64 (B, L),
+        "attention_mask": int64 (B, L)}`` with ``state_dict``/``load_state_dict``,
+        ``steps_per_epoch`` (None for streamed shards) and ``stats()``.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transform = TrainTransform(
+        image_size,
+        min_scale=data_cfg.min_scale,
+        randaugment=data_cfg.randaugment,
+        use_draft=data_cfg.jpeg_draft,
+        max_aspect_ratio=data_cfg.max_aspect_ratio,
+    )
+    ctx = BatchContext(
+        tokenizer=tokenizer,
+        transform=transform,
+        max_words=data_cfg.max_words,
+        batch_size=data_cfg.batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+    )
+    kinds = {s.kind for s in data_cfg.sources}
+    if "shards" in kinds:
+        if kinds != {"shards"}:
+            raise ValueError(
+                "tar shards cannot be mixed with map-style sources (json/jsonl/synthetic) yet: "
+                "convert the annotations to shards with tools/build_shards.py"
+            )
+        from blip_recipes.data.shards import ShardLoader
+
+        return ShardLoader(data_cfg, ctx)
+    sources = [build_map_source(s, seed) for s in data_cfg.sources]
+    plan = EpochPlan(sources, [s.weight for s in data_cfg.sources], seed)
+    return TrainLoader(plan, ctx, data_cfg)

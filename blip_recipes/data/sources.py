@@ -1,0 +1,169 @@
+"""Map-style annotation sources (BLIP JSON, JSONL, synthetic) and retrieval eval annotations.
+
+A map-style source has ``len(source)`` and ``source.get(index, rng) -> (image_ref, caption,
+origin)``, where ``image_ref`` is a path, bytes or a PIL image (opened lazily by the transform),
+``caption`` the raw text (one drawn with ``rng`` when the annotation holds a list) and ``origin``
+names the sample in warnings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Protocol
+
+import numpy as np
+
+from blip_recipes.config.sections import DataSourceConfig
+
+
+class MapSource(Protocol):
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def get(self, index: int, rng: random.Random) -> tuple[object, str, str]: ...
+
+
+class AnnotationError(ValueError):
+    """An annotation file that cannot be used as it is."""
+
+
+def _image_and_caption(record, where: str) -> tuple[str, object]:
+    if not isinstance(record, dict):
+        raise AnnotationError(f"{where}: expected an object with 'image' and 'caption'")
+    if "image" not in record:
+        if "url" in record:
+            raise AnnotationError(
+                f"{where}: has 'url' but no 'image'. BLIP pretraining reads local files: download "
+                "the images first (e.g. with img2dataset), then write each local path, relative to "
+                "data.sources.N.image_root, into an 'image' field (or build tar shards with "
+                "tools/build_shards.py)"
+            )
+        raise AnnotationError(f"{where}: missing 'image' (keys: {sorted(record)})")
+    if "caption" not in record:
+        raise AnnotationError(f"{where}: missing 'caption' (keys: {sorted(record)})")
+    return record["image"], record["caption"]
+
+
+def _pick_caption(caption, rng: random.Random) -> str:
+    if isinstance(caption, list):
+        return rng.choice(caption) if caption else ""
+    return caption if isinstance(caption, str) else ""
+
+
+class JsonSource:
+    """BLIP JSON annotations: lists of ``{"image": path, "caption": text | [texts]}`` from files.
+
+    Args:
+        paths: annotation files, concatenated in order.
+        image_root: folder the image paths are relative to (absolute paths are kept).
+    """
+
+    def __init__(self, paths: list[str], image_root: str = "") -> None:
+        self.image_root = image_root
+        self.images: list[str] = []
+        self.captions: list[object] = []
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                records = json.load(f)
+            if not isinstance(records, list):
+                raise AnnotationError(f"{path}: expected a JSON list of annotations")
+            for i, record in enumerate(records):
+                image, caption = _image_and_caption(record, f"{path} record {i}")
+                self.images.append(image)
+                self.captions.append(caption)
+        self.name = f"json[{', '.join(os.path.basename(p) for p in paths)}]"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, index: int, rng: random.Random) -> tuple[object, str, str]:
+        path = os.path.join(self.image_root, self.images[index])
+        return path, _pick_caption(self.captions[index], rng), path
+
+
+class JsonlSource:
+    """JSON Lines annotations (one object per line), indexed by byte offsets and parsed on access.
+
+    Only the line offsets stay in memory (8 bytes a sample), so annotation files far larger than
+    what ``json.load`` could hold work. The first line of each file is checked up front.
+    """
+
+    def __init__(self, paths: list[str], image_root: str = "") -> None:
+        self.image_root = image_root
+        self.paths = list(paths)
+        file_ids, offsets = [], []
+        for file_id, path in enumerate(self.paths):
+            with open(path, "rb") as f:
+                pos = 0
+                first = True
+                for line in f:
+                    if line.strip():
+                        if first:
+                            _image_and_caption(json.loads(line), f"{path} line 1")
+                            first = False
+                        offsets.append(pos)
+                        file_ids.append(file_id)
+                    pos += len(line)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.file_ids = np.asarray(file_ids, dtype=np.int32)
+        self.name = f"jsonl[{', '.join(os.path.basename(p) for p in paths)}]"
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def get(self, index: int, rng: random.Random) -> tuple[object, str, str]:
+        path = self.paths[int(self.file_ids[index])]
+        with open(path, "rb") as f:
+            f.seek(int(self.offsets[index]))
+            line = f.readline()
+        try:
+            image, caption = _image_and_caption(json.loads(line), f"{path} sample {index}")
+        except (AnnotationError, json.JSONDecodeError) as e:
+            from blip_recipes.data.transforms import BadImage
+
+            raise BadImage(f"bad annotation: {e}") from e
+        image_path = os.path.join(self.image_root, image)
+        return image_path, _pick_caption(caption, rng), image_path
+
+
+def build_map_source(cfg: DataSourceConfig, seed: int) -> MapSource:
+    """The map-style source of one ``[[data.sources]]`` table (not for ``shards``)."""
+    if cfg.kind == "synthetic":
+        from blip_recipes.data.synthetic import SyntheticSource
+
+        return SyntheticSource(cfg.num_samples, seed, cfg.image_size)
+    if cfg.kind == "json":
+        return JsonSource(cfg.paths, cfg.image_root)
+    if cfg.kind == "jsonl":
+        return JsonlSource(cfg.paths, cfg.image_root)
+    raise ValueError(f"source kind '{cfg.kind}' is not map-style")
+
+
+def load_retrieval_annotations(
+    path: str, image_root: str = ""
+) -> tuple[list[str], list[str], list[int], list[list[int]]]:
+    """COCO-Karpathy-style eval annotations -> ``(image_paths, captions, txt2img, img2txt)``.
+
+    The file is a JSON list of ``{"image": path, "caption": [texts]}`` (a single string is also
+    accepted). Captions are kept raw (apply :func:`pre_caption` as the recipe needs).
+
+    Returns:
+        image_paths: one per image, joined with ``image_root``.
+        captions: all captions, image by image.
+        txt2img: for each caption, the index of its image.
+        img2txt: for each image, the indices of its captions.
+    """
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    images, captions, txt2img, img2txt = [], [], [], []
+    for i, record in enumerate(records):
+        image, caps = _image_and_caption(record, f"{path} record {i}")
+        caps = [caps] if isinstance(caps, str) else list(caps)
+        images.append(os.path.join(image_root, image))
+        img2txt.append(list(range(len(captions), len(captions) + len(caps))))
+        txt2img.extend([i] * len(caps))
+        captions.extend(caps)
+    return images, captions, txt2img, img2txt
