@@ -1,0 +1,6 @@
+"""Make the tiny-model helpers of tests/models importable here."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
