@@ -182,9 +182,12 @@ class TrainTransform:
                 except Exception as e:
                     raise BadImage(f"cannot decode: {e}") from e
         img = load_rgb(img)
-        fx, fy = img.size[0] / width, img.size[1] / height
-        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-        img = img.resize((s, s), Image.Resampling.BICUBIC, box=box)
+        if img.size == (width, height):  # crop, then resize: torchvision's PIL semantics
+            img = img.crop((left, top, left + w, top + h)).resize((s, s), Image.Resampling.BICUBIC)
+        else:  # decoded at reduced size: resize the scaled crop box in one call
+            fx, fy = img.size[0] / width, img.size[1] / height
+            box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+            img = img.resize((s, s), Image.Resampling.BICUBIC, box=box)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment is not None:
