@@ -1,0 +1,57 @@
+"""FSDP2: one ``fully_shard`` unit per transformer block, plus the root."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    mesh: DeviceMesh,
+    param_dtype: Optional[torch.dtype] = None,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> FSDPModule:
+    """Shard ``model`` in place: each block is its own FSDP unit, everything else is in the root.
+
+    Why per block: each unit all-gathers its parameters just before its forward/backward and frees
+    them after, so peak memory holds one block's full parameters at a time and the all-gather of
+    block i+1 overlaps the compute of block i. Parameters not inside a block (embeddings, heads,
+    the tied LM head, the temperature) land in the root unit. Every parameter belongs to exactly
+    one unit, so a module shared between two blocks must be a block itself or live in the root.
+
+    Why the last block is never resharded after forward: backward starts with it, so freeing its
+    parameters at the end of forward would only force an immediate all-gather of the same data
+    (TorchTitan does the same). FSDP2 likewise keeps the root's parameters after forward.
+
+    Args:
+        model: the module to shard (the root unit). Can live on the meta device.
+        blocks: the blocks, in the order forward runs them; the last one is the one that runs
+            last in forward. Pass several stacks (ViT blocks, then text layers) concatenated.
+        mesh: 1-D device mesh to shard over (``DistInfo.mesh``).
+        param_dtype: dtype of the gathered parameters in compute (bf16); None keeps fp32.
+        reduce_dtype: dtype of the gradient reduce-scatter; fp32 keeps gradient sums exact enough.
+        reshard_after_forward: free gathered parameters after forward (memory) or keep them until
+            backward (one all-gather per step less). A momentum/no-grad model should use True.
+
+    Returns:
+        ``model``, now also an :class:`FSDPModule`.
+    """
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=reshard_after_forward and i < last,
+        )
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    return model  # type: ignore[return-value]
