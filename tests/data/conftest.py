@@ -39,6 +39,12 @@ def synthetic_tokenizer():
     return build_tokenizer(TokenizerConfig(kind="synthetic"))
 
 
+@pytest.fixture
+def make_image():
+    """``make_image(path, size=(64, 48), mode="RGB", fmt=None, seed=0)`` writes a noise image."""
+    return write_image
+
+
 def write_image(path, size=(64, 48), mode="RGB", fmt=None, seed=0):
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)

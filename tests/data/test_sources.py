@@ -1,0 +1,162 @@
+"""BLIP JSON / JSONL sources, eval annotations, and bad-sample handling in the loader."""
+
+import json
+import logging
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from blip_recipes.config import DataConfig, DataSourceConfig
+from blip_recipes.data import (
+    AnnotationError,
+    BadSampleError,
+    JsonlSource,
+    JsonSource,
+    build_train_loader,
+    load_retrieval_annotations,
+)
+
+
+def _cfg(sources, batch_size=4, **kw):
+    kw.setdefault("num_workers", 0)
+    return DataConfig(sources=sources, batch_size=batch_size, pin_memory=False, **kw)
+
+
+def test_json_source_reads_records(json_dataset):
+    ann, root, records = json_dataset
+    src = JsonSource([str(ann), str(ann)], str(root))
+    assert len(src) == 24
+    path, caption, origin = src.get(13, random.Random(0))
+    assert path == str(root / "001.jpg") == origin and caption == "A photo of dog 1!"
+
+
+def test_caption_list_draws_one_per_visit(tmp_path):
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps([{"image": "x.jpg", "caption": ["one", "two", "three"]}]))
+    src = JsonSource([str(ann)])
+    assert {src.get(0, random.Random(s))[1] for s in range(30)} == {"one", "two", "three"}
+
+
+def test_url_instead_of_image_is_a_clear_error(tmp_path):
+    ann = tmp_path / "laion.json"
+    ann.write_text(json.dumps([{"url": "http://x/y.jpg", "caption": "c"}]))
+    with pytest.raises(AnnotationError, match="'url' but no 'image'.*download"):
+        JsonSource([str(ann)])
+    jl = tmp_path / "laion.jsonl"
+    jl.write_text(json.dumps({"url": "http://x/y.jpg", "caption": "c"}) + "\n")
+    with pytest.raises(AnnotationError, match="'url' but no 'image'"):
+        JsonlSource([str(jl)])
+
+
+def test_jsonl_matches_json(json_dataset, tmp_path):
+    ann, root, records = json_dataset
+    jl = tmp_path / "ann.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+    a, b = JsonSource([str(ann)], str(root)), JsonlSource([str(jl)], str(root))
+    assert len(a) == len(b) == 12
+    assert all(a.get(i, random.Random(0)) == b.get(i, random.Random(0)) for i in range(12))
+    cfgs = [
+        DataSourceConfig(kind=k, paths=[str(p)], image_root=str(root))
+        for k, p in (("json", ann), ("jsonl", jl))
+    ]
+    la = build_train_loader(_cfg(cfgs[:1]), _tok(), 16, 0)
+    lb = build_train_loader(_cfg(cfgs[1:]), _tok(), 16, 0)
+    for _ in range(4):
+        x, y = next(la), next(lb)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _tok():
+    from blip_recipes.config import TokenizerConfig
+    from blip_recipes.data import build_tokenizer
+
+    return build_tokenizer(TokenizerConfig(kind="synthetic"))
+
+
+def test_mixed_sources_by_weight(json_dataset):
+    ann, root, _ = json_dataset
+    sources = [
+        DataSourceConfig(kind="json", paths=[str(ann)], image_root=str(root), weight=2.0),
+        DataSourceConfig(kind="synthetic", num_samples=20, weight=0.5, image_size=32),
+    ]
+    loader = build_train_loader(_cfg(sources), _tok(), 16, 0)
+    assert loader.epoch_length == 24 + 10 and loader.steps_per_epoch == 8
+
+
+def test_retrieval_annotations(tmp_path):
+    ann = tmp_path / "test.json"
+    ann.write_text(
+        json.dumps(
+            [
+                {"image": "a.jpg", "caption": ["a one", "a two"]},
+                {"image": "b.jpg", "caption": ["b one", "b two", "b three"]},
+                {"image": "c.jpg", "caption": "c one"},
+            ]
+        )
+    )
+    images, captions, txt2img, img2txt = load_retrieval_annotations(str(ann), "/root")
+    assert images == ["/root/a.jpg", "/root/b.jpg", "/root/c.jpg"]
+    assert captions == ["a one", "a two", "b one", "b two", "b three", "c one"]
+    assert txt2img == [0, 0, 1, 1, 1, 2]
+    assert img2txt == [[0, 1], [2, 3, 4], [5]]
+
+
+@pytest.fixture
+def broken_dataset(tmp_path, make_image):
+    """16 good images and one of each bad kind, plus grey/CMYK/palette/alpha images that are fine."""
+    root = tmp_path / "img"
+    root.mkdir()
+    records = []
+    for i in range(16):
+        make_image(root / f"good{i}.jpg", seed=i)
+        records.append({"image": f"good{i}.jpg", "caption": f"dog {i}"})
+    (root / "empty.jpg").write_bytes(b"")
+    good = (root / "good0.jpg").read_bytes()
+    (root / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    (root / "junk.jpg").write_bytes(b"\x00garbage" * 10)
+    Image.new("RGB", (800, 8)).save(root / "wide.png")
+    for name in ("missing.jpg", "empty.jpg", "trunc.jpg", "junk.jpg", "wide.png"):
+        records.append({"image": name, "caption": "a bad one"})
+    records.append({"image": "good0.jpg", "caption": "..."})  # empty after pre_caption
+    for mode, name in (("L", "grey.png"), ("P", "pal.png"), ("RGBA", "alpha.png")):
+        make_image(root / name, mode=mode)
+        records.append({"image": name, "caption": f"mode {mode}"})
+    make_image(root / "cmyk.jpg", mode="CMYK")
+    records.append({"image": "cmyk.jpg", "caption": "mode cmyk"})
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(records))
+    return ann, root, len(records)
+
+
+def test_bad_samples_replaced_counted_and_warned(broken_dataset, caplog):
+    ann, root, n = broken_dataset
+    src = [DataSourceConfig(kind="json", paths=[str(ann)], image_root=str(root))]
+    cfg = _cfg(src, batch_size=2, max_bad_fraction=1.0)
+    loader = build_train_loader(cfg, _tok(), 16, 0)
+    with caplog.at_level(logging.WARNING, logger="blip_recipes.data"):
+        batches = [next(loader) for _ in range(n // 2)]  # one epoch
+    assert all(b["images"].shape == (2, 3, 16, 16) for b in batches)
+    stats = loader.stats()
+    assert stats["samples"] == n and stats["bad_samples"] >= 6
+    text = caplog.text
+    for name in ("missing.jpg", "empty.jpg", "trunc.jpg", "junk.jpg", "wide.png", "empty caption"):
+        assert name in text
+    # Deterministic replacement: a second run gives the same batches, also with workers.
+    again = build_train_loader(
+        _cfg(src, batch_size=2, max_bad_fraction=1.0, num_workers=2), _tok(), 16, 0
+    )
+    for b in batches:
+        c = next(again)
+        assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_too_many_bad_samples_stop_the_run(broken_dataset):
+    ann, root, n = broken_dataset
+    src = [DataSourceConfig(kind="json", paths=[str(ann)], image_root=str(root))]
+    cfg = _cfg(src, batch_size=2, max_bad_fraction=0.05, bad_fraction_min_samples=10)
+    loader = build_train_loader(cfg, _tok(), 16, 0)
+    with pytest.raises(BadSampleError, match="max_bad_fraction"):
+        for _ in range(100):
+            next(loader)
