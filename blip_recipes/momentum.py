@@ -165,7 +165,8 @@ class MomentumState(Stateful):
     def copy_from(self, online: nn.Module) -> None:
         """Set every momentum parameter to its online partner (after the weights are loaded)."""
         momentum_params, online_params = paired_parameters(self.encoders, online)
-        torch._foreach_copy_(momentum_params, online_params)
+        for momentum_param, online_param in zip(momentum_params, online_params):
+            momentum_param.copy_(online_param)  # DTensor has no _foreach_copy_ strategy
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
