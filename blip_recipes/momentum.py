@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
 
 from blip_recipes.models.blip import MomentumTargets
 from blip_recipes.models.builders import build_momentum_encoders, preset_queue_size
@@ -47,6 +48,18 @@ def _canonical(name: str) -> str:
     for token in _WRAPPER_TOKENS:
         name = name.replace(token, "")
     return name
+
+
+def _reshard(module: nn.Module) -> None:
+    """Free gathered FSDP2 parameters after a forward that has no backward.
+
+    FSDP2 reshards in post-backward, and the root (and blocks with reshard_after_forward=False)
+    keep their parameters gathered after forward; a no-grad model would otherwise leave plain
+    unsharded tensors in place of its DTensor parameters until the next forward.
+    """
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
 
 
 def _world_size() -> int:
@@ -195,6 +208,7 @@ class MomentumState(Stateful):
         """
         self.encoders.train(self.train_mode)
         image_feat_m, text_feat_m = self.encoders(images, input_ids, attention_mask)
+        _reshard(self.encoders)
         return MomentumTargets(image_feat_m, text_feat_m, self.image_queue, self.text_queue)
 
     @torch.no_grad()
@@ -213,9 +227,9 @@ class MomentumState(Stateful):
         check_queue_batch(self.queue_size, batch, world)
         feats = torch.stack([image_feat_m, text_feat_m]).to(self.image_queue.dtype)  # (2, B, E)
         if world > 1:
-            gathered = feats.new_empty((world, *feats.shape))
+            gathered = feats.new_empty((world * 2, *feats.shape[1:]))  # rank-major (W*2, B, E)
             dist.all_gather_into_tensor(gathered, feats.contiguous())
-            feats = gathered.transpose(0, 1).reshape(2, world * batch, -1)
+            feats = gathered.view(world, 2, batch, -1).transpose(0, 1).reshape(2, world * batch, -1)
         columns = self.queue_ptr + torch.arange(world * batch, device=self.queue_ptr.device)
         self.image_queue.index_copy_(1, columns, feats[0].t())
         self.text_queue.index_copy_(1, columns, feats[1].t())
