@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_blip import DEC_ID, ENC_ID, PAD_ID, SEP_ID, make_model, make_text
 
 from blip_recipes import objective
 from blip_recipes.interop._names import strip_prefixes
@@ -14,6 +13,7 @@ from blip_recipes.interop.hf import (
     ours_to_hf_captioning,
     ours_to_hf_retrieval,
 )
+from tests.models.tiny_blip import DEC_ID, ENC_ID, PAD_ID, SEP_ID, make_model, make_text
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-5

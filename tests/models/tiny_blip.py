@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.distributed as dist
 
 from blip_recipes.models import BlipPretrain, build_model
+from blip_recipes.momentum import MomentumState
 
 VOCAB = 100
 DEC_ID, ENC_ID, PAD_ID, CLS_ID, SEP_ID = 98, 99, 0, 1, 2
@@ -47,3 +51,25 @@ def make_text(batch: int, length: int = 12, seed: int = 1) -> tuple[torch.Tensor
     ids[torch.arange(batch), lengths - 1] = SEP_ID
     ids = ids.masked_fill(mask == 0, PAD_ID)
     return ids, mask
+
+
+def momentum_state(queue_size: int = 8, seed: int = 0, **kwargs) -> MomentumState:
+    """A momentum state matching `make_model` with a small queue."""
+    overrides = {**TINY, "queue_size": queue_size}
+    return MomentumState.build("blip_pretrain_tiny", seed=seed, **overrides, **kwargs)
+
+
+def enqueue_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank: three enqueues of rank-tagged features, then save the queues."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        state = momentum_state(queue_size=8, seed=0)
+        dim = TINY["embed_dim"]
+        for step in range(3):
+            feats = torch.full((2, dim), float(10 * step + rank))
+            state.enqueue(feats, feats + 0.5)
+        queues = {"image": state.image_queue, "text": state.text_queue, "ptr": state.queue_ptr}
+        torch.save(queues, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

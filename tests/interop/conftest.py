@@ -1,6 +1,0 @@
-"""Make the tiny-model helpers of tests/models importable here."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
