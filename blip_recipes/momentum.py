@@ -212,12 +212,19 @@ class MomentumState(Stateful):
         return MomentumTargets(image_feat_m, text_feat_m, self.image_queue, self.text_queue)
 
     @torch.no_grad()
-    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
+    def enqueue(
+        self,
+        image_feat_m: torch.Tensor,
+        text_feat_m: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> None:
         """Write the global batch's momentum features at the pointer and advance it.
 
         Args:
             image_feat_m, text_feat_m: (B, E) local momentum features. With a process group of
                 W > 1 ranks they are all-gathered (rank order) into (B * W, E) first.
+            valid: optional 0-d bool tensor; when False the queues and pointer stay as they are
+                (a skipped step), decided on the device without a host sync.
 
         Raises:
             ValueError: when B * W does not divide Q.
@@ -231,9 +238,18 @@ class MomentumState(Stateful):
             dist.all_gather_into_tensor(gathered, feats.contiguous())
             feats = gathered.view(world, 2, batch, -1).transpose(0, 1).reshape(2, world * batch, -1)
         columns = self.queue_ptr + torch.arange(world * batch, device=self.queue_ptr.device)
+        step = world * batch
+        if valid is not None:
+            keep_old = ~valid.to(torch.bool)
+            feats = torch.where(
+                keep_old,
+                torch.stack([self.image_queue[:, columns].t(), self.text_queue[:, columns].t()]),
+                feats,
+            )
+            step = step * valid.to(self.queue_ptr.dtype)
         self.image_queue.index_copy_(1, columns, feats[0].t())
         self.text_queue.index_copy_(1, columns, feats[1].t())
-        self.queue_ptr.copy_((self.queue_ptr + world * batch) % self.queue_size)
+        self.queue_ptr.copy_((self.queue_ptr + step) % self.queue_size)
 
     def state_dict(self) -> dict[str, Any]:
         """Momentum weights (DCP model state dict, sharded if FSDP2), queues and pointer."""
