@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from blip_recipes.data.shards import decode_caption, iter_tar_samples
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "build_shards.py"
+
+
+def test_build_shards_resizes_skips_bad_and_keeps_captions(tmp_path):
+    root = tmp_path / "img"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(7):
+        size = (200, 120) if i % 2 else (90, 150)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            root / f"{i}.jpg"
+        )
+        records.append({"image": f"{i}.jpg", "caption": f"caption {i}"})
+    Image.new("RGBA", (300, 300), (1, 2, 3, 0)).save(root / "alpha.png")
+    records.append({"image": "alpha.png", "caption": ["one", "two"]})
+    (root / "broken.jpg").write_bytes(b"junk")
+    records += [
+        {"image": "broken.jpg", "caption": "x"},
+        {"image": "missing.jpg", "caption": "x"},
+        {"image": "0.jpg", "caption": "!!!"},
+    ]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(records))
+    out = tmp_path / "shards"
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--ann", str(ann), "--image-root", str(root), "--out",
+         str(out), "--per-shard", "3", "--resize", "100"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "skipped 3 bad inputs" in result.stdout
+    for name in ("broken.jpg", "missing.jpg", "empty caption"):
+        assert name in result.stderr
+    shards = sorted(out.iterdir())
+    assert [p.name for p in shards] == [f"shards-{i:05d}.tar" for i in range(3)]
+    samples = [s for p in shards for s in iter_tar_samples(str(p))]
+    assert len(samples) == 8
+    for _key, files, *_ in samples:
+        from io import BytesIO
+
+        img = Image.open(BytesIO(files["jpg"]))
+        assert min(img.size) <= 100 and img.mode == "RGB"
+    captions = [decode_caption(files) for _, files, *_ in samples]
+    assert captions[:2] == ["caption 0", "caption 1"] and captions[-1] == ["one", "two"]
