@@ -8,7 +8,14 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 from blip_recipes.momentum import check_queue_batch
-from tests.models.tiny_blip import TINY, enqueue_worker, make_model, make_text, momentum_state
+from tests.models.tiny_blip import (
+    TINY,
+    enqueue_worker,
+    fsdp_step_worker,
+    make_model,
+    make_text,
+    momentum_state,
+)
 
 _state = momentum_state
 
@@ -102,3 +109,27 @@ def test_queues_identical_across_two_gloo_ranks(tmp_path):
     # step 2 wrote columns 0..3 after wrapping: rank 0 rows then rank 1 rows
     assert r0["image"][0, :4].tolist() == [20.0, 20.0, 21.0, 21.0]
     assert r0["image"][0, 4:].tolist() == [10.0, 10.0, 11.0, 11.0]
+
+
+def test_enqueue_of_a_skipped_step_changes_nothing():
+    state = momentum_state()
+    batch = state.queue_size // 4
+    feats = torch.nn.functional.normalize(torch.randn(batch, state.image_queue.shape[0]), dim=1)
+    before = (state.image_queue.clone(), state.text_queue.clone(), state.queue_ptr.clone())
+    state.enqueue(feats, feats, valid=torch.tensor(False))
+    assert torch.equal(state.image_queue, before[0]) and torch.equal(state.text_queue, before[1])
+    assert torch.equal(state.queue_ptr, before[2])
+    state.enqueue(feats, feats, valid=torch.tensor(True))
+    assert torch.equal(state.image_queue[:, :batch], feats.t())
+    assert int(state.queue_ptr) == batch
+
+
+def test_fsdp2_sharded_update_step_and_dcp_save(tmp_path):
+    mp.start_processes(fsdp_step_worker, args=(2, str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, start_method="spawn")  # fmt: skip
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(r0["image"], r1["image"])
+    restored = _state(queue_size=8, seed=5)
+    dcp.load({"momentum": restored}, checkpoint_id=str(tmp_path / "ckpt"))
+    assert torch.equal(restored.image_queue, r0["image"])
+    assert restored.queue_ptr.item() == 4
