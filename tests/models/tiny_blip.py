@@ -73,3 +73,48 @@ def enqueue_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def fsdp_step_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank: shard online + momentum per block, run a full step, check EMA and DCP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        model = make_model(seed=0).train()
+        state = momentum_state(queue_size=8, seed=0)
+        state.copy_from(model)
+        for root, vision, text in (
+            (model, model.visual_encoder, model.text),
+            (state.encoders, state.visual_encoder, state.text_encoder),
+        ):
+            for block in [*vision.blocks, *text.layers]:
+                fully_shard(block, mesh=mesh)
+            fully_shard(root, mesh=mesh)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.5)
+        before = {n: p.full_tensor().clone() for n, p in state.encoders.named_parameters()}
+        online = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        state.update(model)
+        for name, param in state.encoders.named_parameters():
+            partner = online[name.replace("text_encoder.", "text.", 1)]
+            expected = 0.995 * before[name] + 0.005 * partner
+            assert torch.allclose(param.full_tensor(), expected, atol=1e-6), name
+        images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+        ids, mask = make_text(2, seed=rank)
+        model.clamp_temperature_()
+        targets = state.targets(images, ids, mask)
+        out = model(images, ids, mask, targets, 0.4, torch.Generator().manual_seed(rank))
+        out.loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+        state.enqueue(targets.image_feat_m, targets.text_feat_m)
+        dcp.save({"momentum": state}, checkpoint_id=os.path.join(out_dir, "ckpt"))
+        torch.save({"image": state.image_queue, "loss": out.loss.detach()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
