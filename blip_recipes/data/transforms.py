@@ -103,7 +103,7 @@ def load_rgb(img: Image.Image) -> Image.Image:
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor (3, H, W)."""
     arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def random_resized_crop_params(

@@ -142,3 +142,14 @@ def test_randaugment_deterministic_and_samples_ops():
         not np.array_equal(_arr(aug(img, random.Random(s))), _arr(img)) for s in range(50)
     )
     assert 10 < changed < 50  # each op applies with p 0.5 and some ops are no-ops
+
+
+def test_integer_translate_fast_path_equals_affine_warp():
+    img = _img(5)
+    for offset in (5.0, -5.0, 3.0):
+        assert np.array_equal(
+            _arr(ra.translate_x(img, offset)), _arr(ra._affine(img, (1, 0, offset, 0, 1, 0)))
+        )
+        assert np.array_equal(
+            _arr(ra.translate_y(img, offset)), _arr(ra._affine(img, (1, 0, 0, 0, 1, offset)))
+        )
