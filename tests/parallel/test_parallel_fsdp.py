@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from parallel_toy import ToyModel, toy_batch, toy_loss
 
 from blip_recipes.parallel import (
     apply_activation_checkpointing,
@@ -18,6 +17,7 @@ from blip_recipes.parallel import (
     init_distributed,
 )
 from blip_recipes.parallel._testing import spawn_ranks
+from tests.parallel.parallel_toy import ToyModel, toy_batch, toy_loss
 
 STEPS = 3
 

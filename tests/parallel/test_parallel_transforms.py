@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_toy import ToyModel, toy_batch, toy_loss
 
 from blip_recipes.parallel import (
     apply_activation_checkpointing,
@@ -13,6 +12,7 @@ from blip_recipes.parallel import (
     float8_eligible,
     float8_precompute_scales,
 )
+from tests.parallel.parallel_toy import ToyModel, toy_batch, toy_loss
 
 
 def _grads(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
