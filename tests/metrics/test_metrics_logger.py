@@ -1,0 +1,100 @@
+"""MetricsLogger files read back (JSONL, TensorBoard via EventAccumulator), console line, MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from blip_recipes.metrics import (
+    VIT_B_FLOPS_PER_SAMPLE,
+    MetricsLogger,
+    effective_mfu,
+    flops_per_sample,
+    format_duration,
+    max_memory_gib,
+    peak_flops,
+)
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_tensorboard_and_console(tmp_path):
+    lines = []
+    logger = MetricsLogger(
+        tmp_path, rank=0, tensorboard=True, total_steps=30, print_fn=lines.append
+    )
+    for step in (10, 20, 30):
+        logger.log(step, {"loss": torch.tensor(3.0 - step / 10), "lr": 1e-4, "mfu": None,
+                          "samples_per_sec": 100.0, "itm_acc": 0.5, "bad_samples": 2})  # fmt: skip
+    logger.log(31, {"loss": float("nan"), "grad_norm": math.inf})
+    logger.close()
+    logger.close()
+
+    recs = _records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [10, 20, 30, 31]
+    assert recs[0] == {"step": 10, "loss": 2.0, "lr": 1e-4, "mfu": None, "samples_per_sec": 100.0,
+                       "itm_acc": 0.5, "bad_samples": 2}  # fmt: skip
+    assert recs[3]["loss"] is None and recs[3]["grad_norm"] is None  # strict JSON
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/itm_acc", "train/bad_samples"} <= set(tags)
+    assert "train/mfu" not in tags  # null values are not scalars
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [10, 20, 30]
+    assert [e.value for e in loss] == pytest.approx([2.0, 1.0, 0.0])
+
+    assert lines[0].startswith("step 10/30 | loss 2.0000 | lr 1.000e-04 | 100.0 samples/s")
+    assert "eta" not in lines[0] and "eta" in lines[1]
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    logger = MetricsLogger(tmp_path / "out", rank=1, print_fn=lambda s: pytest.fail(s))
+    assert logger.log(1, {"loss": 1.0}) is None
+    logger.close()
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_appends_and_drops_later_records(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False, print_fn=lambda s: None)
+    for step in (1, 2, 3, 4):
+        logger.log(step, {"loss": float(step)})
+    logger.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # cut short by a crash
+    logger = MetricsLogger(tmp_path, tensorboard=False, resume_step=2, print_fn=lambda s: None)
+    logger.log(3, {"loss": 30.0})
+    logger.close()
+    assert [(r["step"], r["loss"]) for r in _records(tmp_path / "metrics.jsonl")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0)]  # fmt: skip
+
+
+def test_mfu_and_peaks():
+    assert effective_mfu(1130.0, VIT_B_FLOPS_PER_SAMPLE, 989e12) == pytest.approx(0.3505, abs=1e-3)
+    assert effective_mfu(100.0, VIT_B_FLOPS_PER_SAMPLE, None) is None
+    assert effective_mfu(100.0, None, 989e12) is None
+    assert peak_flops(torch.device("cpu")) is None
+    assert flops_per_sample("blip_pretrain_base") == 306.8e9
+    assert flops_per_sample("blip_pretrain_large") == 681.0e9
+    assert flops_per_sample("blip_pretrain_tiny") is None
+    assert 0.01 < max_memory_gib(torch.device("cpu")) < 1000
+    assert format_duration(3723) == "1:02:03" and format_duration(59) == "0:59"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_peak_flops_on_gpu():
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(torch.device("cuda"))
+    if "H100" in name or "H200" in name:
+        assert peak == 989e12
+    torch.ones(1024, 1024, device="cuda")
+    assert max_memory_gib(torch.device("cuda")) >= 4 / 1024
