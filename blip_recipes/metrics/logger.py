@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import torch.distributed as dist
+
+from blip_recipes.metrics.mfu import effective_mfu, max_memory_gib, peak_flops
 
 Number = Union[int, float, None]
 
@@ -43,6 +46,11 @@ class MetricsLogger:
     Values may be 0-d tensors: converting them syncs with the device, which is why the recipe
     calls :meth:`log` only every ``metrics.log_every`` steps.
 
+    Each record also gets ``mfu`` (effective, per device, from the record's *global*
+    ``samples_per_sec`` / world size and the ``flops_per_sample`` given to :meth:`log`; null on
+    CPU, on unknown GPUs and for models without a tabulated FLOP count) and ``max_memory_gib``
+    (rank 0's peak), unless the caller already put them in.
+
     Args:
         output_dir: the run's output folder.
         rank: global rank; only rank 0 writes.
@@ -50,6 +58,8 @@ class MetricsLogger:
         total_steps: steps of the whole run, for the ETA (None: no ETA).
         resume_step: the step a resumed run starts from (drops later records of a previous run).
         print_fn: where console lines go.
+        device: device for peak FLOPs and memory; None: the current CUDA device, else CPU.
+        world_size: ranks sharing ``samples_per_sec``; None: from the process group (or 1).
     """
 
     CONSOLE_FIELDS = ("loss", "lr", "samples_per_sec", "mfu", "max_memory_gib", "data_wait_frac")
@@ -62,8 +72,21 @@ class MetricsLogger:
         total_steps: Optional[int] = None,
         resume_step: Optional[int] = None,
         print_fn: Callable[[str], None] = print,
+        device: Optional[torch.device] = None,
+        world_size: Optional[int] = None,
     ) -> None:
         self.enabled = rank == 0
+        if device is None:
+            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+            )
+        if world_size is None:
+            world_size = (
+                dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            )
+        self.device = device
+        self.world_size = world_size
         self.total_steps = total_steps
         self.print_fn = print_fn
         self._writer = None
@@ -93,16 +116,40 @@ class MetricsLogger:
                 continue  # a line cut short by the crash
         self.jsonl_path.write_text("".join(k + "\n" for k in kept))
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    def log(
+        self,
+        step: int,
+        metrics: Mapping[str, Any],
+        flops_per_sample: Optional[float] = None,
+        total_steps: Optional[int] = None,
+    ) -> Optional[dict[str, Any]]:
         """Record ``metrics`` for ``step`` (the number of completed optimizer steps).
+
+        Args:
+            step: completed optimizer steps.
+            metrics: name -> number, 0-d tensor or None.
+            flops_per_sample: fixed model FLOPs per sample for the effective MFU (None: null).
+            total_steps: updates the run length used for the ETA.
 
         Returns the record written (rank 0) or None.
         """
         if not self.enabled:
             return None
+        if total_steps is not None:
+            self.total_steps = total_steps
         now = time.perf_counter()
         record: dict[str, Any] = {"step": step}
         record.update({k: _plain(v) for k, v in metrics.items()})
+        if "mfu" not in record:
+            sps = record.get("samples_per_sec")
+            per_device = sps / self.world_size if isinstance(sps, (int, float)) else None
+            record["mfu"] = (
+                effective_mfu(per_device, flops_per_sample, peak_flops(self.device))
+                if per_device is not None
+                else None
+            )
+        if "max_memory_gib" not in record:
+            record["max_memory_gib"] = max_memory_gib(self.device)
         assert self._file is not None
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()

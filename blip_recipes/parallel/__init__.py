@@ -3,6 +3,7 @@ float8 -> activation checkpointing -> compile -> FSDP (TorchTitan's order)."""
 
 from blip_recipes.parallel.activation_checkpointing import apply_activation_checkpointing
 from blip_recipes.parallel.compile import apply_compile
+from blip_recipes.parallel.data_parallel import all_reduce_gradients
 from blip_recipes.parallel.distributed import (
     DP_SHARD,
     DistInfo,
@@ -16,6 +17,7 @@ from blip_recipes.parallel.fsdp import apply_fsdp
 __all__ = [
     "DP_SHARD",
     "DistInfo",
+    "all_reduce_gradients",
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_float8",

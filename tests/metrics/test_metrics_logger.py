@@ -37,8 +37,10 @@ def test_jsonl_tensorboard_and_console(tmp_path):
 
     recs = _records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in recs] == [10, 20, 30, 31]
-    assert recs[0] == {"step": 10, "loss": 2.0, "lr": 1e-4, "mfu": None, "samples_per_sec": 100.0,
-                       "itm_acc": 0.5, "bad_samples": 2}  # fmt: skip
+    assert {k: v for k, v in recs[0].items() if k != "max_memory_gib"} == {
+        "step": 10, "loss": 2.0, "lr": 1e-4, "mfu": None, "samples_per_sec": 100.0,
+        "itm_acc": 0.5, "bad_samples": 2}  # fmt: skip
+    assert recs[0]["max_memory_gib"] > 0
     assert recs[3]["loss"] is None and recs[3]["grad_norm"] is None  # strict JSON
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -52,8 +54,25 @@ def test_jsonl_tensorboard_and_console(tmp_path):
     assert [e.step for e in loss] == [10, 20, 30]
     assert [e.value for e in loss] == pytest.approx([2.0, 1.0, 0.0])
 
-    assert lines[0].startswith("step 10/30 | loss 2.0000 | lr 1.000e-04 | 100.0 samples/s")
+    assert lines[0].startswith("step 10/30 | loss 2.0000 | lr 1.000e-04 | 100.0 samples/s | mem")
     assert "eta" not in lines[0] and "eta" in lines[1]
+
+
+def test_mfu_and_memory_are_added(tmp_path, monkeypatch):
+    import blip_recipes.metrics.logger as logger_module
+
+    cpu = MetricsLogger(tmp_path / "cpu", tensorboard=False, print_fn=lambda s: None)
+    assert cpu.log(1, {"samples_per_sec": 10.0}, flops_per_sample=1e9)["mfu"] is None  # CPU
+    cpu.close()
+    monkeypatch.setattr(logger_module, "peak_flops", lambda device: 989e12)
+    logger = MetricsLogger(tmp_path, tensorboard=False, world_size=4, print_fn=lambda s: None)
+    rec = logger.log(5, {"samples_per_sec": 4520.0}, flops_per_sample=VIT_B_FLOPS_PER_SAMPLE,
+                     total_steps=100)  # fmt: skip
+    assert rec["mfu"] == pytest.approx(1130.0 * 306.8e9 / 989e12)  # per device: 4520 / 4
+    assert rec["max_memory_gib"] > 0 and logger.total_steps == 100
+    rec = logger.log(6, {"samples_per_sec": 10.0})  # no FLOP count (tiny model): null
+    assert rec["mfu"] is None
+    logger.close()
 
 
 def test_other_ranks_write_nothing(tmp_path):

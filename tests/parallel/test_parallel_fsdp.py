@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from blip_recipes.parallel import (
+    all_reduce_gradients,
     apply_activation_checkpointing,
     apply_compile,
     apply_float8,
@@ -50,7 +51,8 @@ def _fsdp_worker(rank: int, world_size: int, out_file: str, variant: str) -> Non
         apply_activation_checkpointing(blocks)
     if "compile" in variant:
         apply_compile(blocks, backend="aot_eager")
-    apply_fsdp(model, blocks, info.mesh, reshard_after_forward="noreshard" not in variant)
+    if "ddp" not in variant:
+        apply_fsdp(model, blocks, info.mesh, reshard_after_forward="noreshard" not in variant)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(STEPS):
@@ -59,6 +61,8 @@ def _fsdp_worker(rank: int, world_size: int, out_file: str, variant: str) -> Non
         sl = slice(rank * half, (rank + 1) * half)
         loss = toy_loss(model, tokens[sl], targets[sl])
         loss.backward()
+        if "ddp" in variant:
+            all_reduce_gradients(model.parameters())
         opt.step()
         opt.zero_grad()
         if converted:
@@ -72,7 +76,7 @@ def _fsdp_worker(rank: int, world_size: int, out_file: str, variant: str) -> Non
     del model, opt
 
 
-@pytest.mark.parametrize("variant", ["reshard", "noreshard", "ac+compile"])
+@pytest.mark.parametrize("variant", ["reshard", "noreshard", "ac+compile", "ddp"])
 def test_fsdp_two_ranks_match_single_process(tmp_path, variant):
     out = tmp_path / "losses.json"
     spawn_ranks(_fsdp_worker, 2, tmp_path, str(out), variant)
