@@ -86,6 +86,7 @@ def test_fsdp_two_ranks_match_single_process(tmp_path, variant):
     assert fsdp_losses[-1] < fsdp_losses[0]
 
 
+@pytest.mark.slow  # float8 + FSDP training is also covered by tests/checkpoint/test_checkpoint_float8.py
 def test_fsdp_float8_all_gather_emulated(tmp_path):
     out = tmp_path / "losses.json"
     spawn_ranks(_fsdp_worker, 2, tmp_path, str(out), "float8")
