@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from blip_recipes.config.sections import DataConfig
-from blip_recipes.data._seeding import derive_seed
+from blip_recipes.data._seeding import derive_seed, private_generator
 from blip_recipes.data.captions import pre_caption
 from blip_recipes.data.sources import MapSource, build_map_source
 from blip_recipes.data.transforms import BadImage, TrainTransform, open_image
@@ -235,6 +235,7 @@ class TrainLoader:
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             worker_init_fn=_worker_init if workers > 0 else None,
             persistent_workers=False,
+            generator=private_generator(),
         )
         return iter(loader)
 

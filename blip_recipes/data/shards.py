@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from blip_recipes.config.sections import DataConfig
-from blip_recipes.data._seeding import derive_seed
+from blip_recipes.data._seeding import derive_seed, private_generator
 from blip_recipes.data.captions import pre_caption
 from blip_recipes.data.transforms import BadImage, open_image
 
@@ -307,6 +307,7 @@ class ShardLoader:
                     num_workers=nw,
                     prefetch_factor=self.cfg.prefetch_factor if nw > 0 else None,
                     pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                    generator=private_generator(),
                 )
             )
         batch = next(self._iterator)

@@ -55,13 +55,18 @@ def test_single_process_run_writes_metrics_and_checkpoint(tmp_path):
 
 
 def test_two_ranks_bitwise_resume(tmp_path):
-    """2 ranks: 6 steps straight == 3 steps, then resume for 3 more (losses and weights)."""
+    """2 ranks: 6 steps straight == 3 steps, then resume for 3 more (losses and weights).
+
+    The step LR schedule does not depend on the total step count (cosine would), so stopping
+    the first run at step 3 with `training.steps=3` leaves its updates unchanged.
+    """
+    step_lr = "lr_scheduler.name=step"
     straight = run_recipe(tmp_path / "straight", "training.steps=6", "checkpoint.interval=100",
-                          nproc=2)  # fmt: skip
+                          step_lr, nproc=2)  # fmt: skip
     assert_ok(straight)
-    first = run_recipe(tmp_path / "resumed", "training.steps=3", nproc=2)
+    first = run_recipe(tmp_path / "resumed", "training.steps=3", step_lr, nproc=2)
     assert_ok(first)
-    second = run_recipe(tmp_path / "resumed", "training.steps=6", nproc=2)
+    second = run_recipe(tmp_path / "resumed", "training.steps=6", step_lr, nproc=2)
     assert_ok(second)
     assert "resumed from" in second.proc.stderr
     assert second.losses() == straight.losses()  # exact equality, every step
