@@ -1,0 +1,29 @@
+"""Retrieval evaluation with BLIP's protocol: ITC top-k, ITM rerank, recall@K (distributed)."""
+
+from blip_recipes.evaluation.metrics import (
+    RECALL_KS,
+    positive_ranks,
+    recall_at,
+    retrieval_metrics,
+)
+from blip_recipes.evaluation.retrieval import (
+    RetrievalData,
+    RetrievalScores,
+    evaluate_retrieval,
+    load_retrieval_data,
+    model_image_size,
+    score_retrieval,
+)
+
+__all__ = [
+    "RECALL_KS",
+    "RetrievalData",
+    "RetrievalScores",
+    "evaluate_retrieval",
+    "load_retrieval_data",
+    "model_image_size",
+    "positive_ranks",
+    "recall_at",
+    "retrieval_metrics",
+    "score_retrieval",
+]

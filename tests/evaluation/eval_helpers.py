@@ -1,0 +1,56 @@
+"""Shared tiny evaluation set-up: a model, a synthetic tokenizer, random images and captions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blip_recipes.config import TokenizerConfig
+from blip_recipes.data import build_tokenizer
+from blip_recipes.evaluation import RetrievalData, score_retrieval
+from tests.models.tiny_blip import make_model
+
+WORDS = ["red", "blue", "green", "circle", "square", "triangle", "small", "large", "on", "left"]
+
+
+def tokenizer():
+    return build_tokenizer(TokenizerConfig(kind="synthetic"))
+
+
+def tiny_model(seed: int = 0):
+    tok = tokenizer()
+    return make_model(seed, vocab_size=tok.vocab_size, enc_token_id=tok.enc_token_id,
+                      dec_token_id=tok.dec_token_id)  # fmt: skip
+
+
+def tiny_data(
+    n_images: int = 7, per_image: int = 2, size: int = 32, seed: int = 0
+) -> RetrievalData:
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen)
+              for _ in range(n_images)]  # fmt: skip
+    texts, txt2img, img2txt = [], [], []
+    for i in range(n_images):
+        img2txt.append(list(range(len(texts), len(texts) + per_image)))
+        for _ in range(per_image):
+            texts.append(" ".join(rng.choice(WORDS, size=rng.integers(3, 8))))
+            txt2img.append(i)
+    return RetrievalData(images, texts, txt2img, img2txt)
+
+
+def score_worker(rank: int, world: int, out_dir: str, fsdp: bool, k_test: int) -> None:
+    """One gloo rank: score the tiny set (replicated or FSDP2 model), rank 0 saves the result."""
+    model = tiny_model()
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in [*model.visual_encoder.blocks, *model.text.layers]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    scores = score_retrieval(model, tokenizer(), tiny_data(), k_test=k_test, batch_size=3)
+    torch.save(scores.__dict__, Path(out_dir) / f"scores_rank{rank}.pt")
