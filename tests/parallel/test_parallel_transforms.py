@@ -100,3 +100,19 @@ def test_float8_emulate_converts_eligible_linears_only(recipe):
     assert loss.item() == pytest.approx(ref, rel=0.05)  # float8 rounding, same function
     assert all(p.grad is not None for p in model.parameters())
     assert not float8_precompute_scales(model)  # no FSDP: nothing to precompute
+
+
+@pytest.mark.slow  # inductor cold compile, ~20 s on 2 cores
+def test_compile_inductor_matches_eager_dropout_with_fallback_random():
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    model = ToyModel(dropout=0.1)
+    torch.manual_seed(1)
+    eager = toy_loss(model, *toy_batch(0)).item()
+    try:
+        apply_compile(list(model.blocks), fallback_random=True)
+        torch.manual_seed(1)
+        assert toy_loss(model, *toy_batch(0)).item() == eager
+    finally:
+        inductor_config.fallback_random = False
