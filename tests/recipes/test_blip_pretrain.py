@@ -141,7 +141,8 @@ def test_parallel_and_training_switches(tmp_path, overrides):
     run = run_recipe(tmp_path / "run", "training.steps=2", *overrides)
     assert_ok(baseline)
     assert_ok(run)
-    tol = 0.05 if "parallel.float8=true" in overrides else 1e-3
+    # float8 rounds matmul inputs; compiled dropout draws its masks from inductor's own RNG
+    tol = {"parallel.float8=true": 0.05, "parallel.compile=true": 0.03}.get(overrides[0], 1e-3)
     for step, loss in baseline.losses().items():
         if overrides[0].startswith(("optimizer", "lr_scheduler")) and step > 1:
             continue  # a different update rule changes later steps
