@@ -219,6 +219,10 @@ class EvalConfig:
     """Images or texts per forward pass."""
     num_captions: int = 4
     """Captions of fixed eval images logged to TensorBoard at eval steps."""
+    save_scores: bool = False
+    """Also write retrieval_scores.pt: every query's top-k candidates with their ITC and ITM scores and ranks."""
+    progress: bool = True
+    """Show a progress bar on rank 0 while encoding and reranking."""
 
 
 @dataclass
