@@ -551,6 +551,84 @@ def save_reference(model: nn.Module, path: str | Path, momentum: Any = None) -> 
     return path
 
 
+FORMATS = ("dcp", "hf", "pt", "safetensors", "reference")
+"""Output formats of :func:`convert_checkpoint`."""
+
+
+def output_format(dest: str | Path, to: str | None = None) -> str:
+    """`to`, or the format implied by the destination's suffix (a folder means DCP)."""
+    if to is not None:
+        if to not in FORMATS:
+            raise ValueError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
+        return to
+    suffix = Path(dest).suffix
+    return {".pt": "pt", ".pth": "pt", ".bin": "pt", ".safetensors": "safetensors"}.get(
+        suffix, "dcp"
+    )
+
+
+def convert_checkpoint(
+    source: str | Path,
+    dest: str | Path,
+    to: str | None = None,
+    model_name: str | None = None,
+    tokenizer: Any = None,
+    queue_size: int | None = None,
+    seed: int = 0,
+    momentum: bool = True,
+    strict: bool = False,
+    trust_pickle: bool = False,
+    tokenizer_section: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Path:
+    """Convert any supported checkpoint into one output format (what `tools/convert_checkpoint.py`
+    runs).
+
+    Args:
+        source: DCP checkpoint / run folder, HF folder(s), reference `.pth`, or our `.pt` /
+            `.safetensors`.
+        dest: output path: a folder for "dcp" and "hf", a file otherwise.
+        to: "dcp" (`{"model", "momentum"}`, for `checkpoint.init_from`), "hf" (`dest/retrieval`
+            and `dest/captioning`), "pt" / "safetensors" (one flat state dict of ours),
+            "reference" (reference BLIP `{"model": ...}` `.pth`); default from `dest`'s suffix.
+        model_name: builder preset for what shapes cannot tell (heads, eps) when the source does
+            not record it.
+        tokenizer: the tokenizer of the run (token ids; tokenizer files for "hf"); default the
+            one recorded with the source when it can be built locally.
+        queue_size: queue length of the momentum state written to "dcp" (the run's
+            `model.queue_size`); default the source's, else the preset's.
+        seed: seed of freshly initialised queues when the source has none.
+        momentum: include momentum weights and queues ("dcp", "pt", "safetensors", "reference").
+        strict: every model tensor must come from the source.
+        trust_pickle: allow arbitrary objects in torch pickles.
+        tokenizer_section: `[tokenizer]` settings recorded beside a "dcp" output (e.g.
+            `{"kind": "wordpiece", "path": ...}`); default what the source recorded.
+        overrides: builder arguments (e.g. `vision_heads=16`).
+
+    Returns:
+        The written path.
+    """
+    fmt = output_format(dest, to)
+    weights = read_weights(source, trust_pickle=trust_pickle)
+    if tokenizer is None:
+        tokenizer = tokenizer_from_weights(weights)
+    model = build_model_from_weights(weights, model_name, tokenizer, strict, **overrides)
+    state = None
+    if momentum and fmt != "hf":
+        state = build_momentum_from_weights(model, weights, seed=seed, queue_size=queue_size)
+    dest = Path(dest)
+    if fmt == "dcp":
+        return save_training_checkpoint(model, state, dest, tokenizer_section or weights.tokenizer)
+    if fmt == "hf":
+        export_hf(model, dest, tokenizer)
+        return dest
+    if fmt == "reference":
+        return save_reference(model, dest, state)
+    if dest.suffix == "" and fmt in ("pt", "safetensors"):
+        dest = dest.with_suffix(".pt" if fmt == "pt" else ".safetensors")
+    return save_consolidated(model, dest, state)
+
+
 def _sep_token_id(model: nn.Module, tokenizer: Any) -> int:
     if tokenizer is not None:
         return tokenizer.sep_token_id
@@ -610,6 +688,7 @@ def _save_image_processor(model: nn.Module, folder: Path) -> None:
 
 
 __all__ = [
+    "FORMATS",
     "MODEL_ARGS_FILE",
     "CheckpointLayoutError",
     "CheckpointWeights",
@@ -617,10 +696,12 @@ __all__ = [
     "build_momentum_from_weights",
     "classify_state_dict",
     "consolidated_state_dict",
+    "convert_checkpoint",
     "export_hf",
     "infer_model_shape",
     "load_model",
     "model_args_for",
+    "output_format",
     "read_weights",
     "save_consolidated",
     "save_reference",

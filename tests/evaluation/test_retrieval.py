@@ -99,6 +99,7 @@ def _compare_to_single(tmp_path, fsdp: bool, k_test: int):
                 torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.slow  # the recipe test runs 2 replicated ranks through `blip run`
 def test_two_ranks_replicated_equal_one_process(tmp_path):
     _compare_to_single(tmp_path, fsdp=False, k_test=3)
 
