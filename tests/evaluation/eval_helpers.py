@@ -43,6 +43,7 @@ def tiny_data(
 
 def score_worker(rank: int, world: int, out_dir: str, fsdp: bool, k_test: int) -> None:
     """One gloo rank: score the tiny set (replicated or FSDP2 model), rank 0 saves the result."""
+    torch.set_num_threads(1)
     model = tiny_model()
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh

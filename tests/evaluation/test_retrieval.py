@@ -13,6 +13,15 @@ from blip_recipes.parallel._testing import spawn_ranks
 from tests.evaluation.eval_helpers import score_worker, tiny_data, tiny_model, tokenizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one intra-op thread avoids OpenMP contention on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def _dense_protocol(model, tok, data, k_test):
     """Every pair scored (ITC and ITM), then the reference protocol on dense matrices."""

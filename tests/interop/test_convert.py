@@ -41,6 +41,16 @@ from tests.models.tiny_blip import make_model, momentum_state
 #: Token ids a reference file does not record (the tokenizer's), for the tiny vocabulary.
 IDS = dict(enc_token_id=TINY["enc_token_id"], dec_token_id=TINY["dec_token_id"])
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one intra-op thread avoids OpenMP contention on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 transformers = pytest.importorskip("transformers")
 
 
