@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,14 @@ def score_worker(rank: int, world: int, out_dir: str, fsdp: bool, k_test: int) -
         fully_shard(model, mesh=mesh)
     scores = score_retrieval(model, tokenizer(), tiny_data(), k_test=k_test, batch_size=3)
     torch.save(scores.__dict__, Path(out_dir) / f"scores_rank{rank}.pt")
+    captions = tiny_captions(model, rank)
+    (Path(out_dir) / f"captions_rank{rank}.json").write_text(json.dumps(captions))
+
+
+def tiny_captions(model, rank: int = 0) -> dict[str, list[str]]:
+    """Greedy and beam captions of (rank-dependent) tiny images: early stops differ by rank."""
+    from blip_recipes.generation import caption_images
+
+    images = list(tiny_data(n_images=3, seed=rank).images)
+    return {m: caption_images(model, tokenizer(), images, method=m, max_length=12, num_beams=2)
+            for m in ("greedy", "beam")}  # fmt: skip

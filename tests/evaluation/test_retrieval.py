@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,13 @@ import torch.nn.functional as F
 from blip_recipes.evaluation import evaluate_retrieval, retrieval_metrics, score_retrieval
 from blip_recipes.evaluation.metrics import positive_ranks
 from blip_recipes.parallel._testing import spawn_ranks
-from tests.evaluation.eval_helpers import score_worker, tiny_data, tiny_model, tokenizer
+from tests.evaluation.eval_helpers import (
+    score_worker,
+    tiny_captions,
+    tiny_data,
+    tiny_model,
+    tokenizer,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,6 +105,7 @@ def test_rerank_changes_order_and_model_mode_is_restored():
 
 
 def _compare_to_single(tmp_path, fsdp: bool, k_test: int):
+    """Scores and (FSDP2-safe) captions on 2 gloo ranks equal those of one process."""
     reference = score_retrieval(tiny_model(), tokenizer(), tiny_data(), k_test=k_test, batch_size=3)
     spawn_ranks(score_worker, 2, tmp_path, str(tmp_path), fsdp, k_test)
     for rank in range(2):
@@ -106,6 +115,8 @@ def _compare_to_single(tmp_path, fsdp: bool, k_test: int):
                 assert torch.equal(got[name], value), (rank, name)
             else:
                 torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0, msg=name)
+        captions = json.loads((tmp_path / f"captions_rank{rank}.json").read_text())
+        assert captions == tiny_captions(tiny_model(), rank)
 
 
 @pytest.mark.slow  # the recipe test runs 2 replicated ranks through `blip run`
