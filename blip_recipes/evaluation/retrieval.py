@@ -294,7 +294,7 @@ def _score(model, tokenizer, data, k_test, batch_size, text_max_length, image_si
     img_index = torch.arange(local_img.start, local_img.stop, device=device)
     pos_i2t = txt2img[None, :] == img_index[:, None]
     itc_txt_ranks = positive_ranks(sims_i2t, pos_i2t)
-    i2t_cand = torch.argsort(sims_i2t, dim=1, descending=True, stable=True)[:, :k_i2t]
+    i2t_cand = _stable_topk(sims_i2t, k_i2t)
     i2t_itc = sims_i2t.gather(1, i2t_cand)
     del sims_i2t, pos_i2t
 
@@ -302,7 +302,7 @@ def _score(model, tokenizer, data, k_test, batch_size, text_max_length, image_si
     own_image = txt2img[local_txt.start : local_txt.stop]
     pos_t2i = torch.arange(n_img, device=device)[None, :] == own_image[:, None]
     itc_img_ranks = positive_ranks(sims_t2i, pos_t2i)
-    t2i_cand = torch.argsort(sims_t2i, dim=1, descending=True, stable=True)[:, :k_t2i]
+    t2i_cand = _stable_topk(sims_t2i, k_t2i)
     t2i_itc = sims_t2i.gather(1, t2i_cand)
     del sims_t2i, pos_t2i
 
@@ -369,6 +369,14 @@ def _score(model, tokenizer, data, k_test, batch_size, text_max_length, image_si
         itc_txt_ranks=itc_txt_ranks, itc_img_ranks=itc_img_ranks,
         txt_ranks=txt_ranks, img_ranks=img_ranks,
     )  # fmt: skip
+
+
+def _stable_topk(scores: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Indices of the `k` best columns per row, ties by index (the order `positive_ranks` uses),
+    sorting `chunk` rows at a time to bound the index memory."""
+    parts = [torch.argsort(scores[s : s + chunk], dim=1, descending=True, stable=True)[:, :k]
+             for s in range(0, scores.shape[0], chunk)]  # fmt: skip
+    return torch.cat(parts) if parts else scores.new_zeros((0, k), dtype=torch.long)
 
 
 def evaluate_retrieval(

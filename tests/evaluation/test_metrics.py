@@ -75,3 +75,12 @@ def test_retrieval_metrics_keys_and_values_from_known_ranks():
         "itc_r_mean": 55.0,
     })  # fmt: skip
     assert recall_at(torch.tensor([], dtype=torch.long), 1) == 0.0
+
+
+def test_stable_topk_chunks_and_ties():
+    from blip_recipes.evaluation.retrieval import _stable_topk
+
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.1], [0.2, 0.2, 0.2, 0.3], [1.0, 0.0, 0.5, 0.5]])
+    expected = [[1, 0, 2], [3, 0, 1], [0, 2, 3]]
+    assert _stable_topk(scores, 3).tolist() == expected
+    assert _stable_topk(scores, 3, chunk=2).tolist() == expected
