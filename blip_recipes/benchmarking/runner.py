@@ -1,0 +1,549 @@
+"""Run the recipe's real ``train_step`` (one variant at a time) and the HF baseline, timed alike.
+
+Each variant builds a fresh ``BlipPretrainRecipe`` from a config (``setup()`` exactly as a user's
+run does: model on meta, float8, AC, compile, FSDP2, momentum state, optimizer), then calls
+``train_step`` on batches that are either already on the device (``synthetic-device``: what the
+model and optimizer can do) or drawn from the recipe's own loader (``loader``: what the input
+pipeline lets through). The baseline runs the same sizes and batches. Results are plain dicts
+(see :func:`run_benchmark`) so the tool can print and save them as JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import itertools
+import math
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blip_recipes.benchmarking.profiling import instrument_recipe, profile_steps
+from blip_recipes.benchmarking.timing import StepTimer, reset_peak_memory
+from blip_recipes.benchmarking.variants import Variant
+from blip_recipes.metrics import effective_mfu, flops_per_sample, max_memory_gib, peak_flops
+
+DATA_MODES = ("synthetic-device", "loader")
+MODEL_IMAGE_SIZE = {"blip_pretrain_tiny": 32, "blip_pretrain_base": 224, "blip_pretrain_large": 224}
+MODEL_LR = {"blip_pretrain_tiny": 1e-3, "blip_pretrain_base": 3e-4, "blip_pretrain_large": 2e-4}
+TEXT_LENGTH = 30
+"""Caption length in tokens (the reference's max_length; the FLOP table assumes it)."""
+BERT_VOCAB_SIZE = 30522
+"""bert-base-uncased vocab.txt entries; [DEC] and [ENC] bring the model's vocabulary to 30524."""
+
+
+@dataclass
+class BenchmarkSettings:
+    """What one benchmark run measures (the tool's command line, parsed)."""
+
+    model: str = "blip_pretrain_tiny"
+    image_size: int | None = None
+    batch_sizes: list[int] = field(default_factory=lambda: [8])
+    variants: list[Variant] = field(default_factory=list)
+    warmup: int = 1
+    steps: int = 2
+    data: str = "synthetic-device"
+    baseline: bool = True
+    baseline_precision: str = "auto"
+    profile: bool = False
+    profile_steps: int = 2
+    trace_dir: str | None = None
+    device: str = "auto"
+    workers: int = 4
+    queue_size: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def resolved_image_size(self) -> int:
+        return self.image_size or MODEL_IMAGE_SIZE.get(self.model, 224)
+
+
+def resolve_device(kind: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but CUDA is not available")
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+    )
+
+
+def write_bert_layout_vocab(folder: str | Path) -> Path:
+    """A ``vocab.txt`` with bert-base-uncased's size and special-token ids ([PAD]=0, [UNK]=100,
+    [CLS]=101, [SEP]=102, [MASK]=103), so base/large run the real 30524-row vocabulary and LM
+    head without a downloaded tokenizer. Only the ids matter to a throughput benchmark."""
+    special = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
+    words = [
+        special.get(i, f"[unused{i}]" if i < 1000 else f"tok{i}") for i in range(BERT_VOCAB_SIZE)
+    ]
+    path = Path(folder) / "vocab.txt"
+    path.write_text("\n".join(words) + "\n")
+    return path
+
+
+def queue_size_for(settings: BenchmarkSettings, batch_size: int) -> int:
+    """The preset's queue size (or ``--queue-size``), rounded down to a multiple of the batch."""
+    from blip_recipes.models.builders import preset_queue_size
+
+    queue = settings.queue_size or preset_queue_size(settings.model)
+    if queue % batch_size:
+        queue = max(batch_size, queue // batch_size * batch_size)
+    return queue
+
+
+def benchmark_config(
+    settings: BenchmarkSettings,
+    variant_overrides: tuple[str, ...],
+    batch_size: int,
+    output_dir: str,
+    vocab_path: Path | None,
+    device: torch.device,
+):
+    """The recipe config of one measurement: the preset, synthetic data, no checkpoints or
+    TensorBoard during the window, then the variant's overrides, then the user's ``--set``."""
+    from blip_recipes.config import load_config, validate
+
+    image_size = settings.resolved_image_size()
+    total = settings.warmup + settings.steps + (settings.profile_steps if settings.profile else 0)
+    tokenizer = (
+        ["tokenizer.kind=synthetic"]
+        if vocab_path is None
+        else ["tokenizer.kind=wordpiece", f"tokenizer.path={vocab_path}"]
+    )
+    overrides = [
+        f"job.output_dir={output_dir}",
+        f"job.seed={settings.seed}",
+        "job.name=benchmark",
+        f"model.name={settings.model}",
+        f"model.image_size={image_size}",
+        f"model.queue_size={queue_size_for(settings, batch_size)}",
+        *tokenizer,
+        f"tokenizer.max_length={TEXT_LENGTH}",
+        f"data.batch_size={batch_size}",
+        f"data.num_workers={settings.workers}",
+        f"data.sources.0.num_samples={max(4096, batch_size * (total + 2))}",
+        f"training.steps={total + 1}",
+        "checkpoint.resume=none",
+        f"checkpoint.interval={10**9}",
+        "metrics.tensorboard=false",
+        f"metrics.log_every={10**9}",
+        f"optimizer.lr={MODEL_LR.get(settings.model, 3e-4)}",
+        f"parallel.device={device.type}",
+        *variant_overrides,
+        *settings.overrides,
+    ]
+    cfg = load_config(None, overrides)
+    validate(cfg)
+    return cfg
+
+
+def synthetic_batches(
+    batch_size: int,
+    image_size: int,
+    vocab_size: int,
+    special_ids: dict[str, int],
+    device: torch.device,
+    count: int = 4,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """``count`` loader-shaped batches already on ``device``: uint8 images, ``[CLS] w.. [SEP]
+    [PAD]..`` ids of random length (8..30 tokens, like web captions), matching masks."""
+    g = torch.Generator().manual_seed(seed)
+    low = max(special_ids.values()) + 1 if max(special_ids.values()) < 1000 else 1000
+    high = vocab_size - 2  # [DEC] and [ENC] are the last two ids
+    batches = []
+    for _ in range(count):
+        images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=g,
+                               dtype=torch.uint8)  # fmt: skip
+        lengths = torch.randint(8, TEXT_LENGTH + 1, (batch_size,), generator=g)
+        ids = torch.randint(low, high, (batch_size, TEXT_LENGTH), generator=g)
+        positions = torch.arange(TEXT_LENGTH).expand(batch_size, -1)
+        mask = (positions < lengths[:, None]).long()
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, special_ids["pad"]))
+        ids[:, 0] = special_ids["cls"]
+        ids.scatter_(1, (lengths - 1)[:, None], special_ids["sep"])
+        batches.append(
+            {
+                "images": images.to(device),
+                "input_ids": ids.to(device),
+                "attention_mask": mask.to(device),
+            }  # fmt: skip
+        )
+    return batches
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {
+            "peak_memory_gib": max_memory_gib(device),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+            "peak_memory_kind": "cuda_max_allocated",
+        }
+    return {"peak_memory_gib": max_memory_gib(device), "peak_memory_kind": "process_max_rss"}
+
+
+def _compile_stats() -> dict[str, int]:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return {}
+    return {
+        "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
+
+
+def _reset_between_runs(device: torch.device) -> None:
+    gc.collect()
+    try:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    except Exception:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak_memory(device)
+
+
+def _timed_loop(
+    step: Callable[[dict], Any],
+    next_batch: Callable[[], dict],
+    settings: BenchmarkSettings,
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Warm up, then time ``settings.steps`` steps (data fetch included: it is part of a step)."""
+    start = time.perf_counter()
+    for _ in range(settings.warmup):
+        step(next_batch())
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    timer = StepTimer(device)
+    data_wait = 0.0
+    for _ in range(settings.steps):
+        timer.start()
+        t0 = time.perf_counter()
+        batch = next_batch()
+        data_wait += time.perf_counter() - t0
+        step(batch)
+        timer.stop()
+    summary = timer.summary(batch_size).as_dict()
+    summary["warmup_s"] = warmup_s
+    summary["data_wait_frac"] = data_wait / summary["window_s"] if summary["window_s"] else 0.0
+    return summary
+
+
+def _cycle(batches: list[dict]) -> Callable[[], dict]:
+    iterator: Iterator[dict] = itertools.cycle(batches)
+    return lambda: next(iterator)
+
+
+def _mfu(settings: BenchmarkSettings, samples_per_sec: float, device: torch.device):
+    if settings.resolved_image_size() != 224:
+        return None  # the fixed FLOP counts are for 224 px, 30 tokens
+    return effective_mfu(samples_per_sec, flops_per_sample(settings.model), peak_flops(device))
+
+
+def run_recipe_variant(
+    settings: BenchmarkSettings,
+    variant: Variant,
+    batch_size: int,
+    device: torch.device,
+    vocab_path: Path | None,
+) -> dict[str, Any]:
+    """Set up ``BlipPretrainRecipe`` for ``variant`` and time its ``train_step``."""
+    from recipes.blip_pretrain import BlipPretrainRecipe
+
+    result: dict[str, Any] = {"name": variant.name, "kind": "ours", "batch_size": batch_size}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    recipe = None
+    _reset_between_runs(device)
+    with tempfile.TemporaryDirectory(prefix="blip-bench-") as out:
+        try:
+            cfg = benchmark_config(settings, variant.for_device(device.type), batch_size, out,
+                                   vocab_path, device)  # fmt: skip
+            result["overrides"] = list(variant.for_device(device.type))
+            result["queue_size"] = cfg.model.queue_size
+            t0 = time.perf_counter()
+            recipe = BlipPretrainRecipe(cfg)
+            recipe.setup()
+            for sig, handler in handlers.items():  # setup installs SIGINT/SIGTERM handlers
+                signal.signal(sig, handler)
+            result["setup_s"] = time.perf_counter() - t0
+            result["compute_dtype"] = str(recipe.compute_dtype).replace("torch.", "")
+            result["fused_adamw"] = bool(recipe.optimizer.defaults.get("fused"))
+            last: dict[str, Any] = {}
+
+            def step(batch: dict) -> None:
+                last["out"], last["finite"] = recipe.train_step(batch)
+                recipe.step += 1
+
+            if settings.data == "loader":
+                next_batch = recipe.loader.__next__
+            else:
+                tok = recipe.tokenizer
+                special = {"pad": tok.pad_token_id, "cls": tok.cls_token_id,
+                           "sep": tok.sep_token_id}  # fmt: skip
+                next_batch = _cycle(synthetic_batches(
+                    batch_size, cfg.model.image_size, tok.vocab_size, special, device,
+                    seed=settings.seed))  # fmt: skip
+            reset_peak_memory(device)
+            result.update(_timed_loop(step, next_batch, settings, device, batch_size))
+            result.update(_memory(device))
+            out_ = last["out"]
+            result["losses"] = {k: float(getattr(out_, k).detach()) for k in
+                                ("loss", "loss_ita", "loss_itm", "loss_lm")}  # fmt: skip
+            result["last_step_applied"] = bool(last["finite"])
+            result["compile_stats"] = _compile_stats() if variant.compile else {}
+            if settings.profile:
+                trace = _trace_path(settings, f"ours-{variant.name}-b{batch_size}")
+                with instrument_recipe(recipe):
+                    result["profile"] = profile_steps(
+                        lambda: step(next_batch()), settings.profile_steps, device, trace
+                    )
+        except Exception as e:  # one failing variant (OOM, unsupported float8) must not end the run
+            result["error"] = f"{type(e).__name__}: {e}"
+            result["traceback"] = traceback.format_exc(limit=8)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if recipe is not None:
+                recipe.cleanup()
+            recipe = None
+            _reset_between_runs(device)
+    return result
+
+
+def _trace_path(settings: BenchmarkSettings, name: str) -> str | None:
+    if not settings.trace_dir:
+        return None
+    os.makedirs(settings.trace_dir, exist_ok=True)
+    return str(Path(settings.trace_dir) / f"{name}.json")
+
+
+def run_baseline(
+    settings: BenchmarkSettings, batch_size: int, device: torch.device, vocab_path: Path | None
+) -> dict[str, Any]:
+    """Time the HF-composed reference step on the same sizes and batches as the recipe."""
+    from blip_recipes.benchmarking.baseline_hf import build_hf_baseline
+    from blip_recipes.data import build_tokenizer, build_train_loader
+
+    precision = settings.baseline_precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    result: dict[str, Any] = {"name": f"baseline-hf-{precision}", "kind": "baseline",
+                              "batch_size": batch_size}  # fmt: skip
+    _reset_between_runs(device)
+    baseline = None
+    with tempfile.TemporaryDirectory(prefix="blip-bench-") as out:
+        try:
+            cfg = benchmark_config(settings, (), batch_size, out, vocab_path, device)
+            tok = build_tokenizer(cfg.tokenizer)
+            result["queue_size"] = cfg.model.queue_size
+            t0 = time.perf_counter()
+            baseline = build_hf_baseline(
+                settings.model,
+                image_size=cfg.model.image_size,
+                queue_size=cfg.model.queue_size,
+                device=device,
+                bf16=precision == "bf16",
+                lr=cfg.optimizer.lr,
+                seed=settings.seed,
+                vocab_size=tok.vocab_size,
+                embed_dim=cfg.model.embed_dim,
+                pad_token_id=tok.pad_token_id,
+                enc_token_id=tok.enc_token_id,
+                dec_token_id=tok.dec_token_id,
+            )
+            result["setup_s"] = time.perf_counter() - t0
+            result["compute_dtype"] = "bf16-autocast" if precision == "bf16" else "float32"
+            if settings.data == "loader":
+                loader = build_train_loader(cfg.data, tok, image_size=cfg.model.image_size,
+                                            seed=settings.seed)  # fmt: skip
+                next_batch = loader.__next__
+            else:
+                special = {"pad": tok.pad_token_id, "cls": tok.cls_token_id,
+                           "sep": tok.sep_token_id}  # fmt: skip
+                next_batch = _cycle(synthetic_batches(
+                    batch_size, cfg.model.image_size, tok.vocab_size, special, device,
+                    seed=settings.seed))  # fmt: skip
+            alpha = cfg.training.alpha
+
+            def step(batch: dict) -> None:
+                baseline.train_step(batch, alpha=alpha)
+
+            reset_peak_memory(device)
+            result.update(_timed_loop(step, next_batch, settings, device, batch_size))
+            result.update(_memory(device))
+            ita, itm, lm = baseline.last_losses
+            result["losses"] = {"loss": ita + itm + lm, "loss_ita": ita, "loss_itm": itm,
+                                "loss_lm": lm}  # fmt: skip
+            if settings.profile:
+                trace = _trace_path(settings, f"baseline-b{batch_size}")
+                result["profile"] = profile_steps(
+                    lambda: step(next_batch()), settings.profile_steps, device, trace
+                )
+        except Exception as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+            result["traceback"] = traceback.format_exc(limit=8)
+        finally:
+            baseline = None
+            _reset_between_runs(device)
+    return result
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Hardware and software versions for the results table."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "torchao": _version("torchao"),
+        "cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            device_name=props.name,
+            device_memory_gib=props.total_memory / 2**30,
+            cudnn=torch.backends.cudnn.version(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.nccl else None,
+        )
+    else:
+        info["device_name"] = platform.processor() or "cpu"
+    return info
+
+
+def run_benchmark(
+    settings: BenchmarkSettings, log: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
+    """Every (batch size, variant) of ``settings`` plus the baseline per batch size.
+
+    Returns:
+        ``{"meta": {settings, environment, FLOP figures}, "results": [per-run dicts]}``. Each
+        result has ``name``, ``kind`` (ours / baseline), ``batch_size``, ``samples_per_sec``,
+        ``effective_mfu`` (None on CPU or off 224 px), ``peak_memory_gib``, ``step_ms_mean``,
+        ``step_ms_std``, ``ratio_vs_baseline`` (ours only, same batch size), ``losses``, and
+        ``profile`` with ``--profile``; a failed run has ``error`` instead of timings.
+    """
+    if settings.data not in DATA_MODES:
+        raise ValueError(f"data must be one of {DATA_MODES}, got {settings.data!r}")
+    device = resolve_device(settings.device)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="blip-bench-vocab-") as vocab_dir:
+        vocab_path = None if settings.model == "blip_pretrain_tiny" else (
+            write_bert_layout_vocab(vocab_dir))  # fmt: skip
+        for batch_size in settings.batch_sizes:
+            baseline = None
+            if settings.baseline:
+                log(f"[b={batch_size}] baseline (transformers-composed) ...")
+                baseline = run_baseline(settings, batch_size, device, vocab_path)
+                results.append(baseline)
+                log(_one_line(baseline))
+            for variant in settings.variants:
+                log(f"[b={batch_size}] {variant.name} ...")
+                result = run_recipe_variant(settings, variant, batch_size, device, vocab_path)
+                if baseline and "samples_per_sec" in baseline and "samples_per_sec" in result:
+                    result["ratio_vs_baseline"] = (
+                        result["samples_per_sec"] / baseline["samples_per_sec"]
+                    )
+                results.append(result)
+                log(_one_line(result))
+    for result in results:
+        if "samples_per_sec" in result:
+            result["effective_mfu"] = _mfu(settings, result["samples_per_sec"], device)
+        result.setdefault("ratio_vs_baseline", None)
+    meta = asdict(settings)
+    meta["variants"] = [v.name for v in settings.variants]
+    meta.update(
+        image_size=settings.resolved_image_size(),
+        text_length=TEXT_LENGTH,
+        flops_per_sample=flops_per_sample(settings.model),
+        peak_flops=peak_flops(device),
+        environment=environment(device),
+        command=" ".join(sys.argv),
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    return {"meta": meta, "results": results}
+
+
+def _one_line(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"  {r['name']}: ERROR {r['error']}"
+    ratio = r.get("ratio_vs_baseline")
+    return (
+        f"  {r['name']}: {r['samples_per_sec']:.1f} samples/s, step {r['step_ms_mean']:.1f} "
+        f"+- {r['step_ms_std']:.1f} ms, peak {r['peak_memory_gib']:.2f} GiB"
+        + (f", x{ratio:.2f} vs baseline" if ratio else "")
+        + (f", losses {', '.join(f'{k}={v:.3f}' for k, v in r['losses'].items())}")
+    )
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A Markdown table of the results (the tool prints it; docs/performance.md uses it)."""
+    lines = [
+        "| run | batch | samples/s | eff. MFU | step ms (mean +- std) | peak GiB | vs baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['batch_size']} | error: {r['error'][:60]} | | | | |")
+            continue
+        mfu = r.get("effective_mfu")
+        ratio = r.get("ratio_vs_baseline")
+        lines.append(
+            f"| {r['name']} | {r['batch_size']} | {r['samples_per_sec']:.1f} | "
+            f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
+            f"{r['step_ms_mean']:.1f} +- {r['step_ms_std']:.1f} | {r['peak_memory_gib']:.2f} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}x'} |"
+        )
+    profiled = [r for r in report["results"] if r.get("profile")]
+    if profiled:
+        from blip_recipes.benchmarking.profiling import PARTS
+
+        lines += ["", "| run (ms per step) | " + " | ".join(PARTS) + " |",
+                  "|---|" + "---|" * len(PARTS)]  # fmt: skip
+        for r in profiled:
+            split = r["profile"]["per_step_ms"]
+            lines.append(f"| {r['name']} b{r['batch_size']} | "
+                         + " | ".join(f"{split[p]:.1f}" for p in PARTS) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def nan_to_none(value: Any) -> Any:
+    """JSON has no NaN: map non-finite floats (a diverged loss) to None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_to_none(v) for v in value]
+    return value

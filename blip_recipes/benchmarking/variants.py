@@ -1,0 +1,163 @@
+"""Benchmark variants: a short name -> the config overrides that make the recipe run that way.
+
+A variant name is a ``-``-joined list of tokens, read left to right::
+
+    eager-fp32   eager-bf16   compile-bf16   compile-bf16-float8-rowwise   compile-bf16-ac-full
+
+| token | effect (config override) |
+|---|---|
+| ``eager`` / ``compile`` | ``parallel.compile`` false / true (default: compile) |
+| ``fp32`` / ``bf16`` | ``training.mixed_precision`` (default: bf16) |
+| ``float8-tensorwise`` / ``float8-rowwise`` | ``parallel.float8=true`` + recipe (emulated on CPU) |
+| ``ac-on`` / ``ac-full`` | ``parallel.activation_checkpointing=full`` |
+| ``ac-off`` | ``parallel.activation_checkpointing=none`` (the default) |
+| ``ac-vitN`` | checkpoint the last N ViT blocks (``vit_last_n``, the reference's choice) |
+| ``nofsdp`` | ``parallel.fsdp=false`` (plain module + gradient all-reduce) |
+| ``noreshard`` | ``parallel.reshard_after_forward=false`` |
+| ``noshare`` | ``model.share_cross_attention_kv=false`` (K/V recomputed per pass, as the reference) |
+| ``fused`` / ``unfused`` | ``optimizer.fused`` true / false (unfused: foreach AdamW + host-sync skip) |
+
+Each optimisation of the recipe can thus be switched off alone and measured against the same
+variant with it on (``compile-bf16`` vs ``compile-bf16-noshare``, ``compile-bf16-unfused``, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_AC_VIT = re.compile(r"ac-vit(\d+)$")
+
+DEFAULT_VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16")
+"""What ``tools/benchmark.py`` runs when ``--variants`` is not given."""
+
+ISSUE_VARIANTS = (
+    "eager-fp32",
+    "eager-bf16",
+    "compile-bf16",
+    "compile-bf16-float8-tensorwise",
+    "compile-bf16-float8-rowwise",
+    "compile-bf16-ac-full",
+)
+"""The variants the speed issue asks for in one run (``--variants issue``)."""
+
+ABLATION_VARIANTS = (
+    "compile-bf16",
+    "compile-bf16-noshare",
+    "compile-bf16-unfused",
+    "compile-bf16-nofsdp",
+    "compile-bf16-noreshard",
+)
+"""One optimisation off at a time, against ``compile-bf16`` (``--variants ablation``)."""
+
+PRESETS = {"default": DEFAULT_VARIANTS, "issue": ISSUE_VARIANTS, "ablation": ABLATION_VARIANTS}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the recipe.
+
+    Attributes:
+        name: the name as given (``compile-bf16-float8-rowwise``).
+        overrides: ``section.key=value`` config overrides, applied after the benchmark's base.
+        float8: the float8 recipe, or None.
+        compile: whether blocks are compiled.
+        precision: ``fp32`` or ``bf16``.
+    """
+
+    name: str
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+    float8: str | None = None
+    compile: bool = True
+    precision: str = "bf16"
+
+    def for_device(self, device_type: str) -> tuple[str, ...]:
+        """Overrides for ``device_type``: float8 runs in torchao's emulation on CPU."""
+        extra = ("parallel.float8_emulate=true",) if self.float8 and device_type != "cuda" else ()
+        return self.overrides + extra
+
+
+def _tokens(name: str) -> list[str]:
+    """Split on ``-`` and re-join the two-part tokens (``float8-rowwise``, ``ac-vit6``)."""
+    parts = name.strip().lower().split("-")
+    tokens: list[str] = []
+    i = 0
+    while i < len(parts):
+        if parts[i] in ("float8", "ac") and i + 1 < len(parts):
+            tokens.append(f"{parts[i]}-{parts[i + 1]}")
+            i += 2
+        else:
+            tokens.append(parts[i])
+            i += 1
+    return tokens
+
+
+def parse_variant(name: str) -> Variant:
+    """Parse one variant name (see the module docstring for the tokens).
+
+    Example:
+        >>> parse_variant("compile-bf16-float8-rowwise").overrides[:2]
+        ('parallel.compile=true', 'training.mixed_precision=bf16')
+
+    Raises:
+        ValueError: on an unknown or conflicting token, naming it.
+    """
+    compile_, precision, float8 = True, "bf16", None
+    ac = "none"
+    extra: list[str] = []
+    seen: set[str] = set()
+    for token in _tokens(name):
+        kind = token
+        if token in ("eager", "compile"):
+            kind, compile_ = "mode", token == "compile"
+        elif token in ("fp32", "bf16"):
+            kind, precision = "precision", token
+        elif token in ("float8-tensorwise", "float8-rowwise"):
+            kind, float8 = "float8", token.split("-")[1]
+        elif token in ("ac-on", "ac-full", "ac-off") or _AC_VIT.match(token):
+            kind = "ac"
+            ac = "none" if token == "ac-off" else "full" if token in ("ac-on", "ac-full") else token
+        elif token == "nofsdp":
+            extra.append("parallel.fsdp=false")
+        elif token == "noreshard":
+            extra.append("parallel.reshard_after_forward=false")
+        elif token == "noshare":
+            extra.append("model.share_cross_attention_kv=false")
+        elif token in ("fused", "unfused"):
+            kind = "optimizer"
+            extra.append(f"optimizer.fused={'true' if token == 'fused' else 'false'}")
+        else:
+            raise ValueError(
+                f"variant {name!r}: unknown token {token!r}; known: eager, compile, fp32, bf16, "
+                "float8-tensorwise, float8-rowwise, ac-on, ac-full, ac-off, ac-vitN, nofsdp, "
+                "noreshard, noshare, fused, unfused"
+            )
+        if kind in seen:
+            raise ValueError(f"variant {name!r}: more than one {kind} token")
+        seen.add(kind)
+    overrides = [
+        f"parallel.compile={'true' if compile_ else 'false'}",
+        f"training.mixed_precision={precision}",
+    ]
+    if float8:
+        overrides += ["parallel.float8=true", f"parallel.float8_recipe={float8}"]
+    if ac.startswith("ac-vit"):
+        n = int(ac[len("ac-vit") :])
+        overrides += ["parallel.activation_checkpointing=vit_last_n", f"parallel.ac_vit_layers={n}"]
+    else:
+        overrides.append(f"parallel.activation_checkpointing={ac}")
+    return Variant(name, tuple(overrides + extra), float8, compile_, precision)
+
+
+def parse_variants(spec: str) -> list[Variant]:
+    """Comma-separated variant names and preset names (``default``, ``issue``, ``ablation``)."""
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        for name in PRESETS.get(item, (item,)):
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError("no variants given")
+    return [parse_variant(n) for n in names]

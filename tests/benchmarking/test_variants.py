@@ -1,0 +1,38 @@
+import pytest
+
+from blip_recipes.benchmarking.variants import ISSUE_VARIANTS, parse_variant, parse_variants
+from blip_recipes.config import load_config, validate
+
+
+def test_tokens_map_to_overrides():
+    v = parse_variant("compile-bf16-float8-rowwise-ac-vit6-noshare")
+    assert v.compile and v.precision == "bf16" and v.float8 == "rowwise"
+    assert set(v.overrides) == {
+        "parallel.compile=true",
+        "training.mixed_precision=bf16",
+        "parallel.float8=true",
+        "parallel.float8_recipe=rowwise",
+        "parallel.activation_checkpointing=vit_last_n",
+        "parallel.ac_vit_layers=6",
+        "model.share_cross_attention_kv=false",
+    }
+    assert "parallel.float8_emulate=true" in v.for_device("cpu")
+    assert "parallel.float8_emulate=true" not in v.for_device("cuda")
+    eager = parse_variant("eager-fp32")
+    assert not eager.compile and "parallel.activation_checkpointing=none" in eager.overrides
+    assert "parallel.activation_checkpointing=full" in parse_variant("ac-on").overrides
+    assert "optimizer.fused=false" in parse_variant("compile-bf16-unfused").overrides
+
+
+@pytest.mark.parametrize("bad", ["eager-fp16", "eager-compile", "compile-bf16-float8-blockwise"])
+def test_unknown_or_conflicting_tokens_are_named(bad):
+    with pytest.raises(ValueError, match="variant"):
+        parse_variant(bad)
+
+
+def test_presets_expand_and_every_variant_is_a_valid_config():
+    names = [v.name for v in parse_variants("issue,eager-fp32,ablation")]
+    assert names[: len(ISSUE_VARIANTS)] == list(ISSUE_VARIANTS)
+    assert len(names) == len(set(names))
+    for variant in parse_variants("issue,ablation"):
+        validate(load_config(None, ["tokenizer.kind=synthetic", *variant.for_device("cpu")]))
