@@ -22,11 +22,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.fsdp import FSDPModule
 
 from blip_recipes.models.blip import MomentumTargets
 from blip_recipes.models.builders import build_momentum_encoders, preset_queue_size
 from blip_recipes.models.momentum_encoders import ONLINE_PREFIX_OF, MomentumEncoders
+from blip_recipes.parallel.fsdp import reshard_all
 
 _WRAPPER_TOKENS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -48,18 +48,6 @@ def _canonical(name: str) -> str:
     for token in _WRAPPER_TOKENS:
         name = name.replace(token, "")
     return name
-
-
-def _reshard(module: nn.Module) -> None:
-    """Free gathered FSDP2 parameters after a forward that has no backward.
-
-    FSDP2 reshards in post-backward, and the root (and blocks with reshard_after_forward=False)
-    keep their parameters gathered after forward; a no-grad model would otherwise leave plain
-    unsharded tensors in place of its DTensor parameters until the next forward.
-    """
-    for sub in module.modules():
-        if isinstance(sub, FSDPModule):
-            sub.reshard()
 
 
 def _world_size() -> int:
@@ -208,7 +196,7 @@ class MomentumState(Stateful):
         """
         self.encoders.train(self.train_mode)
         image_feat_m, text_feat_m = self.encoders(images, input_ids, attention_mask)
-        _reshard(self.encoders)
+        reshard_all(self.encoders)  # no backward follows: free what FSDP2 gathered
         return MomentumTargets(image_feat_m, text_feat_m, self.image_queue, self.text_queue)
 
     @torch.no_grad()

@@ -39,9 +39,11 @@ from blip_recipes.checkpoint import (
     TrainState,
     is_complete,
     load_model_weights,
+    load_states,
 )
 from blip_recipes.config import Config, parse_recipe_args, to_toml
 from blip_recipes.data import TrainLoader, build_tokenizer, build_train_loader, normalize_images
+from blip_recipes.evaluation.periodic import PeriodicEvaluator
 from blip_recipes.interop.init_checkpoints import bert_init_state_dict, vit_init_state_dict
 from blip_recipes.metrics import (
     MetricsLogger,
@@ -73,6 +75,14 @@ FLOAT8_SKIP = ("vision_proj", "text_proj", "itm_head", "lm_head")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps produced a non-finite loss."""
+
+
+def _has_key(checkpoint: str | Path, key: str) -> bool:
+    """Whether a DCP checkpoint holds anything under the top-level ``key``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    return any(k.split(".", 1)[0] == key for k in metadata)
 
 
 class _Window:
@@ -158,6 +168,9 @@ class BlipPretrainRecipe:
             tensorboard=cfg.metrics.tensorboard,
             total_steps=self.total_steps,
             resume_step=self.step if self.resume_from is not None else None,
+        )
+        self.evaluator = PeriodicEvaluator(
+            cfg.eval, self.tokenizer, self.metrics, cfg.model.image_size, cfg.data.max_words
         )
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -339,6 +352,10 @@ class BlipPretrainRecipe:
         for p in encoders.parameters():
             p.requires_grad_(False)
         momentum.copy_from(self.model)
+        init_from = self.cfg.checkpoint.init_from
+        if init_from and self.resume_from is None and _has_key(init_from, MOMENTUM):
+            load_states(init_from, {MOMENTUM: momentum})  # reference momentum weights + queues
+            logger.info("momentum encoders and queues initialised from %s", init_from)
         return momentum
 
     # ------------------------------------------------------------------ checkpoints
@@ -459,6 +476,7 @@ class BlipPretrainRecipe:
                         f"training.max_nonfinite_steps={cfg.training.max_nonfinite_steps}); each "
                         f"skipped its update. Newest checkpoint: {self.checkpointer.latest_complete()}"
                     )
+            self.evaluator.maybe_run(self.step, self.model)
             if self.step % cfg.checkpoint.interval == 0 and not last:
                 self.save_checkpoint()
         self.save_checkpoint()

@@ -102,6 +102,14 @@ def _data_sources(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
 
 
 @register_validator
+def _evaluation(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    if cfg.eval.every_steps < 0:
+        yield f"'eval.every_steps' must be >= 0, got {cfg.eval.every_steps}"
+    if cfg.eval.every_steps > 0 and not cfg.eval.annotation:
+        yield "'eval.every_steps' > 0 needs 'eval.annotation' (a held-out retrieval set)"
+
+
+@register_validator
 def _parallel(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
     p = cfg.parallel
     if p.activation_checkpointing == "vit_last_n" and p.ac_vit_layers <= 0:

@@ -62,7 +62,18 @@ class MetricsLogger:
         world_size: ranks sharing ``samples_per_sec``; None: from the process group (or 1).
     """
 
-    CONSOLE_FIELDS = ("loss", "lr", "samples_per_sec", "mfu", "max_memory_gib", "data_wait_frac")
+    CONSOLE_FIELDS = (
+        "loss",
+        "loss_ita",
+        "loss_itm",
+        "loss_lm",
+        "itm_acc",
+        "lr",
+        "samples_per_sec",
+        "mfu",
+        "max_memory_gib",
+        "data_wait_frac",
+    )
 
     def __init__(
         self,
@@ -186,12 +197,30 @@ class MetricsLogger:
                 parts.append(f"mem {v:.2f} GiB")
             elif k == "data_wait_frac":
                 parts.append(f"data wait {100 * v:.0f}%")
+            elif k.startswith("loss_"):
+                parts.append(f"{k[5:]} {v:.3f}")
+            elif k == "itm_acc":
+                parts.append(f"itm acc {100 * v:.0f}%")
             else:
                 parts.append(f"{k} {v:.4f}")
         eta = self._eta(step, now)
         if eta is not None:
             parts.append(f"eta {format_duration(eta)}")
         return " | ".join(parts)
+
+    def log_eval(self, step: int, values: Mapping[str, float]) -> None:
+        """Evaluation results: one JSON line in ``eval.jsonl``, TensorBoard ``eval/<name>``
+        scalars and a console line (rank 0 only); kept apart from the training records."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        with (self.output_dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        if self._writer is not None:
+            for k, v in values.items():
+                self._writer.add_scalar(f"eval/{k}", float(v), step)
+        shown = " | ".join(f"{k} {float(v):.2f}" for k, v in values.items() if k.endswith("r_mean"))
+        self.print_fn(f"eval at step {step} | {shown}")
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         """A text entry in TensorBoard (e.g. sample captions); rank 0 only."""

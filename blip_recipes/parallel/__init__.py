@@ -12,7 +12,7 @@ from blip_recipes.parallel.distributed import (
     shutdown_distributed,
 )
 from blip_recipes.parallel.float8 import apply_float8, float8_eligible, float8_precompute_scales
-from blip_recipes.parallel.fsdp import apply_fsdp
+from blip_recipes.parallel.fsdp import apply_fsdp, reshard_all
 
 __all__ = [
     "DP_SHARD",
@@ -22,6 +22,7 @@ __all__ = [
     "apply_compile",
     "apply_float8",
     "apply_fsdp",
+    "reshard_all",
     "float8_eligible",
     "float8_precompute_scales",
     "init_distributed",

@@ -55,3 +55,16 @@ def apply_fsdp(
         )
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     return model  # type: ignore[return-value]
+
+
+def reshard_all(module: nn.Module) -> None:
+    """Free every gathered FSDP2 parameter in ``module`` after forwards without a backward.
+
+    FSDP2 reshards in post-backward; the root and blocks built with reshard_after_forward=False
+    keep their parameters gathered after forward. A no-grad use (momentum encoders, evaluation,
+    captioning) would otherwise leave plain unsharded tensors where the DTensor parameters
+    belong until the next backward. A no-op for unsharded modules.
+    """
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()

@@ -54,7 +54,9 @@ def test_jsonl_tensorboard_and_console(tmp_path):
     assert [e.step for e in loss] == [10, 20, 30]
     assert [e.value for e in loss] == pytest.approx([2.0, 1.0, 0.0])
 
-    assert lines[0].startswith("step 10/30 | loss 2.0000 | lr 1.000e-04 | 100.0 samples/s | mem")
+    assert lines[0].startswith(
+        "step 10/30 | loss 2.0000 | itm acc 50% | lr 1.000e-04 | 100.0 samples/s | mem"
+    )
     assert "eta" not in lines[0] and "eta" in lines[1]
 
 
@@ -117,3 +119,19 @@ def test_peak_flops_on_gpu():
         assert peak == 989e12
     torch.ones(1024, 1024, device="cuda")
     assert max_memory_gib(torch.device("cuda")) >= 4 / 1024
+
+
+def test_log_eval_writes_its_own_file_and_tensorboard(tmp_path):
+    lines: list[str] = []
+    logger = MetricsLogger(tmp_path, rank=0, tensorboard=True, print_fn=lines.append)
+    logger.log_eval(5, {"txt_r1": 50.0, "r_mean": 62.5})
+    logger.close()
+    assert json.loads((tmp_path / "eval.jsonl").read_text()) == {
+        "step": 5, "txt_r1": 50.0, "r_mean": 62.5}  # fmt: skip
+    assert not (tmp_path / "metrics.jsonl").read_text()  # training records stay separate
+    assert lines == ["eval at step 5 | r_mean 62.50"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert {"eval/txt_r1", "eval/r_mean"} <= set(acc.Tags()["scalars"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -156,3 +157,30 @@ def test_tiny_run_learns(tmp_path):
     metrics = run.metrics
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5, [m["loss"] for m in metrics]
     assert metrics[-1]["loss_lm"] < metrics[0]["loss_lm"]
+
+
+def test_periodic_retrieval_eval_and_captions(tmp_path):
+    from blip_recipes.data import synthetic_sample
+
+    entries = []
+    for i in range(6):
+        image, caption = synthetic_sample(123, i, size=48)
+        image.save(tmp_path / f"{i}.jpg")
+        entries.append({"image": f"{i}.jpg", "caption": [caption, caption.upper()]})
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    run = run_recipe(tmp_path / "run", "training.steps=4", "eval.every_steps=2", "eval.k_test=3",
+                     f"eval.annotation={tmp_path / 'test.json'}", f"eval.image_root={tmp_path}",
+                     "eval.num_captions=2", "metrics.tensorboard=true")  # fmt: skip
+    assert_ok(run)
+    evals = [json.loads(line) for line in (run.output_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4]
+    for e in evals:
+        assert {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean",
+                "itc_r_mean"} <= set(e)  # fmt: skip
+        assert 0.0 <= e["r_mean"] <= 100.0
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4]  # training records unaffected
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run.output_dir / "tensorboard"))
+    acc.Reload()
+    assert "eval/captions/text_summary" in acc.Tags()["tensors"]
