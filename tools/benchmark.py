@@ -29,13 +29,8 @@ import logging
 import sys
 from pathlib import Path
 
-from blip_recipes.benchmarking.runner import (
-    DATA_MODES,
-    BenchmarkSettings,
-    format_table,
-    nan_to_none,
-    run_benchmark,
-)
+from blip_recipes.benchmarking.report import format_table, nan_to_none
+from blip_recipes.benchmarking.runner import DATA_MODES, BenchmarkSettings, run_benchmark
 from blip_recipes.benchmarking.variants import parse_variants
 
 MODELS = ("blip_pretrain_tiny", "blip_pretrain_base", "blip_pretrain_large")

@@ -9,14 +9,10 @@ from blip_recipes.benchmarking.baseline_hf import (
     HFComposedBlip,
     build_hf_baseline,
 )
+from blip_recipes.benchmarking.inputs import synthetic_batches, write_bert_layout_vocab
 from blip_recipes.benchmarking.profiling import PARTS, instrument_recipe, profile_steps, time_split
-from blip_recipes.benchmarking.runner import (
-    BenchmarkSettings,
-    format_table,
-    run_benchmark,
-    synthetic_batches,
-    write_bert_layout_vocab,
-)
+from blip_recipes.benchmarking.report import format_table
+from blip_recipes.benchmarking.runner import BenchmarkSettings, run_benchmark
 from blip_recipes.benchmarking.timing import StepTimer, TimingSummary
 from blip_recipes.benchmarking.variants import PRESETS, Variant, parse_variant, parse_variants
 

@@ -11,11 +11,8 @@ pipeline lets through). The baseline runs the same sizes and batches. Results ar
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import itertools
-import math
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -28,7 +25,9 @@ from typing import Any
 
 import torch
 
+from blip_recipes.benchmarking.inputs import TEXT_LENGTH, synthetic_batches, write_bert_layout_vocab
 from blip_recipes.benchmarking.profiling import instrument_recipe, profile_steps
+from blip_recipes.benchmarking.report import environment, one_line
 from blip_recipes.benchmarking.timing import StepTimer, reset_peak_memory
 from blip_recipes.benchmarking.variants import Variant
 from blip_recipes.metrics import effective_mfu, flops_per_sample, max_memory_gib, peak_flops
@@ -36,10 +35,6 @@ from blip_recipes.metrics import effective_mfu, flops_per_sample, max_memory_gib
 DATA_MODES = ("synthetic-device", "loader")
 MODEL_IMAGE_SIZE = {"blip_pretrain_tiny": 32, "blip_pretrain_base": 224, "blip_pretrain_large": 224}
 MODEL_LR = {"blip_pretrain_tiny": 1e-3, "blip_pretrain_base": 3e-4, "blip_pretrain_large": 2e-4}
-TEXT_LENGTH = 30
-"""Caption length in tokens (the reference's max_length; the FLOP table assumes it)."""
-BERT_VOCAB_SIZE = 30522
-"""bert-base-uncased vocab.txt entries; [DEC] and [ENC] bring the model's vocabulary to 30524."""
 
 
 @dataclass
@@ -77,19 +72,6 @@ def resolve_device(kind: str) -> torch.device:
     return (
         torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
     )
-
-
-def write_bert_layout_vocab(folder: str | Path) -> Path:
-    """A ``vocab.txt`` with bert-base-uncased's size and special-token ids ([PAD]=0, [UNK]=100,
-    [CLS]=101, [SEP]=102, [MASK]=103), so base/large run the real 30524-row vocabulary and LM
-    head without a downloaded tokenizer. Only the ids matter to a throughput benchmark."""
-    special = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
-    words = [
-        special.get(i, f"[unused{i}]" if i < 1000 else f"tok{i}") for i in range(BERT_VOCAB_SIZE)
-    ]
-    path = Path(folder) / "vocab.txt"
-    path.write_text("\n".join(words) + "\n")
-    return path
 
 
 def queue_size_for(settings: BenchmarkSettings, batch_size: int) -> int:
@@ -148,41 +130,6 @@ def benchmark_config(
     return cfg
 
 
-def synthetic_batches(
-    batch_size: int,
-    image_size: int,
-    vocab_size: int,
-    special_ids: dict[str, int],
-    device: torch.device,
-    count: int = 4,
-    seed: int = 0,
-) -> list[dict[str, torch.Tensor]]:
-    """``count`` loader-shaped batches already on ``device``: uint8 images, ``[CLS] w.. [SEP]
-    [PAD]..`` ids of random length (8..30 tokens, like web captions), matching masks."""
-    g = torch.Generator().manual_seed(seed)
-    low = max(special_ids.values()) + 1 if max(special_ids.values()) < 1000 else 1000
-    high = vocab_size - 2  # [DEC] and [ENC] are the last two ids
-    batches = []
-    for _ in range(count):
-        images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=g,
-                               dtype=torch.uint8)  # fmt: skip
-        lengths = torch.randint(8, TEXT_LENGTH + 1, (batch_size,), generator=g)
-        ids = torch.randint(low, high, (batch_size, TEXT_LENGTH), generator=g)
-        positions = torch.arange(TEXT_LENGTH).expand(batch_size, -1)
-        mask = (positions < lengths[:, None]).long()
-        ids = torch.where(mask.bool(), ids, torch.full_like(ids, special_ids["pad"]))
-        ids[:, 0] = special_ids["cls"]
-        ids.scatter_(1, (lengths - 1)[:, None], special_ids["sep"])
-        batches.append(
-            {
-                "images": images.to(device),
-                "input_ids": ids.to(device),
-                "attention_mask": mask.to(device),
-            }  # fmt: skip
-        )
-    return batches
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -213,8 +160,10 @@ def _reset_between_runs(device: torch.device) -> None:
     gc.collect()
     try:
         import torch._dynamo
+        from torch._dynamo.utils import counters
 
         torch._dynamo.reset()
+        counters.clear()  # compile_stats then count this run only
     except Exception:  # pragma: no cover
         pass
     if device.type == "cuda":
@@ -409,39 +358,6 @@ def run_baseline(
     return result
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Hardware and software versions for the results table."""
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "torchao": _version("torchao"),
-        "cuda": torch.version.cuda,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            device_name=props.name,
-            device_memory_gib=props.total_memory / 2**30,
-            cudnn=torch.backends.cudnn.version(),
-            nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.nccl else None,
-        )
-    else:
-        info["device_name"] = platform.processor() or "cpu"
-    return info
-
-
 def run_benchmark(
     settings: BenchmarkSettings, log: Callable[[str], None] = lambda s: None
 ) -> dict[str, Any]:
@@ -467,7 +383,7 @@ def run_benchmark(
                 log(f"[b={batch_size}] baseline (transformers-composed) ...")
                 baseline = run_baseline(settings, batch_size, device, vocab_path)
                 results.append(baseline)
-                log(_one_line(baseline))
+                log(one_line(baseline))
             for variant in settings.variants:
                 log(f"[b={batch_size}] {variant.name} ...")
                 result = run_recipe_variant(settings, variant, batch_size, device, vocab_path)
@@ -476,7 +392,7 @@ def run_benchmark(
                         result["samples_per_sec"] / baseline["samples_per_sec"]
                     )
                 results.append(result)
-                log(_one_line(result))
+                log(one_line(result))
     for result in results:
         if "samples_per_sec" in result:
             result["effective_mfu"] = _mfu(settings, result["samples_per_sec"], device)
@@ -493,57 +409,3 @@ def run_benchmark(
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     return {"meta": meta, "results": results}
-
-
-def _one_line(r: dict[str, Any]) -> str:
-    if "error" in r:
-        return f"  {r['name']}: ERROR {r['error']}"
-    ratio = r.get("ratio_vs_baseline")
-    return (
-        f"  {r['name']}: {r['samples_per_sec']:.1f} samples/s, step {r['step_ms_mean']:.1f} "
-        f"+- {r['step_ms_std']:.1f} ms, peak {r['peak_memory_gib']:.2f} GiB"
-        + (f", x{ratio:.2f} vs baseline" if ratio else "")
-        + (f", losses {', '.join(f'{k}={v:.3f}' for k, v in r['losses'].items())}")
-    )
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """A Markdown table of the results (the tool prints it; docs/performance.md uses it)."""
-    lines = [
-        "| run | batch | samples/s | eff. MFU | step ms (mean +- std) | peak GiB | vs baseline |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["results"]:
-        if "error" in r:
-            lines.append(f"| {r['name']} | {r['batch_size']} | error: {r['error'][:60]} | | | | |")
-            continue
-        mfu = r.get("effective_mfu")
-        ratio = r.get("ratio_vs_baseline")
-        lines.append(
-            f"| {r['name']} | {r['batch_size']} | {r['samples_per_sec']:.1f} | "
-            f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-            f"{r['step_ms_mean']:.1f} +- {r['step_ms_std']:.1f} | {r['peak_memory_gib']:.2f} | "
-            f"{'-' if ratio is None else f'{ratio:.2f}x'} |"
-        )
-    profiled = [r for r in report["results"] if r.get("profile")]
-    if profiled:
-        from blip_recipes.benchmarking.profiling import PARTS
-
-        lines += ["", "| run (ms per step) | " + " | ".join(PARTS) + " |",
-                  "|---|" + "---|" * len(PARTS)]  # fmt: skip
-        for r in profiled:
-            split = r["profile"]["per_step_ms"]
-            lines.append(f"| {r['name']} b{r['batch_size']} | "
-                         + " | ".join(f"{split[p]:.1f}" for p in PARTS) + " |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def nan_to_none(value: Any) -> Any:
-    """JSON has no NaN: map non-finite floats (a diverged loss) to None, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [nan_to_none(v) for v in value]
-    return value

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from blip_recipes.benchmarking.baseline_hf import build_hf_baseline
-from blip_recipes.benchmarking.runner import synthetic_batches
+from blip_recipes.benchmarking.inputs import synthetic_batches
 from blip_recipes.models import build_model
 
 VOCAB, B, Q = 120, 8, 64
