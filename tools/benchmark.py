@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch intra-op threads (CPU runs on a shared host: 1 gives steadier ratios)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run everything this many rounds; report the median (for noisy shared hosts)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, help="write all results as JSON here")
     return p  # fmt: skip
@@ -148,6 +154,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         queue_size=args.queue_size,
         overrides=list(args.overrides),
         seed=args.seed,
+        repeats=max(1, args.repeats),
     )
 
 

@@ -14,6 +14,7 @@ import gc
 import itertools
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ import torch
 from blip_recipes.benchmarking.inputs import TEXT_LENGTH, synthetic_batches, write_bert_layout_vocab
 from blip_recipes.benchmarking.profiling import instrument_recipe, profile_steps
 from blip_recipes.benchmarking.report import environment, one_line
-from blip_recipes.benchmarking.timing import StepTimer, reset_peak_memory
+from blip_recipes.benchmarking.timing import StepTimer, count_host_syncs, reset_peak_memory
 from blip_recipes.benchmarking.variants import Variant
 from blip_recipes.metrics import effective_mfu, flops_per_sample, max_memory_gib, peak_flops
 
@@ -58,6 +59,7 @@ class BenchmarkSettings:
     queue_size: int | None = None
     overrides: list[str] = field(default_factory=list)
     seed: int = 0
+    repeats: int = 1
 
     def resolved_image_size(self) -> int:
         return self.image_size or MODEL_IMAGE_SIZE.get(self.model, 224)
@@ -261,6 +263,7 @@ def run_recipe_variant(
                                 ("loss", "loss_ita", "loss_itm", "loss_lm")}  # fmt: skip
             result["last_step_applied"] = bool(last["finite"])
             result["compile_stats"] = _compile_stats() if variant.compile else {}
+            result["host_syncs"] = count_host_syncs(lambda: step(next_batch()), device)
             if settings.profile:
                 trace = _trace_path(settings, f"ours-{variant.name}-b{batch_size}")
                 with instrument_recipe(recipe):
@@ -344,6 +347,7 @@ def run_baseline(
             ita, itm, lm = baseline.last_losses
             result["losses"] = {"loss": ita + itm + lm, "loss_ita": ita, "loss_itm": itm,
                                 "loss_lm": lm}  # fmt: skip
+            result["host_syncs"] = count_host_syncs(lambda: step(next_batch()), device)
             if settings.profile:
                 trace = _trace_path(settings, f"baseline-b{batch_size}")
                 result["profile"] = profile_steps(
@@ -356,6 +360,31 @@ def run_baseline(
             baseline = None
             _reset_between_runs(device)
     return result
+
+
+def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One result per run from ``--repeats`` rounds: the round with the median samples/s, plus
+    every round's samples/s and ratio and the median ratio (each ratio against the baseline of
+    its own round, so slow drift of a shared host cancels)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    for i, first in enumerate(rounds[0]):
+        runs = [rnd[i] for rnd in rounds]
+        ok = [r for r in runs if "samples_per_sec" in r]
+        if not ok:
+            merged.append(first)
+            continue
+        ok.sort(key=lambda r: r["samples_per_sec"])
+        result = dict(ok[len(ok) // 2])
+        result["rounds"] = len(runs)
+        result["samples_per_sec_rounds"] = [r.get("samples_per_sec") for r in runs]
+        ratios = [r["ratio_vs_baseline"] for r in runs if r.get("ratio_vs_baseline")]
+        if ratios:
+            result["ratio_vs_baseline_rounds"] = ratios
+            result["ratio_vs_baseline"] = statistics.median(ratios)
+        merged.append(result)
+    return merged
 
 
 def run_benchmark(
@@ -373,26 +402,31 @@ def run_benchmark(
     if settings.data not in DATA_MODES:
         raise ValueError(f"data must be one of {DATA_MODES}, got {settings.data!r}")
     device = resolve_device(settings.device)
-    results: list[dict[str, Any]] = []
+    rounds: list[list[dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="blip-bench-vocab-") as vocab_dir:
         vocab_path = None if settings.model == "blip_pretrain_tiny" else (
             write_bert_layout_vocab(vocab_dir))  # fmt: skip
-        for batch_size in settings.batch_sizes:
-            baseline = None
-            if settings.baseline:
-                log(f"[b={batch_size}] baseline (transformers-composed) ...")
-                baseline = run_baseline(settings, batch_size, device, vocab_path)
-                results.append(baseline)
-                log(one_line(baseline))
-            for variant in settings.variants:
-                log(f"[b={batch_size}] {variant.name} ...")
-                result = run_recipe_variant(settings, variant, batch_size, device, vocab_path)
-                if baseline and "samples_per_sec" in baseline and "samples_per_sec" in result:
-                    result["ratio_vs_baseline"] = (
-                        result["samples_per_sec"] / baseline["samples_per_sec"]
-                    )
-                results.append(result)
-                log(one_line(result))
+        for r in range(settings.repeats):
+            tag = f"round {r + 1}/{settings.repeats} " if settings.repeats > 1 else ""
+            results: list[dict[str, Any]] = []
+            for batch_size in settings.batch_sizes:
+                baseline = None
+                if settings.baseline:
+                    log(f"{tag}[b={batch_size}] baseline (transformers-composed) ...")
+                    baseline = run_baseline(settings, batch_size, device, vocab_path)
+                    results.append(baseline)
+                    log(one_line(baseline))
+                for variant in settings.variants:
+                    log(f"{tag}[b={batch_size}] {variant.name} ...")
+                    result = run_recipe_variant(settings, variant, batch_size, device, vocab_path)
+                    if baseline and "samples_per_sec" in baseline and "samples_per_sec" in result:
+                        result["ratio_vs_baseline"] = (
+                            result["samples_per_sec"] / baseline["samples_per_sec"]
+                        )
+                    results.append(result)
+                    log(one_line(result))
+            rounds.append(results)
+    results = merge_rounds(rounds)
     for result in results:
         if "samples_per_sec" in result:
             result["effective_mfu"] = _mfu(settings, result["samples_per_sec"], device)

@@ -16,8 +16,13 @@ between steps (data loading, Python overhead); per-step times give the mean and 
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -114,3 +119,26 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def count_host_syncs(step: Callable[[], Any], device: torch.device) -> dict[str, Any] | None:
+    """Run ``step()`` once under ``torch.cuda.set_sync_debug_mode("warn")`` and count the
+    synchronising CUDA calls it makes (``.item()``, blocking copies, ``nonzero``...), with the
+    Python call sites. None on CPU, where there is nothing to wait for.
+
+    Returns:
+        ``{"count": n, "sites": {"file.py:123": k, ...}}``.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    sites = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs)
+    return {"count": len(syncs), "sites": dict(sites.most_common(20))}

@@ -36,3 +36,18 @@ def test_presets_expand_and_every_variant_is_a_valid_config():
     assert len(names) == len(set(names))
     for variant in parse_variants("issue,ablation"):
         validate(load_config(None, ["tokenizer.kind=synthetic", *variant.for_device("cpu")]))
+
+
+def test_merge_rounds_takes_the_median_run_and_median_ratio():
+    from blip_recipes.benchmarking.runner import merge_rounds
+
+    rounds = [
+        [{"name": "b", "samples_per_sec": s}, {"name": "o", "samples_per_sec": 2 * s + d,
+                                              "ratio_vs_baseline": (2 * s + d) / s}]
+        for s, d in ((10.0, 0.0), (5.0, 5.0), (20.0, -10.0))
+    ]  # fmt: skip
+    base, ours = merge_rounds(rounds)
+    assert base["samples_per_sec"] == 10.0 and base["samples_per_sec_rounds"] == [10.0, 5.0, 20.0]
+    assert ours["ratio_vs_baseline_rounds"] == [2.0, 3.0, 1.5]
+    assert ours["ratio_vs_baseline"] == 2.0 and ours["rounds"] == 3
+    assert merge_rounds(rounds[:1]) == rounds[0]

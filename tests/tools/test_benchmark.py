@@ -33,6 +33,7 @@ def test_two_variants_and_baseline_with_profile(tmp_path):
         assert RESULT_KEYS <= set(r), RESULT_KEYS - set(r)
         assert r["samples_per_sec"] > 0 and r["step_ms_mean"] > 0
         assert r["effective_mfu"] is None and r["timer"] == "perf_counter"
+        assert r["host_syncs"] is None  # counted on CUDA only
         assert all(v is not None for v in r["losses"].values())
         assert r["profile"]["per_step_ms"]["vit"] > 0 and r["profile"]["per_step_ms"]["itm"] > 0
     assert results[0]["ratio_vs_baseline"] is None
@@ -74,5 +75,8 @@ def test_gpu_real_float8_compile_and_cuda_events(tmp_path):
         assert "error" not in r, r.get("traceback")
         assert r["timer"] == "cuda_event" and r["peak_memory_kind"] == "cuda_max_allocated"
         assert r["profile"]["basis"] == "cuda_kernels"
+        assert isinstance(r["host_syncs"]["count"], int)
+    (baseline,) = [r for r in report["results"] if r["kind"] == "baseline"]
+    assert baseline["host_syncs"]["count"] >= 2 * 16  # the reference's .item() per negative
     float8 = [r for r in report["results"] if "float8" in r["name"]]
     assert all("parallel.float8_emulate=true" not in r["overrides"] for r in float8)
