@@ -1,16 +1,26 @@
 #!/usr/bin/env python
 """Data throughput: the train transform vs a plain Pillow pipeline, and the loader per source.
 
-    python tools/benchmark_data.py [--images DIR] [--num 200] [--image-size 224] [--workers 2]
+    python tools/benchmark_data.py [--images DIR] [--num 200] [--short-side 384] [--image-size 224]
+        [--repeats 5] [--workers 2] [--skip-loader] [--draft-snap] [--json out.json]
 
 Without ``--images`` it writes ``--num`` JPEGs pre-resized to short side ``--short-side`` (384,
-textured so they decode like photos) into a temporary folder. It reports, on one core:
+textured so they decode like photos) into a temporary folder. It reports, on one core (one torch
+thread; images per CPU second of the timing thread, so other processes on the host distort it
+less than wall time, which is reported too):
 
-- ``train transform``: ours (``Image.draft`` where the crop allows, crop-box resize, RandAugment);
-- ``plain pillow``: full decode -> ``convert("RGB")`` -> crop -> resize -> flip -> the same
-  RandAugment -> tensor, the straightforward pipeline;
+- ``train_transform``: ours (:class:`blip_recipes.data.transforms.TrainTransform`);
+- ``plain_pillow``: what a direct port writes: full decode -> ``convert("RGB")`` -> crop ->
+  bicubic resize -> flip -> RandAugment ops applied one by one with Pillow as timm does ->
+  tensor (see :func:`plain_pillow`);
+- ``plain_pillow_fastpaths``: the same with our op shortcuts (no-op ops skipped, integer
+  translations pasted), the baseline this benchmark used before;
+- with ``--draft-snap``, ours with ``draft_snap=True`` (matters only where JPEGs get drafted);
+- the speedups, and how far ours is from the plain pipeline on the same seeds;
 
 and, for each source (synthetic, json, shards), the loader's images/s in total and per worker.
+The pipelines run interleaved image by image; each pass over the images is a round and the median
+round is reported with the range.
 """
 
 from __future__ import annotations
@@ -20,13 +30,14 @@ import io
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 
 def photo_like_jpeg(seed: int, size: tuple[int, int], quality: int = 90) -> bytes:
@@ -46,12 +57,37 @@ def photo_like_jpeg(seed: int, size: tuple[int, int], quality: int = 90) -> byte
     return buf.getvalue()
 
 
-def plain_pillow(image_size: int):
-    """Full decode, then crop/resize, then augment (what a direct port would do)."""
-    from blip_recipes.data.randaugment import RandAugment
+def plain_pillow(image_size: int, fast_paths: bool = False):
+    """The plain Pillow pipeline a direct port would write: full decode -> ``convert("RGB")`` ->
+    crop -> bicubic resize (torchvision's ``resized_crop`` on PIL) -> ``transpose`` flip -> two
+    RandAugment ops applied one by one with Pillow the way timm's ``auto_augment`` (and
+    torchvision's PIL functional ops) do -> ``pil_to_tensor``. Same crop sampling, same op draws
+    and arguments as ours (same ``rng`` use), so both compute the same transform.
+
+    ``fast_paths=True`` gives it our op shortcuts too (no-op ops skipped, integer translations as
+    a paste): the baseline the previous benchmark used.
+    """
+    from blip_recipes.data.randaugment import BLIP_OPS, FILL, OPS, op_arguments
     from blip_recipes.data.transforms import random_resized_crop_params
 
-    aug = RandAugment(2, 5)
+    bilinear = {"resample": Image.Resampling.BILINEAR, "fillcolor": FILL}
+
+    def affine(img, data):
+        return img.transform(img.size, Image.Transform.AFFINE, data, **bilinear)
+
+    typical = {  # timm.data.auto_augment's ops (with the reference's sign conventions)
+        "Identity": lambda img: img,
+        "AutoContrast": lambda img: ImageOps.autocontrast(img),
+        "Equalize": lambda img: ImageOps.equalize(img),
+        "Brightness": lambda img, f: ImageEnhance.Brightness(img).enhance(f),
+        "Sharpness": lambda img, f: ImageEnhance.Sharpness(img).enhance(f),
+        "ShearX": lambda img, f: affine(img, (1, -f, 0, 0, 1, 0)),
+        "ShearY": lambda img, f: affine(img, (1, 0, 0, -f, 1, 0)),
+        "TranslateX": lambda img, t: affine(img, (1, 0, t, 0, 1, 0)),
+        "TranslateY": lambda img, t: affine(img, (1, 0, 0, 0, 1, t)),
+        "Rotate": lambda img, deg: img.rotate(deg, **bilinear),
+    }
+    ops = OPS if fast_paths else typical
 
     def run(path: str, rng: random.Random) -> torch.Tensor:
         img = Image.open(path).convert("RGB")
@@ -61,18 +97,62 @@ def plain_pillow(image_size: int):
         )
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        img = aug(img, rng)
+        for name in [rng.choice(BLIP_OPS) for _ in range(2)]:
+            if rng.random() > 0.5:
+                continue
+            img = ops[name](img, *op_arguments(name, 5, rng))
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
     return run
 
 
-def time_transform(name, fn, paths, repeats, tqdm) -> float:
-    n = len(paths) * repeats
-    start = time.perf_counter()
-    for i in tqdm(range(n), desc=name, unit="img", leave=False, disable=None):
-        fn(paths[i % len(paths)], random.Random(i))
-    return n / (time.perf_counter() - start)
+def time_transforms(fns: dict, paths: list[str], repeats: int, tqdm) -> dict[str, dict]:
+    """Images/s per core of each transform, interleaved image by image so that load from other
+    processes hits them alike. Per core = images / CPU seconds of this thread (one torch thread,
+    Pillow runs in it); wall = images / wall seconds. Each pass over ``paths`` is one round; the
+    median round is reported, with the spread of the per-core figure."""
+    rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    order = list(fns)
+    bar = tqdm(total=repeats * len(paths), desc="transforms", unit="img", leave=False, disable=None)
+    for r in range(repeats):
+        cpu = dict.fromkeys(fns, 0.0)
+        wall = dict.fromkeys(fns, 0.0)
+        for i, path in enumerate(paths):
+            seed = r * len(paths) + i
+            for name in order[i % len(order) :] + order[: i % len(order)]:
+                c0, w0 = time.thread_time(), time.perf_counter()
+                fns[name](path, random.Random(seed))
+                cpu[name] += time.thread_time() - c0
+                wall[name] += time.perf_counter() - w0
+            bar.update()
+        for name in fns:
+            rounds[name].append((len(paths) / cpu[name], len(paths) / wall[name]))
+    bar.close()
+    out = {}
+    for name, values in rounds.items():
+        per_core = sorted(v[0] for v in values)
+        out[name] = {
+            "per_core": statistics.median(per_core),
+            "per_core_min": per_core[0],
+            "per_core_max": per_core[-1],
+            "wall": statistics.median(v[1] for v in values),
+        }
+    return out
+
+
+def output_agreement(ours, plain, paths: list[str], n: int = 50) -> dict[str, float]:
+    """How far ours is from the plain pipeline on the same seeds (same transform, other kernels)."""
+    from blip_recipes.data import open_image
+
+    diffs = [
+        (ours(open_image(p), random.Random(i)).int() - plain(p, random.Random(i)).int()).abs()
+        for i, p in enumerate(paths[:n])
+    ]
+    d = torch.stack(diffs).float()
+    return {
+        "mean_abs_diff": d.mean().item(),
+        "frac_pixels_off_by_more_than_1": (d > 1).float().mean().item(),
+    }
 
 
 def time_loader(name, data_cfg, image_size, steps, tqdm) -> float:
@@ -89,17 +169,43 @@ def time_loader(name, data_cfg, image_size, steps, tqdm) -> float:
     return steps * data_cfg.batch_size / (time.perf_counter() - start)
 
 
+def report(results: dict[str, float], args) -> None:
+    print(
+        f"{'measure':36s} images/s  ({os.cpu_count()} cores, {len(os.listdir(args.images_dir))} "
+        f"JPEGs, short side {args.short_side}, output {args.image_size}px; per core = per CPU "
+        "second, median of rounds [min-max])"
+    )
+    for key, value in results.items():
+        if key.endswith(("_min", "_max")):
+            continue
+        if key.startswith("speedup"):
+            print(f"{key:36s} {value:8.2f}x")
+        elif key in ("mean_abs_diff", "frac_pixels_off_by_more_than_1"):
+            print(f"ours vs plain {key:22s} {value:8.4f}")
+        elif f"{key}_min" in results:
+            print(
+                f"{key:36s} {value:8.1f}  [{results[key + '_min']:.1f}-{results[key + '_max']:.1f}]"
+            )
+        else:
+            print(f"{key:36s} {value:8.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", help="folder of JPEGs (default: generate)")
     parser.add_argument("--num", type=int, default=200, help="images to generate")
     parser.add_argument("--short-side", type=int, default=384, help="short side of generated JPEGs")
     parser.add_argument("--image-size", type=int, default=224, help="transform output side")
-    parser.add_argument("--repeats", type=int, default=2, help="passes over the images")
+    parser.add_argument("--repeats", type=int, default=5, help="passes over the images")
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="loader batches per source")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--skip-loader", action="store_true", help="time the transforms only")
+    parser.add_argument("--draft-snap", action="store_true", help="also time draft_snap=True")
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
@@ -119,21 +225,41 @@ def main(argv: list[str] | None = None) -> int:
             size = (w, args.short_side) if i % 4 else (args.short_side, w)
             with open(os.path.join(root, f"{i:05d}.jpg"), "wb") as f:
                 f.write(photo_like_jpeg(i, size))
+    args.images_dir = root
     names = sorted(n for n in os.listdir(root) if n.lower().endswith((".jpg", ".jpeg")))
     paths = [os.path.join(root, n) for n in names]
 
     results: dict[str, float] = {}
     ours = build_train_transform(args.image_size)
-    results["train_transform_per_core"] = time_transform(
-        "ours", lambda p, r: ours(open_image(p), r), paths, args.repeats, tqdm
+    plain = plain_pillow(args.image_size)
+    fns = {
+        "train_transform": lambda p, r: ours(open_image(p), r),
+        "plain_pillow": plain,
+        "plain_pillow_fastpaths": plain_pillow(args.image_size, fast_paths=True),
+    }
+    if args.draft_snap:
+        snap = build_train_transform(args.image_size, draft_snap=True)
+        fns["train_transform_draft_snap"] = lambda p, r: snap(open_image(p), r)
+    for _ in range(min(5, len(paths))):  # warm up (caches, lazy imports)
+        for fn in fns.values():
+            fn(paths[0], random.Random(0))
+    timed = time_transforms(fns, paths, args.repeats, tqdm)
+    for name, t in timed.items():
+        results[f"{name}_per_core"] = t["per_core"]
+        results[f"{name}_per_core_min"] = t["per_core_min"]
+        results[f"{name}_per_core_max"] = t["per_core_max"]
+        results[f"{name}_wall"] = t["wall"]
+    per_core = {name: t["per_core"] for name, t in timed.items()}
+    results["speedup_vs_plain"] = per_core["train_transform"] / per_core["plain_pillow"]
+    results["speedup_vs_plain_fastpaths"] = (
+        per_core["train_transform"] / per_core["plain_pillow_fastpaths"]
     )
-    results["plain_pillow_per_core"] = time_transform(
-        "plain", plain_pillow(args.image_size), paths, args.repeats, tqdm
-    )
-    results["speedup_vs_plain"] = (
-        results["train_transform_per_core"] / results["plain_pillow_per_core"]
-    )
+    results.update(output_agreement(ours, plain, paths))
 
+    if args.skip_loader:
+        report(results, args)
+        tmp.cleanup()
+        return 0
     ann = os.path.join(tmp.name, "ann.json")
     with open(ann, "w") as f:
         json.dump([{"image": n, "caption": f"a photo number {i}"} for i, n in enumerate(names)], f)
@@ -160,12 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         results[f"loader_{name}_total"] = total
         results[f"loader_{name}_per_worker"] = total / max(1, args.workers)
 
-    print(f"{'measure':36s} images/s  ({os.cpu_count()} cores, output {args.image_size}px)")
-    for key, value in results.items():
-        print(f"{key:36s} {value:8.1f}" + ("x" if key.startswith("speedup") else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args)
     tmp.cleanup()
     return 0
 
