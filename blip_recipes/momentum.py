@@ -169,13 +169,20 @@ class MomentumState(Stateful):
         for momentum_param, online_param in zip(momentum_params, online_params):
             momentum_param.copy_(online_param)  # DTensor has no _foreach_copy_ strategy
 
+    def _pairs(self, online: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`paired_parameters`, matched by name once per online model, not every step."""
+        if getattr(self, "_paired_with", None) is not online:
+            self._paired = paired_parameters(self.encoders, online)
+            self._paired_with = online
+        return self._paired
+
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
         """EMA step `p_m <- m * p_m + (1 - m) * p` with one `_foreach_lerp_` (buffers untouched).
 
         Works on FSDP2 DTensor parameters when online and momentum are sharded the same way.
         """
-        momentum_params, online_params = paired_parameters(self.encoders, online)
+        momentum_params, online_params = self._pairs(online)
         online_params = [p.to(m.dtype) if p.dtype != m.dtype else p for m, p in
                          zip(momentum_params, online_params)]  # fmt: skip
         torch._foreach_lerp_(momentum_params, online_params, 1.0 - self.momentum)

@@ -160,7 +160,7 @@ class ParallelConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: CUDA when present, else CPU with gloo."""
     fsdp: bool = True
-    """Shard parameters, gradients and optimizer state with FSDP2 (fully_shard per block)."""
+    """Shard parameters, gradients and optimizer state with FSDP2 (fully_shard per block) when there is more than one rank; false replicates them and all-reduces gradients."""
     reshard_after_forward: bool = True
     """Free gathered parameters after forward (saves memory, costs an all-gather in backward)."""
     compile: bool = False

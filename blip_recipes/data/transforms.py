@@ -48,13 +48,25 @@ class BadImage(ValueError):
     """An image that cannot be used (unreadable, truncated, empty, absurd aspect)."""
 
 
+_NORMALIZATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) fp32 mean and std on ``device``, made once: building them from Python lists
+    every step would be a blocking host-to-device copy inside the training step."""
+    if device not in _NORMALIZATION:
+        mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+        std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+        _NORMALIZATION[device] = (mean, std)
+    return _NORMALIZATION[device]
+
+
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, 3, H, W) on any device -> normalised float (B, 3, H, W) of ``dtype``.
 
     Computed in fp32 (``(x / 255 - mean) / std``), then cast.
     """
-    mean = torch.tensor(IMAGE_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     out = (images.to(torch.float32) / 255.0 - mean) / std
     return out.to(dtype)
 

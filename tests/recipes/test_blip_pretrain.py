@@ -124,6 +124,13 @@ def test_fsdp_on_off_same_losses(tmp_path):
         assert off.losses()[step] == pytest.approx(loss, rel=1e-4, abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def baseline_losses(tmp_path_factory) -> dict[int, float]:
+    run = run_recipe(tmp_path_factory.mktemp("baseline") / "run", "training.steps=2")
+    assert_ok(run)
+    return run.losses()
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -132,22 +139,24 @@ def test_fsdp_on_off_same_losses(tmp_path):
         ["parallel.activation_checkpointing=full"],
         ["parallel.activation_checkpointing=vit_last_n", "parallel.ac_vit_layers=1"],
         ["parallel.reshard_after_forward=false"],
+        ["checkpoint.async_save=true", "checkpoint.interval=1"],
         ["optimizer.decay_norms_and_biases=false", "training.grad_clip=1.0"],
-        ["lr_scheduler.name=step", "model.share_cross_attention_kv=false"],
+        ["lr_scheduler.name=cosine", "model.share_cross_attention_kv=false"],
     ],
-    ids=["compile", "float8", "ac-full", "ac-vit-last", "no-reshard", "no-decay-clip", "step-lr"],
-)
-def test_parallel_and_training_switches(tmp_path, overrides):
-    baseline = run_recipe(tmp_path / "base", "training.steps=2")
+    ids=["compile", "float8", "ac-full", "ac-vit-last", "no-reshard", "async-save",
+         "no-decay-clip", "cosine-no-shared-kv"],
+)  # fmt: skip
+def test_parallel_and_training_switches(tmp_path, baseline_losses, overrides):
     run = run_recipe(tmp_path / "run", "training.steps=2", *overrides)
-    assert_ok(baseline)
     assert_ok(run)
     # float8 rounds matmul inputs; compiled dropout draws its masks from inductor's own RNG
     tol = {"parallel.float8=true": 0.05, "parallel.compile=true": 0.03}.get(overrides[0], 1e-3)
-    for step, loss in baseline.losses().items():
+    for step, loss in baseline_losses.items():
         if overrides[0].startswith(("optimizer", "lr_scheduler")) and step > 1:
             continue  # a different update rule changes later steps
         assert run.losses()[step] == pytest.approx(loss, rel=tol), overrides
+    if "checkpoint.async_save=true" in overrides:
+        assert [c.name for c in run.checkpoints()] == ["step-1", "step-2"]
 
 
 def test_tiny_run_learns(tmp_path):
