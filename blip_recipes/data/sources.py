@@ -135,6 +135,12 @@ def build_map_source(cfg: DataSourceConfig, seed: int) -> MapSource:
         from blip_recipes.data.synthetic import SyntheticSource
 
         return SyntheticSource(cfg.num_samples, seed, cfg.image_size)
+    missing = [p for p in cfg.paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"data source kind '{cfg.kind}': annotation file(s) not found: {', '.join(missing)} "
+            "(data.sources.N.paths lists local BLIP JSON/JSONL files)"
+        )
     if cfg.kind == "json":
         return JsonSource(cfg.paths, cfg.image_root)
     if cfg.kind == "jsonl":

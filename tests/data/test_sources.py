@@ -160,3 +160,12 @@ def test_too_many_bad_samples_stop_the_run(broken_dataset):
     with pytest.raises(BadSampleError, match="max_bad_fraction"):
         for _ in range(100):
             next(loader)
+
+
+def test_missing_annotation_file_is_named(tmp_path):
+    from blip_recipes.config.sections import DataSourceConfig
+    from blip_recipes.data.sources import build_map_source
+
+    cfg = DataSourceConfig(kind="json", paths=[str(tmp_path / "absent.json")])
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        build_map_source(cfg, seed=0)
