@@ -193,3 +193,31 @@ def test_periodic_retrieval_eval_and_captions(tmp_path):
     acc = EventAccumulator(str(run.output_dir / "tensorboard"))
     acc.Reload()
     assert "eval/captions/text_summary" in acc.Tags()["tensors"]
+
+
+def test_init_from_another_run_loads_weights_and_momentum_only(tmp_path):
+    source = run_recipe(tmp_path / "source", "training.steps=3")
+    assert_ok(source)
+    fresh = run_recipe(tmp_path / "fresh", "training.steps=1")
+    init = run_recipe(tmp_path / "init", "training.steps=1",
+                      f"checkpoint.init_from={source.checkpoints()[-1]}")  # fmt: skip
+    assert_ok(fresh)
+    assert_ok(init)
+    assert "momentum encoders and queues initialised from" in init.proc.stderr
+    # same first batch, different weights: the loss moved; the run starts at step 1 (weights only)
+    assert init.losses()[1] != fresh.losses()[1]
+    assert [m["step"] for m in init.metrics] == [1]
+    bad = run_recipe(tmp_path / "bad", "training.steps=1", "model.embed_dim=32",
+                     f"checkpoint.init_from={source.checkpoints()[-1]}")  # fmt: skip
+    assert bad.proc.returncode != 0 and "shape mismatch" in bad.proc.stderr
+
+
+def test_float8_under_fsdp_two_ranks(tmp_path):
+    """Tensorwise float8 with FSDP2 float8 all-gather and scale precomputation (emulated)."""
+    plain = run_recipe(tmp_path / "plain", "training.steps=2", nproc=2)
+    fp8 = run_recipe(tmp_path / "fp8", "training.steps=2", "parallel.float8=true",
+                     "parallel.float8_emulate=true", nproc=2)  # fmt: skip
+    assert_ok(plain)
+    assert_ok(fp8)
+    for step, loss in plain.losses().items():
+        assert fp8.losses()[step] == pytest.approx(loss, rel=0.05)
