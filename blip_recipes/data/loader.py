@@ -187,7 +187,52 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-class TrainLoader:
+class SampleCounters:
+    """Per-rank sample and bad-sample counters with rate-limited warnings and the stop rule,
+    shared by the map-style and the shard loaders (both have ``cfg`` and ``ctx``)."""
+
+    cfg: DataConfig
+    ctx: BatchContext
+
+    def _init_counters(self) -> None:
+        self.samples, self.bad_samples = 0, 0
+        self._last_warning = 0.0
+        self._warned = 0
+
+    def _counter_stats(self) -> dict:
+        seen = self.samples + self.bad_samples
+        return {
+            "samples": self.samples,
+            "bad_samples": self.bad_samples,
+            "bad_fraction": self.bad_samples / seen if seen else 0.0,
+        }
+
+    def _record_bad(self, bad: int, messages: list[str]) -> None:
+        self.bad_samples += bad
+        now = time.monotonic()
+        if self._warned < 5 or now - self._last_warning > 30.0:
+            self._warned += 1
+            self._last_warning = now
+            logger.warning(
+                "rank %d: replaced %d bad sample(s) (%d so far of %d): %s",
+                self.ctx.rank,
+                bad,
+                self.bad_samples,
+                self.samples + self.bad_samples,
+                "; ".join(messages),
+            )
+        seen = self.samples + self.bad_samples
+        fraction = self.bad_samples / seen
+        if seen >= self.cfg.bad_fraction_min_samples and fraction > self.cfg.max_bad_fraction:
+            raise BadSampleError(
+                f"rank {self.ctx.rank}: {self.bad_samples} of {seen} samples were bad "
+                f"({fraction:.1%} > data.max_bad_fraction={self.cfg.max_bad_fraction}); latest: "
+                f"{'; '.join(messages)}. Fix or filter the data (tools/build_shards.py reports bad "
+                "inputs), or raise data.max_bad_fraction."
+            )
+
+
+class TrainLoader(SampleCounters):
     """Infinite, resumable iterator of ``{"images", "input_ids", "attention_mask"}`` batches.
 
     ``images`` is uint8 (B, 3, s, s), ``input_ids``/``attention_mask`` int64 (B, L), with B =
@@ -209,10 +254,8 @@ class TrainLoader:
                 f"(data.batch_size x world size = {self.global_batch})"
             )
         self.epoch, self.position = 0, 0
-        self.samples, self.bad_samples = 0, 0
+        self._init_counters()
         self._iterator: Iterator | None = None
-        self._last_warning = 0.0
-        self._warned = 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -254,40 +297,9 @@ class TrainLoader:
             self._record_bad(bad, bad_samples)
         return batch
 
-    def _record_bad(self, bad: int, messages: list[str]) -> None:
-        self.bad_samples += bad
-        now = time.monotonic()
-        if self._warned < 5 or now - self._last_warning > 30.0:
-            self._warned += 1
-            self._last_warning = now
-            logger.warning(
-                "rank %d: replaced %d bad sample(s) (%d so far of %d): %s",
-                self.ctx.rank,
-                bad,
-                self.bad_samples,
-                self.samples + self.bad_samples,
-                "; ".join(messages),
-            )
-        seen = self.samples + self.bad_samples
-        fraction = self.bad_samples / seen
-        if seen >= self.cfg.bad_fraction_min_samples and fraction > self.cfg.max_bad_fraction:
-            raise BadSampleError(
-                f"rank {self.ctx.rank}: {self.bad_samples} of {seen} samples were bad "
-                f"({fraction:.1%} > data.max_bad_fraction={self.cfg.max_bad_fraction}); latest: "
-                f"{'; '.join(messages)}. Fix or filter the data (tools/build_shards.py reports bad "
-                "inputs), or raise data.max_bad_fraction."
-            )
-
     def stats(self) -> dict:
         """Per-rank counters: samples delivered, bad samples replaced, epoch and position."""
-        seen = self.samples + self.bad_samples
-        return {
-            "samples": self.samples,
-            "bad_samples": self.bad_samples,
-            "bad_fraction": self.bad_samples / seen if seen else 0.0,
-            "epoch": self.epoch,
-            "position": self.position,
-        }
+        return {**self._counter_stats(), "epoch": self.epoch, "position": self.position}
 
     def state_dict(self) -> dict:
         """Position (identical on all ranks) plus this rank's counters."""

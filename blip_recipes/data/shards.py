@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from blip_recipes.config.sections import DataConfig
 from blip_recipes.data._seeding import derive_seed, private_generator
 from blip_recipes.data.captions import pre_caption
+from blip_recipes.data.loader import SampleCounters
 from blip_recipes.data.transforms import BadImage, open_image
 
 logger = logging.getLogger("blip_recipes.data")
@@ -257,24 +258,20 @@ def _pick(caption, rng):
     return caption if isinstance(caption, str) else ""
 
 
-class ShardLoader:
+class ShardLoader(SampleCounters):
     """Infinite, resumable iterator over tar shards; the same surface as :class:`TrainLoader`
     except ``steps_per_epoch`` (None: streamed data has no known length)."""
 
     steps_per_epoch = None
 
     def __init__(self, data_cfg: DataConfig, ctx) -> None:
-        from blip_recipes.data.loader import TrainLoader
-
-        self._bad_check = TrainLoader._record_bad
         self.cfg, self.ctx = data_cfg, ctx
         self.shards = [p for s in data_cfg.sources for p in list_shards(s.paths)]
         self.streams_per_rank = max(1, data_cfg.num_workers)
         self.states: dict[int, dict] = {}
         self.consumed = 0
-        self.samples, self.bad_samples = 0, 0
+        self._init_counters()
         self._iterator = None
-        self._warned, self._last_warning = 0, 0.0
         if len(self.shards) < ctx.world_size * self.streams_per_rank:
             logger.warning(
                 "%d shards for %d streams (world size x workers): every stream reads every shard",
@@ -317,17 +314,12 @@ class ShardLoader:
         self.consumed += 1
         self.samples += self.ctx.batch_size
         if bad:
-            self._bad_check(self, bad, messages)
+            self._record_bad(bad, messages)
         return batch
 
     def stats(self) -> dict:
-        seen = self.samples + self.bad_samples
-        return {
-            "samples": self.samples,
-            "bad_samples": self.bad_samples,
-            "bad_fraction": self.bad_samples / seen if seen else 0.0,
-            "epoch": self.epoch,
-        }
+        """Per-rank counters: samples delivered, bad samples replaced, epoch."""
+        return {**self._counter_stats(), "epoch": self.epoch}
 
     def state_dict(self) -> dict:
         """This rank's stream positions (per rank: save under a rank-specific key)."""
