@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _value(text: str):
@@ -54,9 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="fail when a model tensor is missing")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow arbitrary objects in torch pickles (trusted files only)")  # fmt: skip
+    parser.add_argument("--force", action="store_true",
+                        help="write over an existing DEST file or non-empty folder")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="builder override, e.g. --set vision_heads=16 (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
+    dest = Path(args.dest)
+    if not args.force and (dest.is_file() or (dest.is_dir() and any(dest.iterdir()))):
+        print(f"error: {dest} exists; pass --force to write over it", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     from blip_recipes.config import TokenizerConfig

@@ -68,6 +68,12 @@ def test_reference_to_dcp_to_hf_and_safetensors(tmp_path):
     back = load_model(tmp_path / "flat.safetensors")  # builder args in the header
     assert_outputs_close(our_outputs(back, images, ids, mask), expected, atol=0)
 
+    before = (tmp_path / "flat.safetensors").read_bytes()
+    proc = _tool(tmp_path / "ref.pth", tmp_path / "flat.safetensors", "--set", "vision_heads=2",
+                 "--set", "text_heads=2", "--tokenizer-kind", "synthetic")  # fmt: skip
+    assert proc.returncode == 2 and "--force" in proc.stderr  # a user's file is never replaced
+    assert (tmp_path / "flat.safetensors").read_bytes() == before
+
 
 def test_unknown_layout_fails_naming_keys(tmp_path):
     torch.save({"encoder.weird.weight": torch.zeros(1)}, tmp_path / "odd.pth")
