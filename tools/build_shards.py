@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ann", nargs="+", required=True, help="BLIP JSON annotation files")
     parser.add_argument("--image-root", default="", help="folder the image paths are relative to")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (new or empty)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
     parser.add_argument("--prefix", default="shards", help="shard file prefix")
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     parser.add_argument("--resize", type=int, default=0, help="pre-resize to this short side")
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-aspect-ratio", type=float, default=20.0)
     parser.add_argument("--max-words", type=int, default=0, help="check captions (0: 30)")
     args = parser.parse_args(argv)
+    if not args.force and os.path.isdir(args.out) and os.listdir(args.out):
+        parser.error(f"--out {args.out} is not empty; pass --force to write into it")
 
     from tqdm import tqdm
 

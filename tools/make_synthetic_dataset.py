@@ -25,7 +25,8 @@ from blip_recipes.data.synthetic import synthetic_sample
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (new or empty)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
     parser.add_argument("--num", type=int, required=True, help="number of samples")
     parser.add_argument("--seed", type=int, default=42, help="data seed (job.seed of the run)")
     parser.add_argument("--image-size", type=int, default=128, help="image side in pixels")
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=0, help="also write tar shards of K samples")
     parser.add_argument("--jsonl", action="store_true", help="also write annotations.jsonl")
     args = parser.parse_args(argv)
+    if not args.force and os.path.isdir(args.out) and os.listdir(args.out):
+        parser.error(f"--out {args.out} is not empty; pass --force to write into it")
 
     from tqdm import tqdm
 

@@ -41,3 +41,14 @@ def test_writes_json_jsonl_and_shards_that_load(tmp_path):
         assert loader.stats()["bad_samples"] == 0
         assert (batch["input_ids"] != tok.unk_token_id).all()
         assert batch["images"].dtype == torch.uint8
+
+
+def test_refuses_a_non_empty_output_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    cmd = [sys.executable, str(TOOL), "--out", str(tmp_path), "--num", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    subprocess.run([*cmd, "--force"], check=True)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    assert (tmp_path / "annotations.json").is_file()
