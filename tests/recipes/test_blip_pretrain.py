@@ -140,17 +140,19 @@ def baseline_losses(tmp_path_factory) -> dict[int, float]:
         ["parallel.activation_checkpointing=vit_last_n", "parallel.ac_vit_layers=1"],
         ["parallel.reshard_after_forward=false"],
         ["checkpoint.async_save=true", "checkpoint.interval=1"],
+        ["training.mixed_precision=bf16"],
         ["optimizer.decay_norms_and_biases=false", "training.grad_clip=1.0"],
         ["lr_scheduler.name=cosine", "model.share_cross_attention_kv=false"],
     ],
-    ids=["compile", "float8", "ac-full", "ac-vit-last", "no-reshard", "async-save",
+    ids=["compile", "float8", "ac-full", "ac-vit-last", "no-reshard", "async-save", "bf16",
          "no-decay-clip", "cosine-no-shared-kv"],
 )  # fmt: skip
 def test_parallel_and_training_switches(tmp_path, baseline_losses, overrides):
     run = run_recipe(tmp_path / "run", "training.steps=2", *overrides)
     assert_ok(run)
     # float8 rounds matmul inputs; compiled dropout draws its masks from inductor's own RNG
-    tol = {"parallel.float8=true": 0.05, "parallel.compile=true": 0.03}.get(overrides[0], 1e-3)
+    tol = {"parallel.float8=true": 0.05, "parallel.compile=true": 0.03,
+           "training.mixed_precision=bf16": 0.05}.get(overrides[0], 1e-3)  # fmt: skip
     for step, loss in baseline_losses.items():
         if overrides[0].startswith(("optimizer", "lr_scheduler")) and step > 1:
             continue  # a different update rule changes later steps
