@@ -39,9 +39,11 @@ from blip_recipes.checkpoint import (
     is_complete,
     load_model_weights,
     load_states,
+    top_level_keys,
 )
 from blip_recipes.config import Config, parse_recipe_args, to_toml
 from blip_recipes.data import TrainLoader, build_tokenizer, build_train_loader, normalize_images
+from blip_recipes.data._seeding import derive_seed
 from blip_recipes.evaluation.periodic import PeriodicEvaluator
 from blip_recipes.interop.init_checkpoints import bert_init_state_dict, vit_init_state_dict
 from blip_recipes.metrics import (
@@ -74,14 +76,6 @@ FLOAT8_SKIP = ("vision_proj", "text_proj", "itm_head", "lm_head")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps produced a non-finite loss."""
-
-
-def _has_key(checkpoint: str | Path, key: str) -> bool:
-    """Whether a DCP checkpoint holds anything under the top-level ``key``."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    return any(k.split(".", 1)[0] == key for k in metadata)
 
 
 class _Window:
@@ -354,7 +348,7 @@ class BlipPretrainRecipe:
             p.requires_grad_(False)
         momentum.copy_from(self.model)
         init_from = self.cfg.checkpoint.init_from
-        if init_from and self.resume_from is None and _has_key(init_from, MOMENTUM):
+        if init_from and self.resume_from is None and MOMENTUM in top_level_keys(init_from):
             load_states(init_from, {MOMENTUM: momentum})  # reference momentum weights + queues
             logger.info("momentum encoders and queues initialised from %s", init_from)
         return momentum
@@ -418,7 +412,7 @@ class BlipPretrainRecipe:
             self.momentum.update(self.model)
             targets = self.momentum.targets(images, input_ids, attention_mask)
             self.negatives_generator.manual_seed(
-                hash((self.cfg.job.seed, self.dist.rank, self.step)) & (2**63 - 1)
+                derive_seed(self.cfg.job.seed, self.dist.rank, self.step)
             )
             out = self.model(
                 images,

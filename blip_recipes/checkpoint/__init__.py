@@ -9,6 +9,7 @@ from blip_recipes.checkpoint.manager import (
     is_complete,
     load_model_weights,
     load_states,
+    top_level_keys,
 )
 from blip_recipes.checkpoint.states import (
     LOADER,
@@ -47,4 +48,5 @@ __all__ = [
     "load_states",
     "rank_key",
     "restore_rng_state",
+    "top_level_keys",
 ]

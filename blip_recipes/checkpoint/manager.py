@@ -43,6 +43,12 @@ def is_complete(path: Union[str, Path]) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
 
 
+def top_level_keys(path: Union[str, Path]) -> set[str]:
+    """Top-level state keys a checkpoint holds (``model``, ``momentum``...), from its metadata."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {key.split(".", 1)[0] for key in metadata}
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

@@ -71,6 +71,5 @@ class PeriodicEvaluator:
             )
             text = "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions))
             self.metrics.log_text("eval/captions", text, step)
-        reshard_all(model)  # evaluation ran forwards only
-        model.train()
+        reshard_all(model)  # evaluation ran forwards only (both calls restore train mode)
         return results

@@ -187,3 +187,11 @@ def test_load_model_weights_only(tmp_path):
     fresh = Toy()
     load_model_weights(tmp_path / "step-1", fresh)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), run.model.parameters()))
+
+
+def test_top_level_keys(tmp_path):
+    from blip_recipes.checkpoint import top_level_keys
+
+    run = Setup(seed=0)
+    path = CheckpointManager(tmp_path).save(1, run.states())
+    assert top_level_keys(path) == set(run.states())
