@@ -52,6 +52,8 @@ def vit(
         heads: attention heads.
         mlp_ratio: MLP hidden width / D.
         drop_path_rate: stochastic depth of the last block; block i gets rate * i / (depth - 1).
+            With a rate > 0 every block draws a mask (block 0 one of ones), so that all blocks
+            run the same code and share one compiled graph.
         norm_eps: LayerNorm eps (1e-6 in the reference).
         attention_dropout: dropout on attention probabilities.
 
@@ -61,13 +63,14 @@ def vit(
     if image_size % patch_size != 0:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    enabled = drop_path_rate > 0.0
     blocks = [
         VisionBlock(
             attn=VisionAttention(width, heads, attention_dropout),
             mlp=VisionMLP(width, int(width * mlp_ratio)),
             norm1=nn.LayerNorm(width, eps=norm_eps),
             norm2=nn.LayerNorm(width, eps=norm_eps),
-            drop_path=DropPath(rate),
+            drop_path=DropPath(rate, enabled=enabled),
         )
         for rate in rates
     ]

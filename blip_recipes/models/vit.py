@@ -20,24 +20,54 @@ from torch import nn
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample with probability `p`.
 
+    The rate lives in a non-persistent 0-d float32 buffer `rate`, so it is graph data rather than
+    a Python constant: `torch.compile` does not guard on it, and blocks with different rates
+    share one compiled graph. Non-persistent keeps `state_dict()` free of it (checkpoints and
+    weight converters are unaffected); `to_empty` and `load_state_dict` do not restore it, so
+    call `init_buffers()` after materialising the module. The float rate stays available as `p`.
+    The mask is computed in float32 (casting the module to bf16 also casts the buffer, rounding
+    the rate slightly).
+
+    Whether the mask is drawn at all is the Python flag `enabled`, which is guarded on by
+    `torch.compile`; give it the same value for every block of a model (e.g. "the model has
+    drop path"), so that a block whose own rate is 0 runs the same code (an all-ones mask).
+
     Args:
-        p: drop probability; 0 makes this the identity.
+        p: drop probability, 0 <= p < 1.
+        enabled: draw the mask in training; defaults to `p > 0`. False (only with p == 0) makes
+            this the identity without any cost.
     """
 
-    def __init__(self, p: float = 0.0) -> None:
+    rate: torch.Tensor
+
+    def __init__(self, p: float = 0.0, enabled: bool | None = None) -> None:
         super().__init__()
-        self.p = p
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path rate must be in [0, 1), got {p}")
+        enabled = p > 0.0 if enabled is None else enabled
+        if p > 0.0 and not enabled:
+            raise ValueError(f"drop-path rate {p} > 0 needs enabled=True")
+        self.p = float(p)
+        self.enabled = enabled
+        self.register_buffer("rate", torch.tensor(self.p, dtype=torch.float32), persistent=False)
+
+    def init_buffers(self) -> None:
+        """Write `p` into the `rate` buffer (after `to_empty`; `load_state_dict` skips it)."""
+        with torch.no_grad():
+            self.rate.fill_(self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, ...) -> (B, ...), survivors scaled by 1 / (1 - p)."""
-        if self.p == 0.0 or not self.training:
+        """x: (B, ...) -> (B, ...); each sample zeroed with probability `rate`, the survivors
+        scaled by 1 / (1 - rate). The identity in eval mode or when not `enabled`."""
+        if not self.enabled or not self.training:
             return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        keep = 1.0 - self.rate.float()
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = torch.rand(shape, device=x.device, dtype=torch.float32) < keep
+        return x * (mask / keep).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, enabled={self.enabled}"
 
 
 class PatchEmbedding(nn.Module):
@@ -209,9 +239,22 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the non-persistent buffers (every `DropPath.rate`) from their Python values.
+
+        Call it after `to_empty` (the buffers hold garbage then) and whenever the buffers are not
+        known to be set: `load_state_dict` does not restore non-persistent buffers.
+        """
+        for module in self.modules():
+            if isinstance(module, DropPath):
+                module.init_buffers()
+
+    @torch.no_grad()
     def init_weights(self) -> None:
         """Reference init: trunc-normal(0.02) for linears, cls token and position embedding,
-        zero biases, LayerNorm 1/0, PyTorch's default for the patch convolution."""
+        zero biases, LayerNorm 1/0, PyTorch's default for the patch convolution; and
+        `init_buffers()`."""
+        self.init_buffers()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.patch_embed.proj.reset_parameters()

@@ -11,7 +11,7 @@ from torch import nn
 def apply_compile(
     blocks: Sequence[nn.Module],
     backend: Union[str, Callable[..., Any]] = "inductor",
-    fullgraph: bool = False,
+    fullgraph: bool = True,
     dynamic: bool = False,
     fallback_random: bool = False,
 ) -> None:
@@ -22,12 +22,17 @@ def apply_compile(
     compiling the whole sharded model instead graph-breaks in the FSDP hooks and compiles next to
     nothing. Why ``Module.compile`` rather than ``torch.compile(module)``: it compiles in place, so
     no ``_orig_mod.`` wrapper enters the parameter names and checkpoints stay compatible between
-    compiled and eager runs.
+    compiled and eager runs. Why ``fullgraph=True`` by default: with it, a graph break, or a block
+    that keeps recompiling until dynamo's ``recompile_limit``, raises instead of running (part of)
+    the block eagerly with only a logged warning. A block is meant to be one graph shared by all
+    blocks of its kind, so either is a regression to fix (typically a Python value that differs
+    per block and that the forward reads, which dynamo guards on: keep such values in buffers).
 
     Args:
         blocks: transformer blocks (after activation checkpointing, if any).
         backend: ``torch.compile`` backend; tests pass a cheap one.
-        fullgraph: fail on graph breaks instead of falling back (useful to catch regressions).
+        fullgraph: raise on a graph break or on hitting the recompile limit; False lets dynamo
+            fall back to eager for the rest of the block (or for the whole block) silently.
         dynamic: allow dynamic shapes; fixed shapes (False) give the fastest kernels.
         fallback_random: make inductor draw dropout / drop-path randomness exactly as eager
             does (``torch._inductor.config.fallback_random``, a process-wide switch; slower).
