@@ -5,9 +5,11 @@ The decoder input is `[DEC] prompt-tokens` (the reference prompt is "a picture o
 follow Hugging Face `generate` (and so the reference): `max_length` / `min_length` count the
 whole sequence, prompt included. The returned captions exclude the prompt.
 
-The image tokens' cross-attention keys/values are computed once per image and reused at every
-step (and by every beam); the causal self-attention is recomputed over the prefix each step (no
-self-attention KV cache: the MED layer has none), which is cheap at caption lengths.
+Decoding runs through the model's entry points (`encode_image`, `next_token_logits`), so an
+FSDP2-sharded model works as it is. The image tokens' cross-attention keys/values are computed
+once per image and reused at every step; all beams of an image attend them as one packed query
+sequence. The causal self-attention is recomputed over the prefix each step (no self-attention KV
+cache: the MED layer has none), which is cheap at caption lengths.
 
     captions = caption_images(model, tokenizer, ["cat.jpg"], method="beam", num_beams=3)
 """
@@ -21,28 +23,29 @@ import torch
 from torch import nn
 
 from blip_recipes.data import build_eval_transform, normalize_images
-from blip_recipes.evaluation._dist import is_sharded, root_unsharded
+from blip_recipes.evaluation._dist import is_sharded
 
 Method = Literal["greedy", "beam", "nucleus"]
 DEFAULT_PROMPT = "a picture of "
 
 
 class _Decoder:
-    """Next-token logits for prefixes, reusing the images' cross-attention keys/values."""
+    """Next-token logits for prefixes through the model's `next_token_logits` entry point,
+    reusing the images' cross-attention keys/values after the first step."""
 
-    def __init__(self, model: nn.Module, image_embeds: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, image_embeds: torch.Tensor, rows_per_image: int) -> None:
         self.model = model
-        self.image_embeds = image_embeds
+        self.image_embeds: torch.Tensor | None = image_embeds
+        self.rows_per_image = rows_per_image
         self.cross_kv = None
 
-    def __call__(self, seq: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """seq (N, L) prefixes, rows (N,) image of each -> (N, V) fp32 logits of token L+1."""
-        mask = torch.ones_like(seq)
-        embeds = self.image_embeds if self.cross_kv is None else None
-        out = self.model.text(seq, mask, "decoder", embeds, rows, self.cross_kv)
-        self.cross_kv = out.cross_kv
-        word = self.model.text.embeddings.word_embeddings.weight
-        return self.model.lm_head(out.hidden_states[:, -1:], word)[:, -1].float()
+    def __call__(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq (M * k, L) prefixes, image-major -> (M * k, V) fp32 logits of token L + 1."""
+        logits, self.cross_kv = self.model.next_token_logits(
+            seq, self.image_embeds, self.cross_kv, self.rows_per_image
+        )
+        self.image_embeds = None
+        return logits
 
 
 def _repetition_penalty(scores: torch.Tensor, seq: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -78,11 +81,10 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
 
 def _greedy_or_sample(decoder, prompt, batch, max_length, min_length, eos, pad, penalty,
                       sample, top_k, top_p, temperature, generator, stop_early):  # fmt: skip
-    rows = torch.arange(batch, device=prompt.device)
     seq = prompt.expand(batch, -1).clone()
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     while seq.shape[1] < max_length:
-        scores = _repetition_penalty(decoder(seq, rows), seq, penalty)
+        scores = _repetition_penalty(decoder(seq), seq, penalty)
         scores = _block_eos(scores, seq.shape[1], min_length, eos)
         if sample:
             scores = _top_k_top_p(scores / temperature, top_k, top_p)
@@ -113,7 +115,6 @@ def _beam_search(decoder, prompt, batch, num_beams, max_length, min_length, eos,
     cannot beat the worst of them.
     """
     device, k, prompt_len = prompt.device, num_beams, prompt.shape[1]
-    rows = torch.arange(batch, device=device).repeat_interleave(k)
     seq = prompt.expand(batch * k, -1).clone()
     beam_scores = torch.full((batch, k), -1e9, device=device)
     beam_scores[:, 0] = 0.0
@@ -127,7 +128,7 @@ def _beam_search(decoder, prompt, batch, num_beams, max_length, min_length, eos,
         del hyps[b][k:]
 
     while seq.shape[1] < max_length:
-        scores = torch.log_softmax(decoder(seq, rows), dim=-1)
+        scores = torch.log_softmax(decoder(seq), dim=-1)
         scores = _repetition_penalty(scores, seq, penalty)
         scores = _block_eos(scores, seq.shape[1], min_length, eos)
         vocab = scores.shape[-1]
@@ -208,18 +209,20 @@ def generate(
         raise ValueError(f"unknown decoding method {method!r}: greedy, beam or nucleus")
     if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
         raise ValueError("prompt_ids must be a non-empty 1-d tensor starting with [DEC]")
-    weight = model.visual_encoder.patch_embed.proj.weight
-    image_embeds = model.visual_encoder(images.to(weight.device, weight.dtype))
-    decoder = _Decoder(model, image_embeds)
-    prompt = prompt_ids.to(weight.device)[None, :]
-    batch = images.shape[0]
-    stop_early = not is_sharded(model)  # FSDP2 forwards are collectives: same count on all ranks
-    if method == "beam":
-        return _beam_search(decoder, prompt, batch, num_beams, max_length, min_length,
-                            eos_token_id, repetition_penalty, length_penalty, stop_early)  # fmt: skip
-    return _greedy_or_sample(decoder, prompt, batch, max_length, min_length, eos_token_id,
-                             pad_token_id, repetition_penalty, method == "nucleus", top_k, top_p,
-                             temperature, generator, stop_early)  # fmt: skip
+    # Eager: a prefix that grows by one token per step would recompile compiled blocks per length.
+    with torch.compiler.set_stance("force_eager"):
+        image_embeds = model.encode_image(images).embeds
+        decoder = _Decoder(model, image_embeds, num_beams if method == "beam" else 1)
+        prompt = prompt_ids.to(image_embeds.device)[None, :]
+        batch = images.shape[0]
+        stop_early = not is_sharded(model)  # FSDP2 forwards are collectives: same count per rank
+        if method == "beam":
+            return _beam_search(decoder, prompt, batch, num_beams, max_length, min_length,
+                                eos_token_id, repetition_penalty, length_penalty,
+                                stop_early)  # fmt: skip
+        return _greedy_or_sample(decoder, prompt, batch, max_length, min_length, eos_token_id,
+                                 pad_token_id, repetition_penalty, method == "nucleus", top_k,
+                                 top_p, temperature, generator, stop_early)  # fmt: skip
 
 
 def prompt_ids(tokenizer: Any, prompt: str = DEFAULT_PROMPT) -> torch.Tensor:
@@ -272,21 +275,20 @@ def caption_images(
     model.eval()
     prefix = prompt_ids(tokenizer, prompt)
     try:
-        with root_unsharded(model):
-            weight = model.visual_encoder.patch_embed.proj.weight
-            device = torch.device(device) if device is not None else weight.device
-            if isinstance(images, torch.Tensor) and images.is_floating_point():
-                pixels_all = images
-            else:
-                transform = build_eval_transform(image_size or model_image_size(model))
-                items = [img if isinstance(img, torch.Tensor) else transform(img) for img in images]
-                pixels_all = normalize_images(torch.stack(items))
-            captions = []
-            for start in range(0, pixels_all.shape[0], batch_size):
-                pixels = pixels_all[start : start + batch_size].to(device, weight.dtype)
-                outs = generate(model, pixels, prefix, tokenizer.sep_token_id,
-                                tokenizer.pad_token_id, method, **generate_kwargs)  # fmt: skip
-                captions += [tokenizer.decode(ids.tolist()).strip() for ids in outs]
+        weight = model.visual_encoder.patch_embed.proj.weight
+        device = torch.device(device) if device is not None else weight.device
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            pixels_all = images
+        else:
+            transform = build_eval_transform(image_size or model_image_size(model))
+            items = [img if isinstance(img, torch.Tensor) else transform(img) for img in images]
+            pixels_all = normalize_images(torch.stack(items))
+        captions = []
+        for start in range(0, pixels_all.shape[0], batch_size):
+            pixels = pixels_all[start : start + batch_size].to(device)
+            outs = generate(model, pixels, prefix, tokenizer.sep_token_id,
+                            tokenizer.pad_token_id, method, **generate_kwargs)  # fmt: skip
+            captions += [tokenizer.decode(ids.tolist()).strip() for ids in outs]
     finally:
         model.train(was_training)
     if include_prompt:

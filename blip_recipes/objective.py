@@ -3,7 +3,7 @@
 Each function is deterministic given its inputs (and, for negative sampling, a generator): no
 hidden state, no host synchronisation, no Python loop over the batch. Similarity logits, the
 softmax over B + Q columns and the LM cross-entropy run in fp32 with autocast disabled, whatever
-the dtype of the inputs. See ../shared/reference/blip-pretraining.md, section 5.
+the dtype of the inputs. The reference behaviour they match is written down in docs/algorithm.md.
 """
 
 from __future__ import annotations
@@ -83,10 +83,13 @@ def hard_negative_weights(sim: torch.Tensor) -> torch.Tensor:
         sim: (B, B) local-batch similarity logits (row = query, column = candidate).
 
     Returns:
-        (B, B) fp32 non-negative weights (not normalised), zero on the diagonal.
+        (B, B) fp32 non-negative weights (not normalised), zero on the diagonal. Rows with
+        non-finite similarities (a diverged step, which the training step then skips) get
+        uniform weights instead of NaN, so sampling never fails on the device.
     """
     with torch.no_grad(), _fp32_region(sim):
         weights = sim.float().softmax(dim=1) + 1e-4
+        weights = torch.where(torch.isfinite(weights), weights, torch.ones_like(weights))
         eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
         return weights.masked_fill(eye, 0.0)
 
@@ -169,14 +172,15 @@ def lm_loss(
     """Next-token cross-entropy: logits at position t predict labels at t + 1.
 
     Args:
-        logits: (B, L, V) or (B, L - 1, V) (already shifted: position t predicts t + 1).
+        logits: (B, L, V), or already shifted (position t predicts t + 1) as (B, L - 1, V) or
+            flat (B * (L - 1), V).
         labels: (B, L) with -100 where ignored (padding); column 0 ([DEC]) is never a target.
         label_smoothing: 0.1 in the reference.
 
     Returns:
         0-d fp32 mean over non-ignored target tokens.
     """
-    if logits.shape[1] == labels.shape[1]:
+    if logits.dim() == 3 and logits.shape[1] == labels.shape[1]:
         logits = logits[:, :-1]
     targets = labels[:, 1:]
     with _fp32_region(logits):

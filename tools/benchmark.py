@@ -4,9 +4,9 @@
     # CPU smoke (tiny model, seconds):
     python tools/benchmark.py --model blip_pretrain_tiny --variants eager-fp32,eager-fp32-noshare
 
-    # One H200, ViT-B, the issue's variants, baseline in the same run:
+    # One H200, ViT-B, every variant, baseline in the same run:
     python tools/benchmark.py --model blip_pretrain_base --batch-size 96 128 \\
-        --variants issue --warmup 10 --steps 30 --profile --json results/base.json
+        --variants full --warmup 10 --steps 30 --profile --json results/base.json
 
 Each variant sets up the real ``BlipPretrainRecipe`` (``recipes/blip_pretrain.py``) and times its
 ``train_step``; the baseline (``--baseline``, on by default) is one reference BLIP step built from
@@ -18,7 +18,7 @@ profiler's split of a step into ViT, momentum, text, ITC, ITM, LM, optimizer, qu
 Variants are ``-``-joined tokens (see ``blip_recipes/benchmarking/variants.py``): ``eager|compile``,
 ``fp32|bf16``, ``float8-tensorwise|float8-rowwise``, ``ac-on|ac-off|ac-vitN``, and single
 optimisations off: ``noshare``, ``unfused``, ``nofsdp``, ``noreshard``. Presets: ``default``,
-``issue`` (the speed issue's list), ``ablation``.
+``full`` (every precision, float8 recipe and AC mode), ``ablation``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variants",
         default="default",
-        help="comma-separated variants or presets (default, issue, ablation)",
+        help="comma-separated variants or presets (default, full, ablation)",
     )
     p.add_argument(
         "--warmup",

@@ -10,7 +10,7 @@ from blip_recipes.benchmarking.baseline_hf import (
     build_hf_baseline,
 )
 from blip_recipes.benchmarking.inputs import synthetic_batches, write_bert_layout_vocab
-from blip_recipes.benchmarking.profiling import PARTS, instrument_recipe, profile_steps, time_split
+from blip_recipes.benchmarking.profiling import PARTS, instrument_step, profile_steps, time_split
 from blip_recipes.benchmarking.report import format_table
 from blip_recipes.benchmarking.runner import BenchmarkSettings, run_benchmark
 from blip_recipes.benchmarking.timing import StepTimer, TimingSummary
@@ -28,7 +28,7 @@ __all__ = [
     "Variant",
     "build_hf_baseline",
     "format_table",
-    "instrument_recipe",
+    "instrument_step",
     "parse_variant",
     "parse_variants",
     "profile_steps",

@@ -1,9 +1,9 @@
 """Where a step's time goes: ViT, momentum, text, ITC, ITM, LM, optimizer, queue, other.
 
 The split comes from the PyTorch profiler. Forward work is labelled by ``record_function`` ranges
-named ``bench/<part>``: the HF baseline writes them inline; for the recipe,
-:func:`instrument_recipe` adds them from outside (forward hooks on the model's parts, wrappers on
-the momentum state, optimizer and the objective's loss functions), so the recipe and the model stay
+named ``bench/<part>``: the HF baseline writes them inline; for our step,
+:func:`instrument_step` adds them from outside (forward hooks on the model's parts, wrappers on
+the momentum state, optimizer and the objective's loss functions), so the step and the model stay
 untouched. Backward work is labelled through the autograd sequence number: every
 ``autograd::engine::evaluate_function: XBackward`` event carries the sequence number of the forward
 op that created its node, and that op sits inside a labelled range. Activation-checkpoint recompute
@@ -27,10 +27,10 @@ from torch import nn
 from torch.profiler import record_function
 
 PREFIX = "bench/"
-PARTS = ("vit", "momentum", "text", "itc", "itm", "lm", "optimizer", "queue", "other")
-"""Labels of the split, in report order."""
-
-_TEXT_MODE_PART = {"text": "text", "multimodal": "itm", "decoder": "lm"}
+PARTS = ("vit", "momentum", "text", "itc", "multimodal", "itm", "lm", "optimizer", "queue", "other")
+"""Labels of the split, in report order. ``multimodal`` is our one MED pass for ITM and LM
+together; the baseline runs separate ITM and LM passes (``itm``, ``lm``); for ours ``itm`` and
+``lm`` are the heads, negative sampling and losses around that pass."""
 _BACKWARD = "autograd::engine::evaluate_function"
 
 
@@ -73,8 +73,10 @@ class _RangeHooks:
 
 
 def _text_part(args: tuple, kwargs: dict) -> str:
-    mode = kwargs.get("mode", args[2] if len(args) > 2 else "text")
-    return _TEXT_MODE_PART.get(mode, "text")
+    """The MED without images is the unimodal text pass; with images, the multimodal pass."""
+    images = kwargs.get("image_embeds", args[2] if len(args) > 2 else None)
+    cross_kv = kwargs.get("cross_kv", args[4] if len(args) > 4 else None)
+    return "text" if images is None and cross_kv is None else "multimodal"
 
 
 @contextlib.contextmanager
@@ -93,19 +95,19 @@ def _patched(obj: Any, name: str, part: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def instrument_recipe(recipe: Any) -> Iterator[None]:
-    """Label a ``BlipPretrainRecipe``'s step for :func:`time_split` (undone on exit).
+def instrument_step(step: Any) -> Iterator[None]:
+    """Label a ``PretrainStep``'s work for :func:`time_split` (undone on exit).
 
-    Hooks: ``model.visual_encoder`` / ``vision_proj`` -> vit; ``model.text`` by mode (text ->
-    text, multimodal -> itm, decoder -> lm); ``text_proj`` -> text; ``itm_head`` -> itm;
-    ``lm_head`` -> lm. Wrappers: ``momentum.update`` / ``targets`` -> momentum, ``enqueue`` ->
-    queue; ``optimizer.step`` / ``zero_grad``, the gradient-norm pass and the LR scheduler ->
-    optimizer; ``objective.itc_loss`` -> itc, ``sample_hard_negatives`` / ``itm_loss`` -> itm,
+    Hooks: ``model.visual_encoder`` / ``vision_proj`` -> vit; ``model.text`` -> text without
+    images, multimodal with them; ``text_proj`` -> text; ``itm_head`` -> itm; ``lm_head`` -> lm.
+    Wrappers: ``momentum.update`` / ``targets`` -> momentum, ``enqueue`` -> queue;
+    ``optimizer.step`` / ``zero_grad``, the gradient norm and the LR scheduler -> optimizer;
+    ``objective.itc_loss`` -> itc, ``sample_hard_negatives`` / ``itm_loss`` -> itm,
     ``lm_loss`` -> lm.
     """
-    from blip_recipes import objective
+    from blip_recipes import objective, pretrain_step
 
-    model = recipe.model
+    model = step.model
     hooks = _RangeHooks()
     hooks.add(model.visual_encoder, "vit")
     hooks.add(model.vision_proj, "vit")
@@ -116,13 +118,13 @@ def instrument_recipe(recipe: Any) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.callback(hooks.remove)
         for obj, name, part in (
-            (recipe.momentum, "update", "momentum"),
-            (recipe.momentum, "targets", "momentum"),
-            (recipe.momentum, "enqueue", "queue"),
-            (recipe.optimizer, "step", "optimizer"),
-            (recipe.optimizer, "zero_grad", "optimizer"),
-            (recipe.lr_scheduler, "step", "optimizer"),
-            (recipe, "_clip_gradients", "optimizer"),
+            (step.momentum, "update", "momentum"),
+            (step.momentum, "targets", "momentum"),
+            (step.momentum, "enqueue", "queue"),
+            (step.optimizer, "step", "optimizer"),
+            (step.optimizer, "zero_grad", "optimizer"),
+            (step.lr_scheduler, "step", "optimizer"),
+            (pretrain_step, "global_grad_norm", "optimizer"),
             (objective, "itc_loss", "itc"),
             (objective, "sample_hard_negatives", "itm"),
             (objective, "itm_loss", "itm"),

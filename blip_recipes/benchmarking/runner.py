@@ -1,11 +1,12 @@
-"""Run the recipe's real ``train_step`` (one variant at a time) and the HF baseline, timed alike.
+"""Run the training step the recipe runs (one variant at a time) and the HF baseline, timed alike.
 
-Each variant builds a fresh ``BlipPretrainRecipe`` from a config (``setup()`` exactly as a user's
-run does: model on meta, float8, AC, compile, FSDP2, momentum state, optimizer), then calls
-``train_step`` on batches that are either already on the device (``synthetic-device``: what the
-model and optimizer can do) or drawn from the recipe's own loader (``loader``: what the input
-pipeline lets through). The baseline runs the same sizes and batches. Results are plain dicts
-(see :func:`run_benchmark`) so the tool can print and save them as JSON.
+Each variant builds, from a config, exactly what the pretraining recipe builds with the same
+library calls (``build_pretraining``: model on meta, float8, AC, compile, FSDP2, momentum state;
+then the optimizer, the schedule and ``PretrainStep.from_config``), and calls that step on batches
+that are either already on the device (``synthetic-device``: what the model and optimizer can do)
+or drawn from the run's loader (``loader``: what the input pipeline lets through). The baseline
+runs the same sizes and batches. Results are plain dicts (see :func:`run_benchmark`) so the tool
+can print and save them as JSON.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import gc
 import itertools
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from blip_recipes.benchmarking.inputs import TEXT_LENGTH, synthetic_batches, write_bert_layout_vocab
-from blip_recipes.benchmarking.profiling import instrument_recipe, profile_steps
+from blip_recipes.benchmarking.profiling import instrument_step, profile_steps
 from blip_recipes.benchmarking.report import environment, one_line
 from blip_recipes.benchmarking.timing import StepTimer, count_host_syncs, reset_peak_memory
 from blip_recipes.benchmarking.variants import Variant
@@ -212,6 +212,50 @@ def _mfu(settings: BenchmarkSettings, samples_per_sec: float, device: torch.devi
     return effective_mfu(samples_per_sec, flops_per_sample(settings.model), peak_flops(device))
 
 
+@dataclass
+class _OursRun:
+    """What one variant builds: the recipe's components for `cfg`, on this process."""
+
+    cfg: Any
+    tokenizer: Any
+    step_fn: Any
+    compute_dtype: torch.dtype
+    loader: Any = None
+
+    @classmethod
+    def build(cls, cfg: Any, with_loader: bool) -> _OursRun:
+        from blip_recipes.build import build_pretraining, compute_dtype
+        from blip_recipes.data import build_tokenizer, build_train_loader
+        from blip_recipes.optim import build_lr_scheduler, build_optimizer
+        from blip_recipes.parallel import init_distributed
+        from blip_recipes.pretrain_step import PretrainStep
+
+        info = init_distributed(cfg.parallel.device)
+        dtype = compute_dtype(cfg.training.mixed_precision, info.device)
+        use_fsdp = cfg.parallel.fsdp and info.world_size > 1
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        loader = None
+        if with_loader:
+            loader = build_train_loader(cfg.data, tokenizer, image_size=cfg.model.image_size,
+                                        seed=cfg.job.seed, rank=info.rank,
+                                        world_size=info.world_size)  # fmt: skip
+        model, momentum, _ = build_pretraining(cfg, tokenizer, info.device,
+                                               info.mesh if use_fsdp else None, dtype)  # fmt: skip
+        optimizer = build_optimizer(model, cfg.optimizer, info.device.type)
+        steps = cfg.training.steps
+        lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
+                                          steps_per_epoch=steps, total_steps=steps)  # fmt: skip
+        step_fn = PretrainStep.from_config(cfg, model, momentum, optimizer, lr_scheduler, info,
+                                           use_fsdp, dtype)  # fmt: skip
+        return cls(cfg, tokenizer, step_fn, dtype, loader)
+
+    def close(self) -> None:
+        from blip_recipes.parallel import shutdown_distributed
+
+        self.step_fn = self.loader = None
+        shutdown_distributed()
+
+
 def run_recipe_variant(
     settings: BenchmarkSettings,
     variant: Variant,
@@ -219,12 +263,11 @@ def run_recipe_variant(
     device: torch.device,
     vocab_path: Path | None,
 ) -> dict[str, Any]:
-    """Set up ``BlipPretrainRecipe`` for ``variant`` and time its ``train_step``."""
-    from recipes.blip_pretrain import BlipPretrainRecipe
+    """Build the run of ``variant`` with the recipe's library calls and time its step."""
+    from blip_recipes.data import normalize_images
 
     result: dict[str, Any] = {"name": variant.name, "kind": "ours", "batch_size": batch_size}
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    recipe = None
+    run = None
     _reset_between_runs(device)
     with tempfile.TemporaryDirectory(prefix="blip-bench-") as out:
         try:
@@ -233,23 +276,24 @@ def run_recipe_variant(
             result["overrides"] = list(variant.for_device(device.type))
             result["queue_size"] = cfg.model.queue_size
             t0 = time.perf_counter()
-            recipe = BlipPretrainRecipe(cfg)
-            recipe.setup()
-            for sig, handler in handlers.items():  # setup installs SIGINT/SIGTERM handlers
-                signal.signal(sig, handler)
+            run = _OursRun.build(cfg, with_loader=settings.data == "loader")
             result["setup_s"] = time.perf_counter() - t0
-            result["compute_dtype"] = str(recipe.compute_dtype).replace("torch.", "")
-            result["fused_adamw"] = bool(recipe.optimizer.defaults.get("fused"))
-            last: dict[str, Any] = {}
+            result["compute_dtype"] = str(run.compute_dtype).replace("torch.", "")
+            result["fused_adamw"] = run.step_fn.fused
+            last: dict[str, Any] = {"step": 0}
+            alpha = cfg.training.alpha
 
             def step(batch: dict) -> None:
-                last["out"], last["finite"] = recipe.train_step(batch)
-                recipe.step += 1
+                images = normalize_images(batch["images"].to(device, non_blocking=True))
+                ids = batch["input_ids"].to(device, non_blocking=True)
+                mask = batch["attention_mask"].to(device, non_blocking=True)
+                last["result"] = run.step_fn(images, ids, mask, last["step"], alpha)
+                last["step"] += 1
 
             if settings.data == "loader":
-                next_batch = recipe.loader.__next__
+                next_batch = run.loader.__next__
             else:
-                tok = recipe.tokenizer
+                tok = run.tokenizer
                 special = {"pad": tok.pad_token_id, "cls": tok.cls_token_id,
                            "sep": tok.sep_token_id}  # fmt: skip
                 next_batch = _cycle(synthetic_batches(
@@ -258,15 +302,15 @@ def run_recipe_variant(
             reset_peak_memory(device)
             result.update(_timed_loop(step, next_batch, settings, device, batch_size))
             result.update(_memory(device))
-            out_ = last["out"]
+            out_ = last["result"].output
             result["losses"] = {k: float(getattr(out_, k).detach()) for k in
                                 ("loss", "loss_ita", "loss_itm", "loss_lm")}  # fmt: skip
-            result["last_step_applied"] = bool(last["finite"])
+            result["last_step_applied"] = bool(last["result"].ok)
             result["compile_stats"] = _compile_stats() if variant.compile else {}
             result["host_syncs"] = count_host_syncs(lambda: step(next_batch()), device)
             if settings.profile:
                 trace = _trace_path(settings, f"ours-{variant.name}-b{batch_size}")
-                with instrument_recipe(recipe):
+                with instrument_step(run.step_fn):
                     result["profile"] = profile_steps(
                         lambda: step(next_batch()), settings.profile_steps, device, trace
                     )
@@ -274,11 +318,9 @@ def run_recipe_variant(
             result["error"] = f"{type(e).__name__}: {e}"
             result["traceback"] = traceback.format_exc(limit=8)
         finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            if recipe is not None:
-                recipe.cleanup()
-            recipe = None
+            if run is not None:
+                run.close()
+            run = None
             _reset_between_runs(device)
     return result
 

@@ -14,11 +14,10 @@ A variant name is a ``-``-joined list of tokens, read left to right::
 | ``ac-vitN`` | checkpoint the last N ViT blocks (``vit_last_n``, the reference's choice) |
 | ``nofsdp`` | ``parallel.fsdp=false`` (plain module + gradient all-reduce) |
 | ``noreshard`` | ``parallel.reshard_after_forward=false`` |
-| ``noshare`` | ``model.share_cross_attention_kv=false`` (K/V recomputed per pass, as the reference) |
 | ``fused`` / ``unfused`` | ``optimizer.fused`` true / false (unfused: foreach AdamW + host-sync skip) |
 
 Each optimisation of the recipe can thus be switched off alone and measured against the same
-variant with it on (``compile-bf16`` vs ``compile-bf16-noshare``, ``compile-bf16-unfused``, ...).
+variant with it on (``compile-bf16`` vs ``compile-bf16-unfused``, ``compile-bf16-noreshard``, ...).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ _AC_VIT = re.compile(r"ac-vit(\d+)$")
 DEFAULT_VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16")
 """What ``tools/benchmark.py`` runs when ``--variants`` is not given."""
 
-ISSUE_VARIANTS = (
+FULL_VARIANTS = (
     "eager-fp32",
     "eager-bf16",
     "compile-bf16",
@@ -39,18 +38,18 @@ ISSUE_VARIANTS = (
     "compile-bf16-float8-rowwise",
     "compile-bf16-ac-full",
 )
-"""The variants the speed issue asks for in one run (``--variants issue``)."""
+"""Every precision, float8 recipe and activation-checkpointing mode in one run
+(``--variants full``)."""
 
 ABLATION_VARIANTS = (
     "compile-bf16",
-    "compile-bf16-noshare",
     "compile-bf16-unfused",
     "compile-bf16-nofsdp",
     "compile-bf16-noreshard",
 )
 """One optimisation off at a time, against ``compile-bf16`` (``--variants ablation``)."""
 
-PRESETS = {"default": DEFAULT_VARIANTS, "issue": ISSUE_VARIANTS, "ablation": ABLATION_VARIANTS}
+PRESETS = {"default": DEFAULT_VARIANTS, "full": FULL_VARIANTS, "ablation": ABLATION_VARIANTS}
 
 
 @dataclass(frozen=True)
@@ -121,8 +120,6 @@ def parse_variant(name: str) -> Variant:
             extra.append("parallel.fsdp=false")
         elif token == "noreshard":
             extra.append("parallel.reshard_after_forward=false")
-        elif token == "noshare":
-            extra.append("model.share_cross_attention_kv=false")
         elif token in ("fused", "unfused"):
             kind = "optimizer"
             extra.append(f"optimizer.fused={'true' if token == 'fused' else 'false'}")
@@ -130,7 +127,7 @@ def parse_variant(name: str) -> Variant:
             raise ValueError(
                 f"variant {name!r}: unknown token {token!r}; known: eager, compile, fp32, bf16, "
                 "float8-tensorwise, float8-rowwise, ac-on, ac-full, ac-off, ac-vitN, nofsdp, "
-                "noreshard, noshare, fused, unfused"
+                "noreshard, fused, unfused"
             )
         if kind in seen:
             raise ValueError(f"variant {name!r}: more than one {kind} token")
@@ -150,7 +147,7 @@ def parse_variant(name: str) -> Variant:
 
 
 def parse_variants(spec: str) -> list[Variant]:
-    """Comma-separated variant names and preset names (``default``, ``issue``, ``ablation``)."""
+    """Comma-separated variant names and preset names (``default``, ``full``, ``ablation``)."""
     names: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:

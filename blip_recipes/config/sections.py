@@ -37,8 +37,6 @@ class ModelConfig:
     """EMA factor of the momentum encoders: p_m = m * p_m + (1 - m) * p."""
     drop_path_rate: Optional[float] = None
     """ViT stochastic depth; None keeps the builder's default (0 for ViT-B, 0.1 for ViT-L)."""
-    share_cross_attention_kv: bool = True
-    """Project image tokens to cross-attention keys/values once per step for ITM and LM (exact, saves ~16% FLOPs)."""
     momentum_train_mode: bool = True
     """Run the momentum encoders in train mode (dropout active) as the reference does."""
     text_init: Optional[str] = None
@@ -173,6 +171,8 @@ class ParallelConfig:
     """Train eligible linears in float8 through torchao."""
     float8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
     """torchao float8 scaling recipe."""
+    float8_filter: Literal["auto", "all"] = "auto"
+    """Which linears train in float8: auto keeps only the shapes where float8 matmuls pay off (torchao's shape rule per recipe; docs/float8.md); all converts every linear with dims divisible by 16. The small heads never."""
     float8_emulate: bool = False
     """Emulate float8 matmuls (for CPU tests)."""
     float8_fsdp_all_gather: bool = True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -58,30 +57,6 @@ def is_sharded(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-@contextmanager
-def root_unsharded(model: nn.Module) -> Iterator[None]:
-    """Gather the FSDP2 root unit's own parameters for calls that bypass the root `forward`.
-
-    Evaluation calls the model's submodules (`visual_encoder`, `text`, the heads) directly; the
-    blocks inside are their own FSDP2 units and gather themselves in their forward hooks, but
-    the parameters held by the root unit (patch/position embeddings, word embeddings, heads) are
-    only gathered by the root's forward. `unshard()` gathers them until `reshard()`. A model
-    that is not an FSDP2 module passes through unchanged.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        FSDPModule = ()  # type: ignore[assignment]
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
 
 
 def run_balanced(

@@ -12,9 +12,9 @@
    keep their ITC order.
 4. Recall@1/5/10 both ways for the reranked scores and for ITC alone (`itc_*`).
 
-With an FSDP2-sharded model every rank makes the same number of forward calls (padding with
-dummy batches), and the root unit's parameters are gathered for the duration
-(:func:`root_unsharded`). Every rank returns the same result.
+Everything runs through the model's entry points (`encode_image`, `encode_text`, `itm_logits`),
+which are FSDP2 forwards of a sharded model; every rank then makes the same number of calls
+(padding with dummy batches). Every rank returns the same result.
 """
 
 from __future__ import annotations
@@ -35,13 +35,10 @@ from blip_recipes.evaluation._dist import (
     all_reduce_sum,
     is_sharded,
     rank_and_world,
-    root_unsharded,
     run_balanced,
     shard_range,
 )
 from blip_recipes.evaluation.metrics import positive_ranks, retrieval_metrics
-from blip_recipes.models.heads import project_features
-from blip_recipes.objective import replace_first_token
 
 
 @dataclass
@@ -224,7 +221,9 @@ def score_retrieval(
     was_training = model.training
     model.eval()
     try:
-        with root_unsharded(model):
+        # Eager: varying batch sizes and pair counts would otherwise recompile the training
+        # run's compiled blocks (and could reach the recompile limit) for a few forwards.
+        with torch.compiler.set_stance("force_eager"):
             return _score(model, tokenizer, data, k_test, batch_size, text_max_length,
                           image_size, num_workers, device, progress and rank == 0,
                           balanced, rank, world)  # fmt: skip
@@ -252,16 +251,14 @@ def _score(model, tokenizer, data, k_test, batch_size, text_max_length, image_si
 
     def encode_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = normalize_images(images.to(device, non_blocking=True), dtype)
-        embeds = model.visual_encoder(pixels)
-        return embeds, project_features(model.vision_proj, embeds[:, 0])
+        return tuple(model.encode_image(pixels))
 
     def encode_texts(rows: range) -> torch.Tensor:
         ids, mask = (
             all_ids[rows.start : rows.stop].to(device),
             all_mask[rows.start : rows.stop].to(device),
         )
-        hidden = model.text(ids, mask, "text").hidden_states
-        return project_features(model.text_proj, hidden[:, 0])
+        return model.encode_text(ids, mask).feat
 
     embeds_parts, img_feat_parts = [], []
     dummy_image = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
@@ -315,7 +312,6 @@ def _score(model, tokenizer, data, k_test, batch_size, text_max_length, image_si
     t2i_codes = t2i_cand_all * n_txt + t2i_text
     codes = torch.unique(torch.cat([i2t_codes.flatten(), t2i_codes[t2i_local]]))  # sorted
     pair_batches = [codes[s : s + batch_size] for s in range(0, codes.numel(), batch_size)]
-    enc_ids = replace_first_token(all_ids, tokenizer.enc_token_id)
 
     def itm_logits(batch_codes: torch.Tensor) -> torch.Tensor:
         images, texts = batch_codes // n_txt, batch_codes % n_txt
@@ -326,9 +322,9 @@ def _score(model, tokenizer, data, k_test, batch_size, text_max_length, image_si
         else:
             embeds = image_embeds.index_select(0, unique_images - local_img.start)
         texts_cpu = texts.cpu()
-        hidden = model.text(enc_ids[texts_cpu].to(device), all_mask[texts_cpu].to(device),
-                            "multimodal", embeds, rows).hidden_states  # fmt: skip
-        return model.itm_head(hidden[:, 0]).float()[:, 1]
+        logits = model.itm_logits(embeds, all_ids[texts_cpu].to(device),
+                                  all_mask[texts_cpu].to(device), rows)  # fmt: skip
+        return logits.float()[:, 1]
 
     bar.reset(len(pair_batches))
     dummy_pair = torch.full((1,), local_img.start * n_txt, dtype=torch.long, device=device)

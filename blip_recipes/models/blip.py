@@ -1,22 +1,55 @@
-"""The composed BLIP pretraining model: ViT + MED + heads, one training step's model part.
+"""The composed BLIP pretraining model: ViT + MED + heads, used through named entry points.
 
-`BlipPretrain.forward` runs ITC, ITM (with hard negatives) and LM for one batch, given the
-momentum targets computed beforehand by `blip_recipes.momentum.MomentumState`. The loss maths is
-in `blip_recipes.objective`; this module only routes tensors through the submodules' `forward`s
-(FSDP2 hooks fire there) and holds no distributed code.
+`BlipPretrain` has no mode string and no loss inside. Its entry points are what every caller
+runs (training, momentum distillation, evaluation, captioning), and each is registered with
+FSDP2 so that it is a proper sharded forward of the root unit:
+
+- `encode_image(images)` -> image tokens and the unit-norm ITC feature;
+- `encode_text(ids, mask)` -> text hidden states and the unit-norm ITC feature;
+- `temperature()` -> the clamped ITC temperature;
+- `multimodal(image_embeds, ids, mask, neg_image, neg_text)` -> ITM logits of the positive and
+  both hard-negative pairs and the captioning logits, in ONE pass over the MED;
+- `itm_logits(...)` and `next_token_logits(...)` for evaluation and generation.
+
+The loss maths lives in `blip_recipes.objective` (pure functions) and is composed with these
+entry points by `blip_recipes.pretrain_step`; the fp32 queues never enter the model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from blip_recipes import objective
 from blip_recipes.models.heads import project_features
-from blip_recipes.models.med import MED, LMHead, init_bert_modules
+from blip_recipes.models.med import (
+    DECODER_ROWS,
+    ENCODER_ROWS,
+    MED,
+    CrossKV,
+    LMHead,
+    RowLayout,
+    init_bert_modules,
+)
 from blip_recipes.models.vit import VisionTransformer
+
+PRETRAIN_LAYOUT = RowLayout.of((2, 1), (1, 0))
+"""Rows of the pretraining multimodal pass over B images: per image (ITM positive, ITM
+negative text, decoder) against the batch's images, then (ITM negative image) against the B
+hard-negative images."""
+
+ENTRY_POINTS = (
+    "encode_image",
+    "encode_text",
+    "temperature",
+    "multimodal",
+    "itm_logits",
+    "next_token_logits",
+)
+"""Methods that run the model; `parallelize_blip` registers each with FSDP2."""
 
 
 @dataclass
@@ -56,8 +89,31 @@ class BlipOutput:
     text_feat: torch.Tensor
 
 
+class ImageEncoding(NamedTuple):
+    """embeds: (B, 1 + N, D_vision) image tokens; feat: (B, E) unit-norm fp32 ITC feature."""
+
+    embeds: torch.Tensor
+    feat: torch.Tensor
+
+
+class TextEncoding(NamedTuple):
+    """hidden: (B, L, D) unimodal text states; feat: (B, E) unit-norm fp32 ITC feature."""
+
+    hidden: torch.Tensor
+    feat: torch.Tensor
+
+
+class MultimodalOutput(NamedTuple):
+    """itm_logits: (3B, 2), rows = B positives, B (text, negative image), B (negative text,
+    image); lm_logits: (B * (L - 1), V) fp32, row b * (L - 1) + t predicts token t + 1 of
+    caption b (flat, so that the big logits tensor leaves the FSDP forward without a view)."""
+
+    itm_logits: torch.Tensor
+    lm_logits: torch.Tensor
+
+
 class BlipPretrain(nn.Module):
-    """BLIP pretraining model (online side).
+    """BLIP pretraining model (online side), run through its entry points (module docstring).
 
     Args:
         visual_encoder: ViT returning (B, 1 + N, D_vision).
@@ -71,13 +127,10 @@ class BlipPretrain(nn.Module):
         pad_token_id: padding id, ignored by the LM loss ([PAD], 0).
         temp_init: initial temperature (0.07).
         label_smoothing: LM label smoothing (0.1).
-        share_cross_attention_kv: compute the image-token cross-attention keys/values once per
-            layer and step, reuse them for positives, negatives (row gather) and the decoder.
-            Off recomputes them per pass, as the reference does. Same result to float tolerance.
 
     The temperature is a (1,)-shaped parameter (FSDP2 refuses 0-d parameters). Call
-    `clamp_temperature_()` at the start of each step (outside forward), as the reference does;
-    forward also applies the clamp to the value it uses (straight-through) as a safety net.
+    `clamp_temperature_()` at the start of each step (outside the entry points), as the reference
+    does; `temperature()` also applies the clamp to the value it returns (straight-through).
     """
 
     def __init__(
@@ -93,7 +146,6 @@ class BlipPretrain(nn.Module):
         pad_token_id: int = 0,
         temp_init: float = 0.07,
         label_smoothing: float = 0.1,
-        share_cross_attention_kv: bool = True,
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
@@ -108,7 +160,6 @@ class BlipPretrain(nn.Module):
         self.dec_token_id = dec_token_id
         self.pad_token_id = pad_token_id
         self.label_smoothing = label_smoothing
-        self.share_cross_attention_kv = share_cross_attention_kv
         self.queue_size: int | None = None  # default for the momentum state built beside it
 
     @property
@@ -121,89 +172,115 @@ class BlipPretrain(nn.Module):
         """Clamp `temp` in place to [0.001, 0.5] (works on FSDP2-sharded DTensors)."""
         self.temp.clamp_(objective.TEMP_MIN, objective.TEMP_MAX)
 
-    def _clamped_temp(self) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> ImageEncoding:
+        """Same as `encode_image`; the other entry points are methods (see the module doc)."""
+        return self.encode_image(images)
+
+    def encode_image(self, images: torch.Tensor) -> ImageEncoding:
+        """images: (B, 3, H, W) normalised -> `ImageEncoding` (tokens and ITC feature)."""
+        embeds = self.visual_encoder(images)
+        return ImageEncoding(embeds, project_features(self.vision_proj, embeds[:, 0]))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEncoding:
+        """input_ids, attention_mask: (B, L), `[CLS]` first -> `TextEncoding`."""
+        hidden = self.text(input_ids, attention_mask).hidden_states
+        return TextEncoding(hidden, project_features(self.text_proj, hidden[:, 0]))
+
+    def temperature(self) -> torch.Tensor:
+        """(1,) ITC temperature clamped to [0.001, 0.5], gradient passed straight through."""
         clamped = self.temp.clamp(objective.TEMP_MIN, objective.TEMP_MAX)
         return self.temp + (clamped - self.temp).detach()
 
-    def forward(
+    def multimodal(
         self,
-        images: torch.Tensor,
+        image_embeds: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        targets: MomentumTargets,
-        alpha: float | torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> BlipOutput:
-        """One training step's model part: ITC, ITM with hard negatives, LM.
+        neg_image: torch.Tensor,
+        neg_text: torch.Tensor,
+    ) -> MultimodalOutput:
+        """ITM (positive + both hard negatives) and captioning in one pass over the MED.
+
+        Every MED layer runs once for 4B rows: per image b, the ITM positive (`[ENC]` text b),
+        the ITM negative text (`[ENC]` text `neg_text[b]`) and the decoder row (`[DEC]` text b)
+        attend image b's keys/values together; the ITM negative-image rows (text b) attend
+        image `neg_image[b]`, whose tokens are gathered once here, not per layer.
 
         Args:
-            images: (B, 3, H, W) normalised images.
-            input_ids: (B, L) int64, `[CLS] ... [SEP] [PAD]...` (first token gets replaced).
-            attention_mask: (B, L), 1 = token.
-            targets: momentum features and queue snapshot for this batch.
-            alpha: distillation weight (0 -> 0.4 over the first two epochs).
-            generator: RNG for hard-negative sampling, on the images' device.
+            image_embeds: (B, 1 + N, D_vision) from `encode_image`.
+            input_ids: (B, L) `[CLS] ... [SEP] [PAD]...` (padding trailing).
+            attention_mask: (B, L).
+            neg_image: (B,) int64 hard-negative image of each text.
+            neg_text: (B,) int64 hard-negative text of each image.
 
         Returns:
-            `BlipOutput` with `loss = loss_ita + loss_itm + loss_lm`.
+            `MultimodalOutput(itm_logits (3B, 2), lm_logits (B * (L - 1), V) fp32)`.
         """
-        batch = images.shape[0]
-        temp = self._clamped_temp()
-
-        image_embeds = self.visual_encoder(images)
-        image_feat = project_features(self.vision_proj, image_embeds[:, 0])
-        text_hidden = self.text(input_ids, attention_mask, mode="text").hidden_states
-        text_feat = project_features(self.text_proj, text_hidden[:, 0])
-
-        itc = objective.itc_loss(
-            image_feat,
-            text_feat,
-            targets.image_feat_m,
-            targets.text_feat_m,
-            targets.image_queue,
-            targets.text_queue,
-            temp,
-            alpha,
-        )
-
-        neg_image, neg_text = objective.sample_hard_negatives(
-            itc.sim_i2t.detach(), itc.sim_t2i.detach(), generator
-        )
-        own = torch.arange(batch, device=input_ids.device)
+        batch = input_ids.shape[0]
         encoder_ids = objective.replace_first_token(input_ids, self.enc_token_id)
-        text_rows = torch.cat([own, own, neg_text])
-        image_rows = torch.cat([own, neg_image, own])
-        itm_ids = encoder_ids.index_select(0, text_rows)
-        itm_mask = attention_mask.index_select(0, text_rows)
-        if self.share_cross_attention_kv:
-            itm_out = self.text(itm_ids, itm_mask, "multimodal", image_embeds, image_rows)
-        else:
-            itm_images = image_embeds.index_select(0, image_rows)
-            itm_out = self.text(itm_ids, itm_mask, "multimodal", itm_images)
-        itm = objective.itm_loss(self.itm_head(itm_out.hidden_states[:, 0]))
-
         decoder_ids = objective.replace_first_token(input_ids, self.dec_token_id)
-        shared_kv = itm_out.cross_kv if self.share_cross_attention_kv else None
-        decoder_hidden = self.text(
-            decoder_ids, attention_mask, "decoder", image_embeds, cross_kv=shared_kv
-        ).hidden_states
-        logits = self.lm_head(decoder_hidden[:, :-1], self.text.embeddings.word_embeddings.weight)
-        loss_lm = objective.lm_loss(
-            logits, objective.lm_labels(decoder_ids, self.pad_token_id), self.label_smoothing
-        )
+        own_image_ids = torch.stack([encoder_ids, encoder_ids[neg_text], decoder_ids], 1)
+        own_image_mask = torch.stack([attention_mask, attention_mask[neg_text], attention_mask], 1)
+        ids = torch.cat([own_image_ids.flatten(0, 1), encoder_ids])
+        mask = torch.cat([own_image_mask.flatten(0, 1), attention_mask])
+        images = torch.cat([image_embeds, image_embeds[neg_image]])
+        hidden = self.text(ids, mask, images, PRETRAIN_LAYOUT, causal_fast_path=True).hidden_states
+        own = hidden[: 3 * batch].unflatten(0, (batch, 3))  # (B, 3, L, D)
+        cls = torch.cat([own[:, 0, 0], hidden[3 * batch :, 0], own[:, 1, 0]])
+        word_embeddings = self.text.embeddings.word_embeddings.weight
+        lm_logits = self.lm_head(own[:, 2, :-1].flatten(0, 1), word_embeddings)
+        return MultimodalOutput(self.itm_head(cls), lm_logits)
 
-        return BlipOutput(
-            loss=itc.loss + itm.loss + loss_lm,
-            loss_ita=itc.loss,
-            loss_itm=itm.loss,
-            loss_lm=loss_lm,
-            itm_acc=itm.accuracy,
-            itm_pos_prob=itm.pos_prob,
-            itm_neg_prob=itm.neg_prob,
-            temp=temp.detach().reshape(()),
-            image_feat=image_feat.detach(),
-            text_feat=text_feat.detach(),
-        )
+    def itm_logits(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ITM logits of text rows against images (evaluation's rerank).
+
+        Args:
+            image_embeds: (M, 1 + N, D_vision).
+            input_ids: (R, L) with `[CLS]` first (replaced by `[ENC]` here).
+            attention_mask: (R, L).
+            image_rows: (R,) image of each text row; None = row i with image i (R == M).
+
+        Returns:
+            (R, 2) logits; column 1 is "match".
+        """
+        ids = objective.replace_first_token(input_ids, self.enc_token_id)
+        hidden = self.text(
+            ids, attention_mask, image_embeds, ENCODER_ROWS, image_rows=image_rows
+        ).hidden_states
+        return self.itm_head(hidden[:, 0])
+
+    def next_token_logits(
+        self,
+        prefixes: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        cross_kv: list[CrossKV] | None = None,
+        rows_per_image: int = 1,
+    ) -> tuple[torch.Tensor, list[CrossKV]]:
+        """Decoder logits of the token after each prefix (captioning, step by step).
+
+        Args:
+            prefixes: (M * k, T) `[DEC] ...` without padding; image m owns rows m*k .. m*k+k-1.
+            image_embeds: (M, 1 + N, D_vision) at the first step.
+            cross_kv: the per-layer image keys/values returned by the previous step (then
+                `image_embeds` is not needed).
+            rows_per_image: k (beams per image).
+
+        Returns:
+            (M * k, V) fp32 logits and the per-layer cross keys/values to pass back next step.
+        """
+        layout = DECODER_ROWS if rows_per_image == 1 else RowLayout.of((0, rows_per_image))
+        out = self.text(prefixes, torch.ones_like(prefixes), image_embeds, layout, cross_kv,
+                        causal_fast_path=True, return_cross_kv=True)  # fmt: skip
+        word_embeddings = self.text.embeddings.word_embeddings.weight
+        logits = self.lm_head(out.hidden_states[:, -1:], word_embeddings)[:, -1].float()
+        assert out.cross_kv is not None
+        return logits, out.cross_kv
 
     @torch.no_grad()
     def init_weights(self) -> None:

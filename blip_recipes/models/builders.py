@@ -161,7 +161,6 @@ _MODEL_ARGS = (
     "dec_token_id",
     "temp_init",
     "label_smoothing",
-    "share_cross_attention_kv",
 )
 
 
@@ -217,7 +216,7 @@ def build_model(name: str, **overrides: Any) -> BlipPretrain:
     Overrides: vocab_size, image_size, patch_size, vision_width/depth/heads, text_width/depth/
     heads, text_ffn_dim, text_dropout, embed_dim, drop_path_rate, max_positions, queue_size
     (recorded as `model.queue_size`, the momentum state's default), pad_token_id, enc_token_id,
-    dec_token_id, temp_init, label_smoothing, share_cross_attention_kv, mlp_ratio, norm eps.
+    dec_token_id, temp_init, label_smoothing, mlp_ratio, norm eps.
     """
     spec = _spec(name, overrides)
     model = BlipPretrain(

@@ -3,14 +3,15 @@
 One `MEDLayer` holds everything the text encoder and the text decoder share at that depth (the
 cross-attention and the FFN) plus both self-attentions (bidirectional for the encoder, causal for
 the decoder), so the sharing is structural: a parameter lives in exactly one module, which is the
-unit FSDP2 shards. A layer is called through `forward` with a mode:
+unit FSDP2 shards. What a pass computes is data, not a mode string:
 
-- `"text"`: bidirectional self-attention -> FFN (unimodal text encoder, ITC);
-- `"multimodal"`: bidirectional self-attention -> cross-attention to image tokens -> FFN (ITM);
-- `"decoder"`: causal self-attention -> cross-attention -> FFN (captioning / LM).
+- no images: bidirectional self-attention -> FFN (the unimodal text encoder, ITC);
+- images and a `RowLayout`: each row runs its self-attention (bidirectional for encoder rows,
+  causal for decoder rows), cross-attends its image, then the FFN. Encoder and decoder rows of
+  the same images share one pass, and all rows of an image attend its keys/values together.
 
 A text-only MED (the momentum text encoder) is built with `causal_self_attn=None` and
-`cross_attn=None`; it only supports `"text"`.
+`cross_attn=None`; it only runs without images.
 
 Post-LN BERT arithmetic throughout (LayerNorm eps 1e-12 in the reference); attention through
 `F.scaled_dot_product_attention` with boolean masks (True = attend), which equals the reference's
@@ -20,13 +21,13 @@ first token is never padding).
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MEDMode = Literal["text", "multimodal", "decoder"]
 CrossKV = tuple[torch.Tensor, torch.Tensor]
 """Cross-attention keys and values of the image tokens, each (B_img, heads, N_img, head_dim)."""
 
@@ -69,7 +70,9 @@ class BertAttention(nn.Module):
     """Post-LN attention sublayer: norm(x + dropout(out(attention(query(x), key(s), value(s))))).
 
     Used as self-attention (source = x) and as cross-attention (source = image tokens, whose
-    width `kv_width` is the vision width).
+    width `kv_width` is the vision width). The pieces (`queries`, `key_value`, `attend`,
+    `residual`) are public so that a packed multimodal pass can attend several groups of
+    query rows against their own keys/values between one query and one output projection.
 
     Args:
         width: hidden width D of the queries and the output.
@@ -101,19 +104,59 @@ class BertAttention(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, heads, T, D / heads)."""
         batch, tokens, width = x.shape
         return x.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
 
+    @staticmethod
+    def merge_heads(x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, T, D / heads) -> (B, T, D)."""
+        batch, heads, tokens, head_dim = x.shape
+        return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
     def key_value(self, source: torch.Tensor) -> CrossKV:
         """source: (B, S, kv_width) -> keys, values, each (B, heads, S, D / heads)."""
-        return self._split_heads(self.key(source)), self._split_heads(self.value(source))
+        return self.split_heads(self.key(source)), self.split_heads(self.value(source))
+
+    def attend(
+        self,
+        queries: torch.Tensor,
+        key_value: CrossKV,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Scaled dot-product attention, (B, T, D) projected queries -> (B, T, D) context.
+
+        Args:
+            queries: (B, T, D), the output of `self.query`.
+            key_value: keys and values, each (B, heads, S, D / heads).
+            mask: boolean, broadcastable to (B, heads, T, S); True = attend. None = all.
+            is_causal: causal attention without a mask tensor (the fast kernels' path).
+        """
+        keys, values = key_value
+        query = self.split_heads(queries)
+        dropout = self.attention_dropout if self.training else 0.0
+        context = F.scaled_dot_product_attention(
+            query,
+            keys.to(query.dtype),
+            values.to(query.dtype),
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=is_causal,
+        )
+        return self.merge_heads(context)
+
+    def residual(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """norm(hidden + dropout(out(context))), both (B, T, D)."""
+        return self.norm(hidden + self.dropout(self.out(context)))
 
     def forward(
         self,
         hidden: torch.Tensor,
         mask: torch.Tensor | None = None,
         key_value: CrossKV | None = None,
+        is_causal: bool = False,
     ) -> torch.Tensor:
         """Attend from `hidden` to itself, or to precomputed `key_value`.
 
@@ -121,18 +164,14 @@ class BertAttention(nn.Module):
             hidden: (B, L, D) queries (and keys/values when `key_value` is None).
             mask: boolean, broadcastable to (B, heads, L, S); True = attend. None = all.
             key_value: keys/values (B, heads, S, D / heads) for cross-attention.
+            is_causal: causal self-attention without a mask (exact when padding is trailing
+                and only non-padding positions are read).
 
         Returns:
             (B, L, D).
         """
-        keys, values = self.key_value(hidden) if key_value is None else key_value
-        query = self._split_heads(self.query(hidden))
-        dropout = self.attention_dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(
-            query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask, dropout_p=dropout
-        )
-        context = context.transpose(1, 2).reshape(hidden.shape)
-        return self.norm(hidden + self.dropout(self.out(context)))
+        key_value = self.key_value(hidden) if key_value is None else key_value
+        return self.residual(hidden, self.attend(self.query(hidden), key_value, mask, is_causal))
 
 
 class BertFeedForward(nn.Module):
@@ -156,6 +195,115 @@ class BertFeedForward(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (B, L, D) -> (B, L, D)."""
         return self.norm(hidden + self.dropout(self.fc2(self.act(self.fc1(hidden)))))
+
+
+class RowGroup(NamedTuple):
+    """Text rows per image in one image group: `encoder` bidirectional rows, then `decoder`
+    causal rows."""
+
+    encoder: int
+    decoder: int
+
+    @property
+    def rows(self) -> int:
+        return self.encoder + self.decoder
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Which text rows of a multimodal pass attend which image, and which are decoder rows.
+
+    The images come in `len(groups)` groups of M images each, concatenated group by group
+    ((G * M, N, D_vision)). The text rows come group by group too; inside group g they are
+    image-major: image m of the group owns rows `m * k_g ... m * k_g + k_g - 1` (k_g =
+    `groups[g].rows`), its encoder rows first. Because cross-attention queries do not interact,
+    all k_g rows of an image attend its keys/values as one (k_g * L)-token query sequence: the
+    image tokens are projected to keys/values once per image, and no row is gathered.
+
+    The pretraining step packs ITM and captioning into one pass with two groups over B images:
+    `((2, 1), (1, 0))` = per image (ITM positive, ITM negative text, decoder) against the batch's
+    images, then (ITM negative image) against the hard-negative images gathered once per step.
+    """
+
+    groups: tuple[RowGroup, ...]
+
+    @classmethod
+    def of(cls, *groups: tuple[int, int]) -> RowLayout:
+        """`RowLayout.of((encoder_rows, decoder_rows), ...)` per image group."""
+        return cls(tuple(RowGroup(*g) for g in groups))
+
+    @property
+    def encoder_only(self) -> bool:
+        return all(g.decoder == 0 for g in self.groups)
+
+    @property
+    def decoder_only(self) -> bool:
+        return all(g.encoder == 0 for g in self.groups)
+
+    def rows_per_image(self) -> int:
+        """Text rows per image summed over groups (rows = M * this)."""
+        return sum(g.rows for g in self.groups)
+
+    def split(self, x: torch.Tensor, images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows in layout order (R, ...) -> (encoder rows (R_e, ...), decoder rows (R_d, ...)).
+
+        Views (no copy) when the layout has one kind of row only.
+        """
+        if self.encoder_only:
+            return x, x[:0]
+        if self.decoder_only:
+            return x[:0], x
+        encoder, decoder, offset = [], [], 0
+        for group in self.groups:
+            block = x[offset : offset + images * group.rows].unflatten(0, (images, group.rows))
+            offset += images * group.rows
+            if group.encoder:
+                encoder.append(block[:, : group.encoder].flatten(0, 1))
+            if group.decoder:
+                decoder.append(block[:, group.encoder :].flatten(0, 1))
+        return _cat(encoder), _cat(decoder)
+
+    def merge(self, encoder: torch.Tensor, decoder: torch.Tensor, images: int) -> torch.Tensor:
+        """Inverse of `split`: encoder and decoder rows -> rows in layout order."""
+        if self.encoder_only:
+            return encoder
+        if self.decoder_only:
+            return decoder
+        parts, enc_at, dec_at = [], 0, 0
+        for group in self.groups:
+            pieces = []
+            if group.encoder:
+                size = images * group.encoder
+                pieces.append(encoder[enc_at : enc_at + size].unflatten(0, (images, -1)))
+                enc_at += size
+            if group.decoder:
+                size = images * group.decoder
+                pieces.append(decoder[dec_at : dec_at + size].unflatten(0, (images, -1)))
+                dec_at += size
+            parts.append(_cat(pieces, dim=1).flatten(0, 1))
+        return _cat(parts)
+
+
+ENCODER_ROWS = RowLayout.of((1, 0))
+"""One bidirectional row per image (ITM scoring, the transformers `multimodal` pass)."""
+DECODER_ROWS = RowLayout.of((0, 1))
+"""One causal row per image (captioning)."""
+
+
+def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+class SelfAttentionMasks(NamedTuple):
+    """Boolean self-attention masks of one pass, prepared once for every layer.
+
+    encoder: (R_e, 1, 1, L) padding mask of the bidirectional rows (None when there are none).
+    decoder: (R_d, 1, L, L) padding & causal mask of the decoder rows, or None for the causal
+        fast path (`is_causal=True`, no mask tensor).
+    """
+
+    encoder: torch.Tensor | None
+    decoder: torch.Tensor | None
 
 
 class MEDLayer(nn.Module):
@@ -184,50 +332,86 @@ class MEDLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        self_mask: torch.Tensor,
-        mode: MEDMode = "text",
+        masks: SelfAttentionMasks,
+        layout: RowLayout = ENCODER_ROWS,
         image_embeds: torch.Tensor | None = None,
-        image_rows: torch.Tensor | None = None,
         cross_kv: CrossKV | None = None,
+        image_rows: torch.Tensor | None = None,
+        return_kv: bool = False,
     ) -> tuple[torch.Tensor, CrossKV | None]:
-        """Run the layer in one mode.
+        """Self-attention (per row kind) -> cross-attention (when images are given) -> FFN.
 
         Args:
-            hidden: (B_txt, L, D).
-            self_mask: boolean self-attention mask, (B_txt, 1, 1, L) or (B_txt, 1, L, L) causal.
-            mode: "text", "multimodal" or "decoder".
-            image_embeds: (B_img, N_img, D_vision) image tokens; used to compute the cross
-                keys/values when `cross_kv` is None.
-            image_rows: (B_txt,) int64, which image each text row attends to; None means row i
-                attends to image i (B_img == B_txt).
-            cross_kv: keys/values of the image tokens computed earlier in the step by this layer.
+            hidden: (R, L, D) text rows in `layout` order.
+            masks: self-attention masks of the encoder and decoder rows.
+            layout: row layout; text-only passes use `ENCODER_ROWS` and no images.
+            image_embeds: (G * M, N, D_vision) image tokens, the layout's groups concatenated;
+                None (and no `cross_kv`) skips cross-attention (the unimodal text encoder).
+            cross_kv: keys/values of those image tokens from an earlier call of this layer
+                (decoding step by step); skips recomputing them.
+            image_rows: inference only, with a one-row-per-image layout: (R,) image of each row
+                (keys/values gathered per row instead of one image per row).
+            return_kv: also return this layer's image keys/values (contiguous, for reuse).
 
         Returns:
-            hidden (B_txt, L, D) and the cross keys/values before the row gather (B_img rows),
-            so a later call can reuse them; None in "text" mode.
+            hidden (R, L, D) and the image keys/values (None unless `return_kv`).
         """
-        if mode == "decoder":
-            if self.causal_self_attn is None:
-                raise ValueError("this MED layer has no causal self-attention (text-only build)")
-            hidden = self.causal_self_attn(hidden, self_mask)
-        else:
-            hidden = self.self_attn(hidden, self_mask)
-        if mode != "text":
+        hidden = self._self_attention(hidden, masks, layout)
+        if image_embeds is not None or cross_kv is not None:
             if self.cross_attn is None:
                 raise ValueError("this MED layer has no cross-attention (text-only build)")
             if cross_kv is None:
-                if image_embeds is None:
-                    raise ValueError(f"mode {mode!r} needs image_embeds or cross_kv")
                 cross_kv = self.cross_attn.key_value(image_embeds)
-            keys, values = cross_kv
-            if image_rows is not None:
-                keys, values = keys.index_select(0, image_rows), values.index_select(0, image_rows)
-            hidden = self.cross_attn(hidden, None, (keys, values))
-        return self.ffn(hidden), cross_kv
+            hidden = self._cross_attention(hidden, layout, cross_kv, image_rows)
+        if return_kv and cross_kv is not None:
+            return self.ffn(hidden), (cross_kv[0].contiguous(), cross_kv[1].contiguous())
+        return self.ffn(hidden), None
+
+    def _self_attention(
+        self, hidden: torch.Tensor, masks: SelfAttentionMasks, layout: RowLayout
+    ) -> torch.Tensor:
+        if layout.encoder_only:
+            return self.self_attn(hidden, masks.encoder)
+        if self.causal_self_attn is None:
+            raise ValueError("this MED layer has no causal self-attention (text-only build)")
+        causal = masks.decoder is None
+        if layout.decoder_only:
+            return self.causal_self_attn(hidden, masks.decoder, is_causal=causal)
+        images = hidden.shape[0] // layout.rows_per_image()
+        encoder, decoder = layout.split(hidden, images)
+        encoder = self.self_attn(encoder, masks.encoder)
+        decoder = self.causal_self_attn(decoder, masks.decoder, is_causal=causal)
+        return layout.merge(encoder, decoder, images)
+
+    def _cross_attention(
+        self,
+        hidden: torch.Tensor,
+        layout: RowLayout,
+        cross_kv: CrossKV,
+        image_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        attn = self.cross_attn
+        assert attn is not None
+        queries = attn.query(hidden)  # (R, L, D): one projection for every row
+        keys, values = cross_kv
+        if image_rows is not None:
+            keys, values = keys.index_select(0, image_rows), values.index_select(0, image_rows)
+            return attn.residual(hidden, attn.attend(queries, (keys, values)))
+        rows, length, width = queries.shape
+        images = rows // layout.rows_per_image()
+        contexts, row_at = [], 0
+        for index, group in enumerate(layout.groups):
+            size = images * group.rows
+            packed = queries[row_at : row_at + size].reshape(images, group.rows * length, width)
+            kv = (keys[index * images : (index + 1) * images],
+                  values[index * images : (index + 1) * images])  # fmt: skip
+            contexts.append(attn.attend(packed, kv).reshape(size, length, width))
+            row_at += size
+        return attn.residual(hidden, _cat(contexts))
 
 
 class MEDOutput(NamedTuple):
-    """hidden_states: (B, L, D); cross_kv: per-layer image keys/values (None in text mode)."""
+    """hidden_states: (R, L, D); cross_kv: per-layer image keys/values (when asked for)."""
 
     hidden_states: torch.Tensor
     cross_kv: list[CrossKV] | None
@@ -252,40 +436,64 @@ class MED(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        mode: MEDMode = "text",
         image_embeds: torch.Tensor | None = None,
-        image_rows: torch.Tensor | None = None,
+        layout: RowLayout = ENCODER_ROWS,
         cross_kv: list[CrossKV] | None = None,
+        image_rows: torch.Tensor | None = None,
+        causal_fast_path: bool = False,
+        return_cross_kv: bool = False,
     ) -> MEDOutput:
-        """Encode or decode a batch of token ids.
+        """Encode and/or decode a batch of token ids in one pass.
+
+        Without images this is the unimodal text encoder (bidirectional, no cross-attention).
+        With images every row cross-attends its image as `layout` says; decoder rows use the
+        causal self-attention.
 
         Args:
-            input_ids: (B, L) int64.
-            attention_mask: (B, L), 1 = token, 0 = padding.
-            mode: "text", "multimodal" or "decoder" (see the module docstring).
-            image_embeds: (B_img, N_img, D_vision), needed unless `cross_kv` is given.
-            image_rows: (B,) int64 image index per text row; None = row i uses image i.
-            cross_kv: per-layer image keys/values returned by an earlier call on the same
-                images (the shared cross-attention makes them identical); skips recomputing them.
+            input_ids: (R, L) int64 text rows in `layout` order.
+            attention_mask: (R, L), 1 = token, 0 = padding.
+            image_embeds: (G * M, N, D_vision) image tokens of the layout's G groups.
+            layout: how rows map to images and which rows decode (see `RowLayout`).
+            cross_kv: per-layer image keys/values returned by an earlier call on the same images
+                (the cross-attention is shared, so they are identical); replaces `image_embeds`.
+            image_rows: inference only: (R,) image index per row with a one-row-per-image
+                layout, for scoring many texts against few images without copying them.
+            causal_fast_path: decoder rows use causal attention without a padding mask. Exact for
+                every non-padding position when padding is trailing (as the tokenizers pad); the
+                hidden states at padding positions then differ (they are never read by the
+                LM loss or by generation).
+            return_cross_kv: also return every layer's image keys/values (step-by-step decoding).
 
         Returns:
-            `MEDOutput(hidden_states (B, L, D), cross_kv)`.
+            `MEDOutput(hidden_states (R, L, D), cross_kv)`, `cross_kv` None unless asked for.
         """
+        rows = input_ids.shape[0]
+        if rows % layout.rows_per_image():
+            raise ValueError(f"{rows} text rows do not fit layout {layout}")
         hidden = self.embeddings(input_ids)
-        pad = attention_mask.bool()[:, None, None, :]
-        if mode == "decoder":
-            length = input_ids.shape[1]
-            causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-            self_mask = pad & causal
-        else:
-            self_mask = pad
+        masks = self._masks(attention_mask, layout, causal_fast_path)
         new_kv: list[CrossKV] = []
         for index, layer in enumerate(self.layers):
             layer_kv = None if cross_kv is None else cross_kv[index]
-            hidden, layer_kv = layer(hidden, self_mask, mode, image_embeds, image_rows, layer_kv)
+            hidden, layer_kv = layer(hidden, masks, layout, image_embeds, layer_kv, image_rows,
+                                     return_cross_kv)  # fmt: skip
             if layer_kv is not None:
                 new_kv.append(layer_kv)
-        return MEDOutput(hidden, new_kv if mode != "text" else None)
+        return MEDOutput(hidden, new_kv if return_cross_kv else None)
+
+    @staticmethod
+    def _masks(
+        attention_mask: torch.Tensor, layout: RowLayout, causal_fast_path: bool
+    ) -> SelfAttentionMasks:
+        images = attention_mask.shape[0] // layout.rows_per_image()
+        encoder, decoder = layout.split(attention_mask.bool(), images)
+        encoder_mask = encoder[:, None, None, :] if encoder.shape[0] else None
+        decoder_mask = None
+        if decoder.shape[0] and not causal_fast_path:
+            length = attention_mask.shape[1]
+            causal = torch.ones(length, length, dtype=torch.bool, device=decoder.device).tril()
+            decoder_mask = decoder[:, None, None, :] & causal
+        return SelfAttentionMasks(encoder_mask, decoder_mask)
 
     @torch.no_grad()
     def init_weights(self) -> None:

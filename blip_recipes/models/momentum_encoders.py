@@ -64,6 +64,6 @@ class MomentumEncoders(nn.Module):
         """
         image_embeds = self.visual_encoder(images)
         image_feat = project_features(self.vision_proj, image_embeds[:, 0])
-        text_hidden = self.text_encoder(input_ids, attention_mask, mode="text").hidden_states
+        text_hidden = self.text_encoder(input_ids, attention_mask).hidden_states
         text_feat = project_features(self.text_proj, text_hidden[:, 0])
         return image_feat, text_feat

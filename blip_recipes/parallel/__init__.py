@@ -1,5 +1,5 @@
-"""Distributed set-up and the in-place model transforms the recipe applies, in this order:
-float8 -> activation checkpointing -> compile -> FSDP (TorchTitan's order)."""
+"""Distributed set-up and the in-place model transforms, in TorchTitan's order:
+float8 -> activation checkpointing -> compile -> FSDP. `parallelize_blip` applies the whole plan."""
 
 from blip_recipes.parallel.activation_checkpointing import apply_activation_checkpointing
 from blip_recipes.parallel.compile import apply_compile
@@ -11,21 +11,43 @@ from blip_recipes.parallel.distributed import (
     resolve_device_type,
     shutdown_distributed,
 )
-from blip_recipes.parallel.float8 import apply_float8, float8_eligible, float8_precompute_scales
+from blip_recipes.parallel.float8 import (
+    FLOAT8_FILTER_DEFAULT,
+    FLOAT8_SKIP_FQNS,
+    apply_float8,
+    float8_eligible,
+    float8_module_filter,
+    float8_precompute_scales,
+    float8_skip_reason,
+)
 from blip_recipes.parallel.fsdp import apply_fsdp, reshard_all
+from blip_recipes.parallel.parallelize import (
+    ParallelPlan,
+    materialize,
+    parallelize_blip,
+    transformer_blocks,
+)
 
 __all__ = [
     "DP_SHARD",
     "DistInfo",
+    "FLOAT8_FILTER_DEFAULT",
+    "FLOAT8_SKIP_FQNS",
+    "ParallelPlan",
     "all_reduce_gradients",
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_float8",
     "apply_fsdp",
-    "reshard_all",
     "float8_eligible",
+    "float8_module_filter",
+    "float8_skip_reason",
     "float8_precompute_scales",
     "init_distributed",
+    "materialize",
+    "parallelize_blip",
+    "reshard_all",
     "resolve_device_type",
     "shutdown_distributed",
+    "transformer_blocks",
 ]

@@ -18,6 +18,7 @@ def apply_fsdp(
     param_dtype: Optional[torch.dtype] = None,
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
+    reused_blocks: Sequence[nn.Module] = (),
 ) -> FSDPModule:
     """Shard ``model`` in place: each block is its own FSDP unit, everything else is in the root.
 
@@ -29,7 +30,13 @@ def apply_fsdp(
 
     Why the last block is never resharded after forward: backward starts with it, so freeing its
     parameters at the end of forward would only force an immediate all-gather of the same data
-    (TorchTitan does the same). FSDP2 likewise keeps the root's parameters after forward.
+    (TorchTitan does the same). The root is never resharded after forward either: a model with
+    several entry points calls it several times per step, and each call would all-gather it again.
+
+    Why ``reused_blocks`` are never resharded after forward: a block that runs twice in one
+    forward (BLIP's MED layers: the text pass, then the multimodal pass) would otherwise be
+    gathered twice in forward and twice in backward; kept gathered, it is gathered once in forward
+    and once more for the backward of its first use.
 
     Args:
         model: the module to shard (the root unit). Can live on the meta device.
@@ -40,20 +47,27 @@ def apply_fsdp(
         reduce_dtype: dtype of the gradient reduce-scatter; fp32 keeps gradient sums exact enough.
         reshard_after_forward: free gathered parameters after forward (memory) or keep them until
             backward (one all-gather per step less). A momentum/no-grad model should use True.
+        reused_blocks: blocks (among ``blocks``) that forward calls more than once per step.
 
     Returns:
         ``model``, now also an :class:`FSDPModule`.
     """
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # cast_forward_inputs=False: FSDP2 would otherwise cast every floating input of a unit's
+    # forward to param_dtype. The model casts what it needs itself (the ViT casts the pixels),
+    # and whatever is kept fp32 on purpose stays fp32.
+    mp_policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
+    )
     last = len(blocks) - 1
+    reused = {id(block) for block in reused_blocks}
     for i, block in enumerate(blocks):
         fully_shard(
             block,
             mesh=mesh,
             mp_policy=mp_policy,
-            reshard_after_forward=reshard_after_forward and i < last,
+            reshard_after_forward=reshard_after_forward and i < last and id(block) not in reused,
         )
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model  # type: ignore[return-value]
 
 

@@ -1,11 +1,11 @@
 import pytest
 
-from blip_recipes.benchmarking.variants import ISSUE_VARIANTS, parse_variant, parse_variants
+from blip_recipes.benchmarking.variants import FULL_VARIANTS, parse_variant, parse_variants
 from blip_recipes.config import load_config, validate
 
 
 def test_tokens_map_to_overrides():
-    v = parse_variant("compile-bf16-float8-rowwise-ac-vit6-noshare")
+    v = parse_variant("compile-bf16-float8-rowwise-ac-vit6")
     assert v.compile and v.precision == "bf16" and v.float8 == "rowwise"
     assert set(v.overrides) == {
         "parallel.compile=true",
@@ -14,7 +14,6 @@ def test_tokens_map_to_overrides():
         "parallel.float8_recipe=rowwise",
         "parallel.activation_checkpointing=vit_last_n",
         "parallel.ac_vit_layers=6",
-        "model.share_cross_attention_kv=false",
     }
     assert "parallel.float8_emulate=true" in v.for_device("cpu")
     assert "parallel.float8_emulate=true" not in v.for_device("cuda")
@@ -31,10 +30,10 @@ def test_unknown_or_conflicting_tokens_are_named(bad):
 
 
 def test_presets_expand_and_every_variant_is_a_valid_config():
-    names = [v.name for v in parse_variants("issue,eager-fp32,ablation")]
-    assert names[: len(ISSUE_VARIANTS)] == list(ISSUE_VARIANTS)
+    names = [v.name for v in parse_variants("full,eager-fp32,ablation")]
+    assert names[: len(FULL_VARIANTS)] == list(FULL_VARIANTS)
     assert len(names) == len(set(names))
-    for variant in parse_variants("issue,ablation"):
+    for variant in parse_variants("full,ablation"):
         validate(load_config(None, ["tokenizer.kind=synthetic", *variant.for_device("cpu")]))
 
 

@@ -48,12 +48,12 @@ def score_worker(rank: int, world: int, out_dir: str, fsdp: bool, k_test: int) -
     model = tiny_model()
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+
+        from blip_recipes.config.sections import ParallelConfig
+        from blip_recipes.parallel import parallelize_blip
 
         mesh = init_device_mesh("cpu", (world,))
-        for block in [*model.visual_encoder.blocks, *model.text.layers]:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        parallelize_blip(model, None, ParallelConfig(), mesh)
     scores = score_retrieval(model, tokenizer(), tiny_data(), k_test=k_test, batch_size=3)
     torch.save(scores.__dict__, Path(out_dir) / f"scores_rank{rank}.pt")
     captions = tiny_captions(model, rank)

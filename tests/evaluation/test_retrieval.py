@@ -39,18 +39,14 @@ def _dense_protocol(model, tok, data, k_test):
     embeds = model.visual_encoder(normalize_images(images))
     img_feat = F.normalize(model.vision_proj(embeds[:, 0]), dim=-1)
     ids, mask = tok(data.texts, max_length=35)
-    txt_feat = F.normalize(
-        model.text_proj(model.text(ids, mask, "text").hidden_states[:, 0]), dim=-1
-    )
+    txt_feat = F.normalize(model.text_proj(model.text(ids, mask).hidden_states[:, 0]), dim=-1)
     sims = img_feat @ txt_feat.t()  # (N_img, N_txt)
     enc = ids.clone()
     enc[:, 0] = tok.enc_token_id
     n_img, n_txt = sims.shape
     itm = torch.empty(n_img, n_txt)
     for i in range(n_img):
-        hidden = model.text(
-            enc, mask, "multimodal", embeds[i : i + 1].expand(n_txt, -1, -1)
-        ).hidden_states
+        hidden = model.text(enc, mask, embeds[i : i + 1].expand(n_txt, -1, -1)).hidden_states
         itm[i] = model.itm_head(hidden[:, 0])[:, 1]
     txt2img = torch.tensor(data.txt2img)
 

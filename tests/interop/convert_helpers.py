@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from blip_recipes import objective
+from blip_recipes.models.med import DECODER_ROWS
 from tests.models.tiny_blip import DEC_ID, ENC_ID, PAD_ID, SEP_ID, TINY, make_model, make_text
 
 #: Builder arguments that the tensors cannot tell (heads) for the tiny test model.
@@ -23,13 +24,11 @@ def our_outputs(model, images, ids, mask) -> dict[str, torch.Tensor]:
     """ViT tokens, ITC similarities, ITM logits ([ENC] first), LM logits ([DEC] first)."""
     embeds = model.visual_encoder(images)
     image_feat = F.normalize(model.vision_proj(embeds[:, 0]), dim=-1)
-    text_feat = F.normalize(
-        model.text_proj(model.text(ids, mask, "text").hidden_states[:, 0]), dim=-1
-    )
+    text_feat = F.normalize(model.text_proj(model.text(ids, mask).hidden_states[:, 0]), dim=-1)
     enc = objective.replace_first_token(ids, ENC_ID)
-    itm = model.itm_head(model.text(enc, mask, "multimodal", embeds).hidden_states[:, 0])
+    itm = model.itm_head(model.text(enc, mask, embeds).hidden_states[:, 0])
     dec = objective.replace_first_token(ids, DEC_ID)
-    hidden = model.text(dec, mask, "decoder", embeds).hidden_states
+    hidden = model.text(dec, mask, embeds, DECODER_ROWS).hidden_states
     lm = model.lm_head(hidden, model.text.embeddings.word_embeddings.weight)
     return {"vision": embeds, "itc": image_feat @ text_feat.t(), "itm": itm, "lm": lm,
             "temp": model.temp.detach().reshape(())}  # fmt: skip

@@ -13,6 +13,7 @@ from blip_recipes.interop.hf import (
     ours_to_hf_captioning,
     ours_to_hf_retrieval,
 )
+from blip_recipes.models.med import DECODER_ROWS
 from tests.models.tiny_blip import DEC_ID, ENC_ID, PAD_ID, SEP_ID, make_model, make_text
 
 transformers = pytest.importorskip("transformers")
@@ -67,9 +68,9 @@ def test_med_text_and_multimodal_match_blip_text_model(setup):
     text_model.load_state_dict(retrieval.text_encoder.state_dict(), strict=True)
     image_embeds = torch.randn(3, 5, 48)
     with torch.no_grad():
-        ours_text = model.text(ids, mask, "text").hidden_states
+        ours_text = model.text(ids, mask).hidden_states
         theirs_text = text_model(input_ids=ids, attention_mask=mask, is_decoder=False)
-        ours_mm = model.text(ids, mask, "multimodal", image_embeds).hidden_states
+        ours_mm = model.text(ids, mask, image_embeds).hidden_states
         theirs_mm = text_model(
             input_ids=ids,
             attention_mask=mask,
@@ -90,7 +91,7 @@ def test_decoder_and_lm_loss_match_blip_text_lm_head_model(setup):
     dec_ids = objective.replace_first_token(ids, DEC_ID)
     labels = objective.lm_labels(dec_ids, PAD_ID)
     with torch.no_grad():
-        hidden = model.text(dec_ids, mask, "decoder", image_embeds).hidden_states
+        hidden = model.text(dec_ids, mask, image_embeds, DECODER_ROWS).hidden_states
         logits = model.lm_head(hidden, model.text.embeddings.word_embeddings.weight)
         loss = objective.lm_loss(logits, labels, 0.1)
         theirs = lm_model(
@@ -109,11 +110,11 @@ def test_itm_logits_and_itc_similarity_match_retrieval_model(setup):
     enc_ids = objective.replace_first_token(ids, ENC_ID)
     with torch.no_grad():
         image_embeds = model.visual_encoder(images)
-        hidden = model.text(enc_ids, mask, "multimodal", image_embeds).hidden_states
+        hidden = model.text(enc_ids, mask, image_embeds).hidden_states
         ours_itm = model.itm_head(hidden[:, 0])
         theirs_itm = retrieval(input_ids=enc_ids, pixel_values=images, attention_mask=mask)
         image_feat = torch.nn.functional.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1)
-        text_hidden = model.text(ids, mask, "text").hidden_states
+        text_hidden = model.text(ids, mask).hidden_states
         text_feat = torch.nn.functional.normalize(model.text_proj(text_hidden[:, 0]), dim=-1)
         theirs_itc = retrieval(
             input_ids=ids, pixel_values=images, attention_mask=mask, use_itm_head=False

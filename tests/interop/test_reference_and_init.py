@@ -71,7 +71,7 @@ def test_bert_init_matches_bert_model_without_token_types():
     ids, mask = make_text(3)
     ids = ids.clamp_max(89)
     with torch.no_grad():
-        ours = model.text(ids, mask, "text").hidden_states
+        ours = model.text(ids, mask).hidden_states
         theirs = bert.bert(input_ids=ids, attention_mask=mask).last_hidden_state
     assert (ours - theirs).abs().max().item() <= 1e-5
 

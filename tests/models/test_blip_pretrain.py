@@ -1,10 +1,11 @@
-"""BlipPretrain: parameter counts, sharing, init, one full step, the shared cross-attention K/V."""
+"""BlipPretrain: parameter counts, sharing, init, one full step, the packed multimodal pass."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from blip_recipes import objective
 from blip_recipes.models import (
     blip_pretrain_base,
     blip_pretrain_large,
@@ -12,7 +13,10 @@ from blip_recipes.models import (
     build_model,
     build_momentum_encoders,
 )
+from blip_recipes.models.heads import project_features
+from blip_recipes.models.med import DECODER_ROWS
 from blip_recipes.momentum import MomentumState
+from blip_recipes.pretrain_step import pretrain_losses
 from tests.models.tiny_blip import TINY, make_model, make_text
 
 
@@ -94,7 +98,9 @@ def tiny_model_inputs():
 def _step(model, momentum, images, ids, mask, seed=0, alpha=0.4):
     momentum.update(model)
     targets = momentum.targets(images, ids, mask)
-    return model(images, ids, mask, targets, alpha, torch.Generator().manual_seed(seed))
+    return pretrain_losses(
+        model, images, ids, mask, targets, alpha, torch.Generator().manual_seed(seed)
+    )
 
 
 def test_one_step_reaches_every_parameter(tiny_model_inputs):
@@ -113,21 +119,95 @@ def test_one_step_reaches_every_parameter(tiny_model_inputs):
     assert all(p.grad is None for p in momentum.encoders.parameters())
 
 
-def test_shared_cross_attention_kv_equals_recomputing_it(tiny_model_inputs):
+def three_pass_losses(model, images, ids, mask, targets, alpha, generator):
+    """The reference's formulation: text pass, a 3B-row ITM pass over gathered images, a
+    B-row decoder pass (each MED layer run three times, image keys/values recomputed)."""
+    image_embeds = model.visual_encoder(images)
+    image_feat = project_features(model.vision_proj, image_embeds[:, 0])
+    text_feat = project_features(model.text_proj, model.text(ids, mask).hidden_states[:, 0])
+    temp = model.temperature()
+    itc = objective.itc_loss(image_feat, text_feat, targets.image_feat_m, targets.text_feat_m,
+                             targets.image_queue, targets.text_queue, temp, alpha)  # fmt: skip
+    neg_image, neg_text = objective.sample_hard_negatives(
+        itc.sim_i2t.detach(), itc.sim_t2i.detach(), generator
+    )
+    own = torch.arange(ids.shape[0])
+    text_rows, image_rows = torch.cat([own, own, neg_text]), torch.cat([own, neg_image, own])
+    enc = objective.replace_first_token(ids, model.enc_token_id)
+    itm_hidden = model.text(enc[text_rows], mask[text_rows], image_embeds[image_rows])
+    itm = objective.itm_loss(model.itm_head(itm_hidden.hidden_states[:, 0]))
+    dec = objective.replace_first_token(ids, model.dec_token_id)
+    dec_hidden = model.text(dec, mask, image_embeds, DECODER_ROWS).hidden_states
+    logits = model.lm_head(dec_hidden[:, :-1], model.text.embeddings.word_embeddings.weight)
+    lm = objective.lm_loss(logits, objective.lm_labels(dec, model.pad_token_id), 0.1)
+    return itc.loss, itm.loss, lm
+
+
+def test_one_multimodal_pass_equals_three_passes(tiny_model_inputs):
+    """Losses and every gradient of the packed pass equal the three-pass formulation (fp32,
+    dropout off), including padded captions (causal fast path) and repeated negatives."""
     model, images, ids, mask = tiny_model_inputs
     momentum = MomentumState.build("blip_pretrain_tiny", train_mode=False, **TINY)
     momentum.copy_from(model)
     targets = momentum.targets(images, ids, mask)
+    assert (mask == 0).any()  # some captions are padded
     results = []
-    for share in (True, False):
-        model.share_cross_attention_kv = share
+    for compute in ("packed", "three"):
         model.zero_grad()
-        out = model(images, ids, mask, targets, 0.4, torch.Generator().manual_seed(1))
-        out.loss.backward()
-        grad = model.text.layers[0].cross_attn.key.weight.grad.clone()
-        results.append((out.loss_itm.detach(), out.loss_lm.detach(), grad))
-    for on, off in zip(*results):
-        assert torch.allclose(on, off, atol=1e-5, rtol=1e-5)
+        generator = torch.Generator().manual_seed(1)
+        if compute == "packed":
+            out = pretrain_losses(model, images, ids, mask, targets, 0.4, generator)
+            losses = (out.loss_ita, out.loss_itm, out.loss_lm)
+        else:
+            losses = three_pass_losses(model, images, ids, mask, targets, 0.4, generator)
+        sum(losses).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((torch.stack([x.detach() for x in losses]), grads))
+    (packed, packed_grads), (three, three_grads) = results
+    assert torch.allclose(packed, three, atol=1e-6, rtol=1e-6)
+    for name, grad in packed_grads.items():
+        assert torch.allclose(grad, three_grads[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_each_med_layer_runs_twice_per_step(tiny_model_inputs):
+    model, images, ids, mask = tiny_model_inputs
+    momentum = MomentumState.build("blip_pretrain_tiny", **TINY)
+    calls = {i: 0 for i in range(len(model.text.layers))}
+    for i, layer in enumerate(model.text.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    _step(model, momentum, images, ids, mask).loss.backward()
+    assert set(calls.values()) == {2}  # unimodal text pass + one multimodal pass
+
+
+def _gather_scatter_ops(text_depth: int) -> dict[str, int]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict[str, int] = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name.startswith(("index", "gather", "scatter")):
+                counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = build_model("blip_pretrain_tiny", **{**TINY, "text_depth": text_depth}).train()
+    momentum = MomentumState.build("blip_pretrain_tiny", **{**TINY, "text_depth": text_depth})
+    momentum.copy_from(model)
+    images = torch.randn(4, 3, 32, 32)
+    ids, mask = make_text(4)
+    with Count():
+        _step(model, momentum, images, ids, mask).loss.backward()
+    return counts
+
+
+def test_no_gather_or_scatter_per_med_layer():
+    """Index/gather/scatter ops of a step do not grow with the MED depth: the negatives are
+    gathered once per step as embeddings, never per layer."""
+    shallow, deep = _gather_scatter_ops(2), _gather_scatter_ops(6)
+    assert shallow == deep
+    assert "index_add" not in deep and "index_add_" not in deep
 
 
 def test_forward_under_bf16_autocast_keeps_losses_fp32(tiny_model_inputs):

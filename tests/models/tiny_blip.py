@@ -79,7 +79,10 @@ def fsdp_step_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
     """One gloo rank: shard online + momentum per block, run a full step, check EMA and DCP."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    from blip_recipes.config.sections import ParallelConfig
+    from blip_recipes.parallel import parallelize_blip
+    from blip_recipes.pretrain_step import pretrain_losses
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -87,13 +90,7 @@ def fsdp_step_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
         model = make_model(seed=0).train()
         state = momentum_state(queue_size=8, seed=0)
         state.copy_from(model)
-        for root, vision, text in (
-            (model, model.visual_encoder, model.text),
-            (state.encoders, state.visual_encoder, state.text_encoder),
-        ):
-            for block in [*vision.blocks, *text.layers]:
-                fully_shard(block, mesh=mesh)
-            fully_shard(root, mesh=mesh)
+        parallelize_blip(model, state.encoders, ParallelConfig(), mesh)
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(0.5)
@@ -108,7 +105,8 @@ def fsdp_step_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
         ids, mask = make_text(2, seed=rank)
         model.clamp_temperature_()
         targets = state.targets(images, ids, mask)
-        out = model(images, ids, mask, targets, 0.4, torch.Generator().manual_seed(rank))
+        generator = torch.Generator().manual_seed(rank)
+        out = pretrain_losses(model, images, ids, mask, targets, 0.4, generator)
         out.loss.backward()
         assert all(p.grad is not None for p in model.parameters())
         state.enqueue(targets.image_feat_m, targets.text_feat_m)

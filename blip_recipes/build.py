@@ -1,0 +1,140 @@
+"""Build the pretraining model and its momentum state from a config, parallelized and loaded.
+
+The recipe and the benchmarks call `build_pretraining`; it runs TorchTitan's set-up order:
+model on the meta device -> `parallelize_blip` (float8, AC, compile, FSDP2) -> materialize on
+the device -> load the full initial weights (seeded init, then BERT / ViT initialisation files
+or `checkpoint.init_from`) -> momentum encoders built, parallelized and copied from the online
+weights. Everything but the FSDP2 layout is identical for any world size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+
+from blip_recipes.checkpoint import load_model_weights
+from blip_recipes.config import Config
+from blip_recipes.interop.init_checkpoints import bert_init_state_dict, vit_init_state_dict
+from blip_recipes.models import build_model, build_momentum_encoders
+from blip_recipes.models.blip import BlipPretrain
+from blip_recipes.momentum import MomentumState
+from blip_recipes.parallel import ParallelPlan, materialize, parallelize_blip
+
+logger = logging.getLogger(__name__)
+
+
+def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """`training.mixed_precision` -> the compute dtype (auto: bf16 on CUDA, fp32 on CPU).
+
+    On CUDA also allows TF32 for the remaining fp32 matmuls (the reference trains in TF32).
+    """
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
+def model_kwargs(cfg: Config, tokenizer: Any) -> dict[str, Any]:
+    """Builder overrides from the `[model]` section and the tokenizer's special ids."""
+    kwargs: dict[str, Any] = dict(
+        vocab_size=tokenizer.vocab_size,
+        image_size=cfg.model.image_size,
+        embed_dim=cfg.model.embed_dim,
+        queue_size=cfg.model.queue_size,
+        pad_token_id=tokenizer.pad_token_id,
+        enc_token_id=tokenizer.enc_token_id,
+        dec_token_id=tokenizer.dec_token_id,
+    )
+    if cfg.model.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = cfg.model.drop_path_rate
+    return kwargs
+
+
+def initial_weights(cfg: Config, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Full (unsharded) initial weights, identical on every rank and for any sharding.
+
+    Built on the CPU from the run seed, then overwritten by `model.text_init` /
+    `model.vision_init` and by `checkpoint.init_from` when given.
+    """
+    torch.manual_seed(cfg.job.seed)
+    reference = build_model(cfg.model.name, **model_kwargs(cfg, tokenizer))
+    reference.init_weights()
+    _load_pretrained_parts(cfg, tokenizer, reference)
+    if cfg.checkpoint.init_from:
+        load_model_weights(cfg.checkpoint.init_from, reference)
+    return reference.state_dict()
+
+
+def _load_pretrained_parts(cfg: Config, tokenizer: Any, model: torch.nn.Module) -> None:
+    """`model.text_init` (BERT) and `model.vision_init` (DeiT/timm ViT), from local files."""
+    parts = []
+    if cfg.model.text_init:
+        parts.append(("model.text_init", cfg.model.text_init,
+                      lambda src: bert_init_state_dict(src, tokenizer.vocab_size,
+                                                       seed=cfg.job.seed)))  # fmt: skip
+    if cfg.model.vision_init:
+        parts.append(("model.vision_init", cfg.model.vision_init,
+                      lambda src: vit_init_state_dict(src, cfg.model.image_size)))  # fmt: skip
+    for key, source, convert in parts:
+        if not Path(source).exists():
+            raise FileNotFoundError(
+                f"{key}={source!r} does not exist; point it at a local file or remove it "
+                "(nothing is downloaded)"
+            )
+        state = convert(source)
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys or not state:
+            raise ValueError(
+                f"{key}={source!r}: weights do not fit the model (unexpected keys: "
+                f"{result.unexpected_keys[:5]})"
+            )
+        logger.info("%s: loaded %d tensors from %s", key, len(state), source)
+
+
+def build_pretraining(
+    cfg: Config,
+    tokenizer: Any,
+    device: torch.device,
+    mesh: DeviceMesh | None,
+    param_dtype: torch.dtype | None,
+) -> tuple[BlipPretrain, MomentumState, ParallelPlan]:
+    """The online model and the momentum state, parallelized, on `device`, weights loaded.
+
+    Args:
+        cfg: the whole run config (`model`, `parallel`, `job.seed`, `checkpoint.init_from`).
+        tokenizer: gives the vocabulary size and the special ids.
+        device: where parameters and queues live.
+        mesh: data-parallel mesh for FSDP2, or None (one rank, or replicated parameters).
+        param_dtype: FSDP2 compute dtype (bf16); None = fp32.
+
+    Returns:
+        `(model, momentum, plan)`; the momentum encoders start as copies of the model.
+    """
+    kwargs = model_kwargs(cfg, tokenizer)
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, **kwargs)
+        encoders = build_momentum_encoders(cfg.model.name, **kwargs)
+    plan = parallelize_blip(model, encoders, cfg.parallel, mesh, param_dtype)
+    materialize(model, device)
+    set_model_state_dict(model, initial_weights(cfg, tokenizer),
+                         options=StateDictOptions(full_state_dict=True, strict=True))  # fmt: skip
+    materialize(encoders, device)
+    encoders.requires_grad_(False)
+    momentum = MomentumState(
+        encoders,
+        queue_size=cfg.model.queue_size,
+        embed_dim=cfg.model.embed_dim,
+        momentum=cfg.model.momentum,
+        train_mode=cfg.model.momentum_train_mode,
+        seed=cfg.job.seed,
+        device=device,
+    )
+    momentum.copy_from(model)
+    return model, momentum, plan

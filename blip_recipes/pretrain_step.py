@@ -1,0 +1,266 @@
+"""One BLIP pretraining step, composed from the model's entry points and the pure objective.
+
+`pretrain_losses` is the model part (ITC against the queues, hard negatives, one multimodal pass
+for ITM and LM). `PretrainStep` is the whole optimizer step the recipe and the benchmarks run:
+
+    clamp temp -> EMA update -> momentum targets -> losses -> backward -> gradient norm
+    -> one agreed "ok" flag -> optimizer step (skipped when not ok) -> enqueue (when ok)
+
+The "ok" decision is taken once for all ranks: `finite(loss) & finite(grad_norm)` reduced with
+MIN over the data-parallel group, on the device. The same flag drives the optimizer skip, the
+enqueue and the caller's non-finite counter, so no rank applies an update another rank skipped
+and the queues never diverge. Nothing in the step waits for the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from blip_recipes import objective
+from blip_recipes.config import Config
+from blip_recipes.data._seeding import derive_seed
+from blip_recipes.models.blip import BlipOutput, BlipPretrain, MomentumTargets
+from blip_recipes.momentum import MomentumState
+from blip_recipes.parallel.data_parallel import all_reduce_gradients
+from blip_recipes.parallel.distributed import DistInfo
+from blip_recipes.parallel.float8 import float8_precompute_scales
+
+
+def pretrain_losses(
+    model: BlipPretrain,
+    images: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: MomentumTargets,
+    alpha: float | torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> BlipOutput:
+    """ITC, ITM with hard negatives and LM for one batch (the reference's `forward`).
+
+    Args:
+        model: the online model (plain or FSDP2-sharded with registered entry points).
+        images: (B, 3, H, W) normalised images.
+        input_ids: (B, L) int64, `[CLS] ... [SEP] [PAD]...`, padding trailing.
+        attention_mask: (B, L), 1 = token.
+        targets: momentum features and the queue snapshot for this batch (fp32, never passed
+            through an FSDP forward).
+        alpha: distillation weight (0 -> 0.4 over the first two epochs).
+        generator: RNG for hard-negative sampling, on the images' device.
+
+    Returns:
+        `BlipOutput` with `loss = loss_ita + loss_itm + loss_lm`.
+    """
+    image = model.encode_image(images)
+    text = model.encode_text(input_ids, attention_mask)
+    temp = model.temperature()
+    itc = objective.itc_loss(
+        image.feat,
+        text.feat,
+        targets.image_feat_m,
+        targets.text_feat_m,
+        targets.image_queue,
+        targets.text_queue,
+        temp,
+        alpha,
+    )
+    neg_image, neg_text = objective.sample_hard_negatives(
+        itc.sim_i2t.detach(), itc.sim_t2i.detach(), generator
+    )
+    multimodal = model.multimodal(image.embeds, input_ids, attention_mask, neg_image, neg_text)
+    itm = objective.itm_loss(multimodal.itm_logits)
+    labels = objective.lm_labels(input_ids, model.pad_token_id)  # column 0 is never a target
+    loss_lm = objective.lm_loss(multimodal.lm_logits, labels, model.label_smoothing)
+    return BlipOutput(
+        loss=itc.loss + itm.loss + loss_lm,
+        loss_ita=itc.loss,
+        loss_itm=itm.loss,
+        loss_lm=loss_lm,
+        itm_acc=itm.accuracy,
+        itm_pos_prob=itm.pos_prob,
+        itm_neg_prob=itm.neg_prob,
+        temp=temp.detach().float().reshape(()),
+        image_feat=image.feat.detach(),
+        text_feat=text.feat.detach(),
+    )
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced; all tensors stay on the device (no host sync).
+
+    Attributes:
+        output: the losses and diagnostics of the step.
+        ok: 0-d bool, True on every rank when the update was applied (finite loss on every rank
+            and finite global gradient norm).
+        grad_norm: 0-d global gradient norm before clipping (non-finite when `ok` is False).
+    """
+
+    output: BlipOutput
+    ok: torch.Tensor
+    grad_norm: torch.Tensor
+
+
+def global_grad_norm(parameters: list[nn.Parameter], clip: float | None = None) -> torch.Tensor:
+    """L2 norm of all gradients, clipping them to `clip` when given.
+
+    One foreach norm over the local gradients and, under FSDP2, the one all-reduce of partial
+    squared sums a sharded norm needs. Returns a 0-d fp32 tensor, equal on every rank.
+    """
+    if not any(p.grad is not None for p in parameters):
+        raise ValueError("no gradients: call backward before measuring the gradient norm")
+    if clip is None:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, clip, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()  # DTensor partial sums -> one all-reduce
+    return norm.float()
+
+
+def agree_ok(
+    loss: torch.Tensor, grad_norm: torch.Tensor, group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """`finite(loss) & finite(grad_norm)`, reduced with MIN over `group` on the device.
+
+    With `group=None` (one process, or no process group) the local flag is returned.
+    """
+    ok = (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).to(torch.int32).reshape(1)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    return ok.reshape(()).bool()
+
+
+class PretrainStep:
+    """The optimizer step of BLIP pretraining, shared by the recipe and the benchmarks.
+
+    Args:
+        model: the online model, after `parallelize_blip`.
+        momentum: the momentum state (EMA encoders and queues), after `parallelize_blip`.
+        optimizer: AdamW over the model's parameters.
+        lr_scheduler: stepped once per call (also on skipped steps: the schedule is a function
+            of the step count).
+        seed: run seed; hard negatives of rank r at step s use `derive_seed(seed, r, s)`.
+        rank: this rank's index in the data-parallel group.
+        group: data-parallel process group for the agreed flag; None with one process.
+        grad_clip: clip the global gradient norm to this value; None = no clipping (reference).
+        autocast_dtype: autocast to this dtype (unsharded bf16 runs); None = no autocast
+            (fp32, or FSDP2 whose mixed-precision policy casts the parameters).
+        all_reduce_gradients: average replicated gradients over `group` after backward
+            (several ranks without FSDP2).
+        after_optimizer_step: called after each optimizer step (float8 scale precompute).
+    """
+
+    def __init__(
+        self,
+        model: BlipPretrain,
+        momentum: MomentumState,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        seed: int,
+        rank: int = 0,
+        group: dist.ProcessGroup | None = None,
+        grad_clip: float | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        all_reduce_gradients: bool = False,
+        after_optimizer_step: Callable[[], object] | None = None,
+    ) -> None:
+        self.model = model
+        self.momentum = momentum
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.seed = seed
+        self.rank = rank
+        self.group = group
+        self.grad_clip = grad_clip
+        self.autocast_dtype = autocast_dtype
+        self.all_reduce_gradients = all_reduce_gradients
+        self.after_optimizer_step = after_optimizer_step
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        device = self.parameters[0].device
+        self.generator = torch.Generator(device=device)
+        self.fused = bool(optimizer.defaults.get("fused"))
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        model: BlipPretrain,
+        momentum: MomentumState,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        dist_info: DistInfo,
+        use_fsdp: bool,
+        compute_dtype: torch.dtype,
+    ) -> PretrainStep:
+        """The step a run of `cfg` takes on this rank (seed, clipping, precision, float8)."""
+        several = dist_info.world_size > 1
+        return cls(
+            model,
+            momentum,
+            optimizer,
+            lr_scheduler,
+            seed=cfg.job.seed,
+            rank=dist_info.rank,
+            group=dist_info.mesh.get_group() if several else None,
+            grad_clip=cfg.training.grad_clip,
+            autocast_dtype=None if use_fsdp or compute_dtype == torch.float32 else compute_dtype,
+            all_reduce_gradients=several and not use_fsdp,
+            after_optimizer_step=(lambda: float8_precompute_scales(model))
+            if cfg.parallel.float8 else None,
+        )  # fmt: skip
+
+    def _autocast(self, device_type: str) -> AbstractContextManager:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        step: int,
+        alpha: float,
+    ) -> StepResult:
+        """One step on a batch already on the device (`images` normalised).
+
+        Args:
+            images: (B, 3, H, W); input_ids, attention_mask: (B, L).
+            step: 0-based global step (seeds the hard-negative sampling).
+            alpha: distillation weight of this step.
+        """
+        self.model.clamp_temperature_()
+        with self._autocast(images.device.type):
+            self.momentum.update(self.model)
+            targets = self.momentum.targets(images, input_ids, attention_mask)
+            self.generator.manual_seed(derive_seed(self.seed, self.rank, step))
+            out = pretrain_losses(self.model, images, input_ids, attention_mask, targets, alpha,
+                                  self.generator)  # fmt: skip
+        out.loss.backward()
+        if self.all_reduce_gradients:
+            all_reduce_gradients(self.parameters, self.group)
+        grad_norm = global_grad_norm(self.parameters, self.grad_clip)
+        ok = agree_ok(out.loss, grad_norm, self.group)
+        self._optimizer_step(ok)
+        if self.after_optimizer_step is not None:
+            self.after_optimizer_step()
+        self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=ok)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        return StepResult(out, ok, grad_norm)
+
+    def _optimizer_step(self, ok: torch.Tensor) -> None:
+        """Apply the update when `ok`. Fused AdamW skips on the device through its `found_inf`
+        (as GradScaler uses it); other optimizers need one host read of the flag."""
+        if self.fused:
+            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+        elif bool(ok):
+            self.optimizer.step()

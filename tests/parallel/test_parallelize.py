@@ -1,0 +1,124 @@
+"""parallelize_blip: the communication budget per FSDP unit, entry points, compiled blocks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from blip_recipes.config.sections import ParallelConfig
+from blip_recipes.parallel import parallelize_blip
+from blip_recipes.parallel._testing import spawn_ranks
+from blip_recipes.pretrain_step import PretrainStep
+from tests.models.tiny_blip import make_model, make_text, momentum_state
+
+
+def _step_parts(mesh, parallel: ParallelConfig, **model_overrides):
+    model = make_model(**model_overrides).train()
+    momentum = momentum_state(queue_size=16, **{k: v for k, v in model_overrides.items()})
+    momentum.copy_from(model)
+    parallelize_blip(model, momentum.encoders, parallel, mesh, compile_backend="eager")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    group = mesh.get_group() if mesh is not None else None
+    return PretrainStep(model, momentum, optimizer, schedule, seed=0, group=group)
+
+
+def budget_worker(rank: int, world: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from blip_recipes.parallel._comm_count import count_fsdp_collectives, unit_names
+
+    torch.set_num_threads(1)
+    step = _step_parts(init_device_mesh("cpu", (world,)), ParallelConfig())
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = make_text(2, seed=rank)
+    step(images, ids, mask, 0, 0.4)  # lazy init outside the counted step
+    names = unit_names(online=step.model, momentum=step.momentum.encoders)
+    with count_fsdp_collectives(names) as counts:
+        step(images, ids, mask, 1, 0.4)
+    table = {f"{kind} {unit}": n for (kind, unit), n in sorted(counts.items())}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(table))
+
+
+def test_fsdp_collectives_per_unit_match_the_budget(tmp_path):
+    """The budget of docs/performance.md, per FSDP unit and step (2 ranks, reshard after
+    forward on): ViT block 2 all-gathers + 1 reduce-scatter; MED layer (run twice) 2 + 2;
+    online root 2 + 2; every momentum unit 1 all-gather, no reduce-scatter."""
+    spawn_ranks(budget_worker, 2, tmp_path, str(tmp_path))
+    expected = {}
+    for unit, gathers, reduces in (
+        ("online", 2, 2),
+        ("online.visual_encoder.blocks.0", 2, 1),
+        ("online.visual_encoder.blocks.1", 2, 1),
+        ("online.text.layers.0", 2, 2),
+        ("online.text.layers.1", 2, 2),
+        ("momentum", 1, 0),
+        ("momentum.visual_encoder.blocks.0", 1, 0),
+        ("momentum.visual_encoder.blocks.1", 1, 0),
+        ("momentum.text_encoder.layers.0", 1, 0),
+        ("momentum.text_encoder.layers.1", 1, 0),
+    ):
+        expected[f"all_gather {unit}"] = gathers
+        if reduces:
+            expected[f"reduce_scatter {unit}"] = reduces
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+def test_entry_points_are_fsdp_forwards_and_inputs_are_not_cast():
+    from torch.distributed.fsdp import FSDPModule
+
+    from blip_recipes.models.blip import ENTRY_POINTS
+    from blip_recipes.parallel import init_distributed
+
+    info = init_distributed("cpu")
+    model = make_model()
+    parallelize_blip(model, None, ParallelConfig(), info.mesh, param_dtype=torch.bfloat16)
+    assert isinstance(model, FSDPModule)
+    for name in ENTRY_POINTS:  # register_fsdp_forward_method wraps each bound method
+        assert getattr(model, name).__func__ is not getattr(type(model), name), name
+    for module in [model, *model.visual_encoder.blocks, *model.text.layers]:
+        policy = module._get_fsdp_state()._mp_policy
+        assert policy.param_dtype == torch.bfloat16 and policy.cast_forward_inputs is False
+    ids, mask = make_text(2)
+    feat = model.encode_text(ids, mask).feat
+    assert feat.dtype == torch.float32 and model.temperature().dtype == torch.bfloat16
+
+
+def test_compiled_step_runs_every_block_compiled_with_bounded_recompiles():
+    """fullgraph=True compile of every block (drop path on), two steps, then evaluation and
+    generation: ViT blocks hold at most 2 compiled variants (grad, no grad), MED layers 3 (text,
+    multimodal, momentum text), and evaluation / generation add none (they run eager)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from blip_recipes.evaluation.retrieval import score_retrieval
+    from blip_recipes.generation import generate
+    from blip_recipes.models.med import MEDLayer
+    from blip_recipes.models.vit import VisionBlock
+    from tests.evaluation.eval_helpers import tiny_data, tokenizer
+
+    torch._dynamo.reset()
+    parallel = ParallelConfig(compile=True)
+    step = _step_parts(None, parallel, drop_path_rate=0.1, vision_depth=4)
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = make_text(2)
+    eager_blocks = []
+    for i, block in enumerate(step.model.visual_encoder.blocks):
+        block.attn.register_forward_pre_hook(
+            lambda *_, i=i: eager_blocks.append(i) if not torch.compiler.is_compiling() else None
+        )
+    for index in range(2):
+        eager_blocks.clear()
+        assert bool(step(images, ids, mask, index, 0.4).ok)
+    assert eager_blocks == []  # second step: every online ViT block ran its compiled graph
+    vit_entries = len(_debug_get_cache_entry_list(VisionBlock.forward.__code__))
+    med_entries = len(_debug_get_cache_entry_list(MEDLayer.forward.__code__))
+    assert 1 <= vit_entries <= 2 and 1 <= med_entries <= 3
+    model = step.model.eval()
+    score_retrieval(model, tokenizer(), tiny_data(), k_test=3, batch_size=3)
+    generate(model, images, torch.tensor([98, 5]), eos_token_id=2, method="beam", num_beams=2,
+             max_length=12)  # fmt: skip
+    assert len(_debug_get_cache_entry_list(VisionBlock.forward.__code__)) == vit_entries
+    assert len(_debug_get_cache_entry_list(MEDLayer.forward.__code__)) == med_entries
