@@ -10,6 +10,7 @@ weights. Everything but the FSDP2 layout is identical for any world size.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,20 @@ def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
+def set_determinism(enabled: bool) -> None:
+    """`training.deterministic`: deterministic kernels everywhere, or the fast defaults.
+
+    On CUDA the non-deterministic kernels a BLIP step would otherwise use are the atomics of
+    embedding and index backward (the word embeddings, the hard-negative image gather) and of
+    some attention backward kernels; cuBLAS needs a fixed workspace to be deterministic.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
 
 
 def model_kwargs(cfg: Config, tokenizer: Any) -> dict[str, Any]:

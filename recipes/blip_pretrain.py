@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from blip_recipes.build import build_pretraining, compute_dtype
+from blip_recipes.build import build_pretraining, compute_dtype, set_determinism
 from blip_recipes.checkpoint import (
     LOADER,
     LR_SCHEDULER,
@@ -111,6 +111,7 @@ class BlipPretrainRecipe:
         )
         self.resume_from = self._resume_path()
         torch.manual_seed(cfg.job.seed)
+        set_determinism(cfg.training.deterministic)
         self.compute_dtype = compute_dtype(cfg.training.mixed_precision, self.device)
         # Like TorchTitan: sharding over one rank only adds hook overhead (1.3-2x on CPU).
         self.use_fsdp = cfg.parallel.fsdp and self.dist.world_size > 1

@@ -150,7 +150,9 @@ class TrainingConfig:
     grad_clip: Optional[float] = None
     """Clip the global gradient norm to this value (reference: none)."""
     max_nonfinite_steps: int = 5
-    """Stop after this many consecutive steps with a non-finite loss (each one skips its update)."""
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm (each one skips its update on every rank)."""
+    deterministic: bool = False
+    """Deterministic kernels only (torch.use_deterministic_algorithms): GPU runs and resumes become bitwise reproducible, at some speed; an op without a deterministic kernel then fails naming itself. CPU runs are deterministic either way."""
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""Effective MFU and memory figures (definitions in shared/reference/performance.md).
+"""Effective MFU and memory figures (definitions and the FLOP counts in docs/performance.md).
 
-Effective MFU counts a *fixed* amount of model work per sample (the full BLIP step, fwd+bwd of
-the online model plus the momentum forwards), not the FLOPs actually executed, so algorithmic
-savings (shared cross-attention K/V) show up as higher MFU and activation-checkpoint recompute
-does not inflate it.
+Effective MFU counts a *fixed* amount of model work per sample (the reference BLIP step: fwd+bwd
+of the online model with three MED passes, plus the momentum forwards), not the FLOPs actually
+executed, so algorithmic savings (the packed multimodal pass) show up as higher MFU and
+activation-checkpoint recompute does not inflate it.
 """
 
 from __future__ import annotations

@@ -172,9 +172,13 @@ class BlipPretrain(nn.Module):
         """Clamp `temp` in place to [0.001, 0.5] (works on FSDP2-sharded DTensors)."""
         self.temp.clamp_(objective.TEMP_MIN, objective.TEMP_MAX)
 
-    def forward(self, images: torch.Tensor) -> ImageEncoding:
-        """Same as `encode_image`; the other entry points are methods (see the module doc)."""
-        return self.encode_image(images)
+    def forward(self, *args, **kwargs):
+        """Not an entry point: BLIP has several (module docstring)."""
+        raise TypeError(
+            "BlipPretrain has no single forward: call encode_image, encode_text, temperature, "
+            "multimodal, itm_logits or next_token_logits (a training step's losses: "
+            "blip_recipes.pretrain_step.pretrain_losses)"
+        )
 
     def encode_image(self, images: torch.Tensor) -> ImageEncoding:
         """images: (B, 3, H, W) normalised -> `ImageEncoding` (tokens and ITC feature)."""

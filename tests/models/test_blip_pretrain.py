@@ -230,3 +230,9 @@ def test_temperature_clamp_in_place_and_straight_through(tiny_model_inputs):
     assert model.temp.grad is not None and model.temp.grad.abs().item() > 0
     model.clamp_temperature_()
     assert model.temp.item() == pytest.approx(0.001)
+
+
+def test_calling_the_model_names_its_entry_points(tiny_model_inputs):
+    model, images, *_ = tiny_model_inputs
+    with pytest.raises(TypeError, match="encode_image, encode_text"):
+        model(images)

@@ -143,9 +143,10 @@ def baseline_losses(tmp_path_factory) -> dict[int, float]:
         ["training.mixed_precision=bf16"],
         ["optimizer.decay_norms_and_biases=false", "training.grad_clip=1.0"],
         ["lr_scheduler.name=cosine"],
+        ["training.deterministic=true"],
     ],
     ids=["compile", "float8", "ac-full", "ac-vit-last", "no-reshard", "async-save", "bf16",
-         "no-decay-clip", "cosine"],
+         "no-decay-clip", "cosine", "deterministic"],
 )  # fmt: skip
 def test_parallel_and_training_switches(tmp_path, baseline_losses, overrides):
     run = run_recipe(tmp_path / "run", "training.steps=2", *overrides)
