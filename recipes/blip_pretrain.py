@@ -340,7 +340,7 @@ class BlipPretrainRecipe:
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
-        for name in ("model", "momentum", "optimizer", "lr_scheduler", "loader"):
+        for name in ("step_fn", "model", "momentum", "optimizer", "lr_scheduler", "loader"):
             if hasattr(self, name):
                 delattr(self, name)
         shutdown_distributed()
