@@ -54,6 +54,7 @@ from blip_recipes.momentum import check_queue_batch
 from blip_recipes.optim import build_lr_scheduler, build_optimizer
 from blip_recipes.parallel import init_distributed, shutdown_distributed
 from blip_recipes.pretrain_step import PretrainStep, StepResult
+from blip_recipes.run_lock import RunLockedError, acquire_run_lock
 
 logger = logging.getLogger("blip_pretrain")
 
@@ -103,6 +104,11 @@ class BlipPretrainRecipe:
         self.dist = init_distributed(cfg.parallel.device)
         self.device = self.dist.device
         self.output_dir = Path(cfg.job.output_dir)
+        try:  # one run per output folder, decided by rank 0 before anything is written
+            self.run_lock = acquire_run_lock(self.output_dir, self.dist.rank, self.dist.world_size)
+        except RunLockedError as e:
+            print(f"blip_pretrain: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         check_queue_batch(cfg.model.queue_size, cfg.data.batch_size, self.dist.world_size)
         self.checkpointer = CheckpointManager(
             self.output_dir / "checkpoints",
@@ -149,6 +155,10 @@ class BlipPretrainRecipe:
             rank=self.dist.rank,
             tensorboard=cfg.metrics.tensorboard,
             total_steps=self.total_steps,
+            resume_step=self.step if self.resume_from is not None else None,
+        )
+        self.loader.open_bad_sample_log(  # every rank names its bad samples there
+            self.output_dir,
             resume_step=self.step if self.resume_from is not None else None,
         )
         self.evaluator = PeriodicEvaluator(
@@ -340,10 +350,16 @@ class BlipPretrainRecipe:
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
+        if hasattr(self, "loader"):
+            self.loader.close_bad_sample_log()
         for name in ("step_fn", "model", "momentum", "optimizer", "lr_scheduler", "loader"):
             if hasattr(self, name):
                 delattr(self, name)
-        shutdown_distributed()
+        try:
+            shutdown_distributed()
+        finally:  # the output folder is free for the next run
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,8 @@ class DataConfig:
     """Samples a rank reads before max_bad_fraction is enforced (a few early bad files do not stop a run)."""
     max_aspect_ratio: float = 20.0
     """Images more elongated than this (long side / short side) are bad samples."""
+    min_image_size: int = 8
+    """Images whose shorter side is below this many pixels (1x1 tracking pixels, icons) are bad samples."""
     jpeg_draft: bool = True
     """Decode JPEGs at reduced size (Image.draft) when the random crop still has enough pixels."""
 

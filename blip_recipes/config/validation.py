@@ -1,14 +1,24 @@
 """Cross-field checks run before anything is built; components register their own.
 
 A validator receives the whole config and the launch context and yields one message per problem.
-All messages are collected so that a user sees every mistake at once.
+All messages are collected so that a user sees every mistake at once. Each message names the key
+and what it accepts. Besides the config itself, two facts of the machine are checked, because a
+run would otherwise fail only at its first write or its first checkpoint: that ``job.output_dir``
+can be created and written, and that its file system has room for one checkpoint
+(:func:`checkpoint_size_estimate`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from blip_recipes.config._schema import ConfigError
 from blip_recipes.config.sections import Config
@@ -19,6 +29,8 @@ class LaunchContext:
     """What validators may need to know beyond the config."""
 
     world_size: int = 1
+    checkpoints: bool = True
+    """The recipe saves training checkpoints (enables the free-disk-space check)."""
 
     @classmethod
     def from_env(cls) -> LaunchContext:
@@ -74,6 +86,235 @@ def _positive_counts(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
         yield f"'optimizer.betas' must hold two numbers, got {cfg.optimizer.betas}"
 
 
+def _outside(value: float, low: float, high: float = math.inf, low_open: bool = False) -> bool:
+    """True when ``value`` is not in [low, high] ((low, high] with ``low_open``) or not finite."""
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return True
+    return value < low or (low_open and value == low) or value > high
+
+
+@register_validator
+def _ranges(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    """Numbers that load fine but fail (or silently misbehave) once the run is under way."""
+    t, o, s, d = cfg.training, cfg.optimizer, cfg.lr_scheduler, cfg.data
+    checks: list[tuple[str, Any, str, bool]] = [
+        ("training.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1 (consecutive "
+         "non-finite steps that stop the run)", t.max_nonfinite_steps < 1),
+        ("optimizer.lr", o.lr, "a finite number > 0", _outside(o.lr, 0.0, low_open=True)
+         or math.isinf(o.lr)),
+        ("optimizer.weight_decay", o.weight_decay, ">= 0", _outside(o.weight_decay, 0.0)
+         or math.isinf(o.weight_decay)),
+        ("optimizer.eps", o.eps, "> 0", _outside(o.eps, 0.0, low_open=True)),
+        ("lr_scheduler.warmup_steps", s.warmup_steps, ">= 0", s.warmup_steps < 0),
+        ("lr_scheduler.warmup_lr", s.warmup_lr, ">= 0", _outside(s.warmup_lr, 0.0)),
+        ("lr_scheduler.min_lr", s.min_lr, ">= 0", _outside(s.min_lr, 0.0)),
+        ("lr_scheduler.decay_rate", s.decay_rate, "in (0, 1]",
+         _outside(s.decay_rate, 0.0, 1.0, low_open=True)),
+        ("training.alpha", t.alpha, "in [0, 1]", _outside(t.alpha, 0.0, 1.0)),
+        ("training.alpha_ramp_epochs", t.alpha_ramp_epochs, ">= 0", _outside(t.alpha_ramp_epochs, 0.0)),
+        ("data.prefetch_factor", d.prefetch_factor, "an integer >= 1 (batches each loader worker "
+         "prepares ahead)", d.prefetch_factor < 1),
+        ("data.min_image_size", d.min_image_size, "an integer >= 1 (pixels)", d.min_image_size < 1),
+        ("data.max_aspect_ratio", d.max_aspect_ratio, ">= 1 (long side / short side)",
+         _outside(d.max_aspect_ratio, 1.0)),
+        ("data.max_words", d.max_words, "an integer >= 1", d.max_words < 1),
+        ("data.min_scale", d.min_scale, "in (0, 1]", _outside(d.min_scale, 0.0, 1.0, low_open=True)),
+        ("data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1", d.shuffle_buffer < 1),
+        ("data.bad_fraction_min_samples", d.bad_fraction_min_samples, ">= 0",
+         d.bad_fraction_min_samples < 0),
+        ("checkpoint.keep_latest_k", cfg.checkpoint.keep_latest_k, ">= 0 (0 keeps all)",
+         cfg.checkpoint.keep_latest_k < 0),
+    ]  # fmt: skip
+    if t.grad_clip is not None:
+        checks.append(("training.grad_clip", t.grad_clip, "> 0 or none",
+                       _outside(t.grad_clip, 0.0, low_open=True)))  # fmt: skip
+    if t.steps_per_epoch is not None:
+        checks.append(("training.steps_per_epoch", t.steps_per_epoch, "an integer >= 1 or none",
+                       t.steps_per_epoch < 1))  # fmt: skip
+    for i, beta in enumerate(o.betas[:2]):
+        checks.append((f"optimizer.betas.{i}", beta, "in [0, 1)", _outside(beta, 0.0, 1.0)
+                       or beta == 1.0))  # fmt: skip
+    for key, value, accepted, bad in checks:
+        if bad:
+            yield f"'{key}' must be {accepted}, got {value}"
+    for i, src in enumerate(d.sources):
+        if src.kind == "synthetic" and 0 < src.image_size < d.min_image_size:
+            yield (
+                f"'data.sources.{i}.image_size' ({src.image_size}) is below "
+                f"'data.min_image_size' ({d.min_image_size}): every generated image would be a "
+                "bad sample"
+            )
+
+
+def _preset(name: str) -> dict[str, Any] | None:
+    from blip_recipes.models.builders import _PRESETS
+
+    return _PRESETS.get(name)
+
+
+@register_validator
+def _model_shape(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    """What the model's shape allows: whole patches, captions within the position embeddings."""
+    preset = _preset(cfg.model.name)
+    if preset is None:
+        return
+    patch, positions = preset["patch_size"], preset["max_positions"]
+    size = cfg.model.image_size
+    if size > 0 and size % patch:
+        lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
+        yield (
+            f"'model.image_size' must be a multiple of the patch size {patch} of "
+            f"{cfg.model.name} (e.g. {lower} or {upper}), got {size}"
+        )
+    lengths = [("tokenizer.max_length", cfg.tokenizer.max_length)]  # (<= 0: _positive_counts)
+    if cfg.eval.every_steps > 0:
+        lengths.append(("eval.text_max_length", cfg.eval.text_max_length))
+    for key, length in lengths:
+        if length > positions or (key.startswith("eval.") and length < 1):
+            yield (
+                f"'{key}' must be in [1, {positions}] for {cfg.model.name} (its text position "
+                f"embeddings hold {positions} tokens), got {length}"
+            )
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _not_writable(folder: Path) -> str | None:
+    """Why ``folder`` cannot take new files, or None. ``os.access`` first, then a real probe: an
+    unnamed temporary file (``O_TMPFILE``, nothing visible is left), which also catches
+    read-only mounts, NFS root squashing and pseudo file systems that ``os.access`` misses."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "is not writable"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"refuses new files ({e.strerror or e})"
+    return None
+
+
+def _vocab_size_estimate(tok) -> int | None:
+    """The tokenizer's vocabulary size without loading it (None: unknown, use the preset's)."""
+    try:
+        if tok.kind == "synthetic":
+            from blip_recipes.data.tokenizers import synthetic_vocab
+
+            return len(synthetic_vocab())
+        if not tok.path:
+            return None
+        path = Path(tok.path)
+        if tok.kind == "wordpiece" and path.is_dir():
+            path = path / "vocab.txt"
+        if path.is_file():
+            with path.open("rb") as f:
+                lines = sum(1 for line in f if line.strip())
+            return lines + (2 if tok.kind == "wordpiece" else 7)  # added special tokens
+    except OSError:
+        pass
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_counts(name: str, **kwargs: Any) -> tuple[int, int]:
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from blip_recipes.models.builders import build_model, build_momentum_encoders
+
+    class _NoInit(TorchFunctionMode):
+        """Skip random initialisation: on meta it costs a torch._dynamo import, for nothing."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") in ("normal_", "uniform_", "trunc_normal_"):
+                return args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+            return func(*args, **kwargs)
+
+    with torch.device("meta"), _NoInit():
+        model = build_model(name, **kwargs)
+        encoders = build_momentum_encoders(name, **kwargs)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return count(model), count(encoders)
+
+
+def checkpoint_size_estimate(cfg: Config) -> dict[str, int]:
+    """Bytes of one training checkpoint of ``cfg``'s model, from its parameter counts.
+
+    A checkpoint holds, in fp32: the model's parameters, the two AdamW moments of each, the
+    momentum encoders' parameters, and the two ITC queues (``embed_dim x queue_size`` each);
+    loader, scheduler and RNG states are negligible. The model is built on the meta device
+    (no memory, no initialisation); the vocabulary size is read from the tokenizer file when it
+    can be without loading the tokenizer (otherwise the preset's, 30524).
+
+    Returns:
+        ``{"bytes", "parameters", "momentum_parameters", "queue_values"}``.
+    """
+    kwargs: dict[str, Any] = dict(
+        image_size=cfg.model.image_size,
+        embed_dim=cfg.model.embed_dim,
+        queue_size=cfg.model.queue_size,
+    )
+    vocab = _vocab_size_estimate(cfg.tokenizer)
+    if vocab is not None:
+        kwargs["vocab_size"] = vocab
+    params, momentum = _parameter_counts(cfg.model.name, **kwargs)
+    queues = 2 * cfg.model.embed_dim * cfg.model.queue_size
+    return {
+        "bytes": 4 * (3 * params + momentum + queues),
+        "parameters": params,
+        "momentum_parameters": momentum,
+        "queue_values": queues,
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n < 2**40 else f"{n / 2**40:.2f} TiB"
+
+
+@register_validator
+def _output_dir(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    """``job.output_dir`` can be created and written, and has room for one checkpoint."""
+    out = Path(cfg.job.output_dir)
+    if out.exists() and not out.is_dir():
+        yield f"'job.output_dir' {out} exists and is not a folder: choose a folder path"
+        return
+    base = _nearest_existing(out)
+    if not base.is_dir():
+        yield f"'job.output_dir' {out} cannot be created: {base} is a file, not a folder"
+        return
+    targets = [base] + [p for p in (out, out / "checkpoints") if p.is_dir() and p != base]
+    for target in targets:
+        problem = _not_writable(target)
+        if problem:
+            created = "" if out.exists() else " (the folder would be created there)"
+            yield (
+                f"'job.output_dir' {out} cannot be written: {target} {problem} for this user "
+                f"(uid {os.getuid()}){created}; choose a writable folder or fix its permissions"
+            )
+            return
+    if not ctx.checkpoints:
+        return
+    try:
+        estimate = checkpoint_size_estimate(cfg)
+    except Exception:  # noqa: BLE001 - a config another validator rejects (e.g. image size)
+        return
+    free = shutil.disk_usage(base).free
+    if free < estimate["bytes"]:
+        yield (
+            f"'job.output_dir' {out}: {_gib(free)} free on its file system ({base}), but one "
+            f"checkpoint of {cfg.model.name} needs about {_gib(estimate['bytes'])} "
+            f"({estimate['parameters'] / 1e6:.1f}M parameters x 3 (weights + 2 AdamW moments) + "
+            f"{estimate['momentum_parameters'] / 1e6:.1f}M momentum parameters + "
+            f"{estimate['queue_values'] / 1e6:.1f}M queue values, 4 bytes each): free some "
+            "space or choose another job.output_dir"
+        )
+
+
 @register_validator
 def _queue_holds_whole_global_batches(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
     global_batch = cfg.data.batch_size * ctx.world_size
@@ -118,4 +359,10 @@ def _parallel(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
         yield f"'parallel.ac_vit_layers' must be >= 0, got {p.ac_vit_layers}"
 
 
-__all__ = ["ConfigError", "LaunchContext", "register_validator", "validate"]
+__all__ = [
+    "ConfigError",
+    "LaunchContext",
+    "checkpoint_size_estimate",
+    "register_validator",
+    "validate",
+]

@@ -12,6 +12,13 @@ ends: the recipe keeps calling ``next()`` and the epoch advances by itself (``lo
 epoch, position))``. A bad sample (missing, truncated, undecodable, zero-sized or absurd-aspect
 image, empty caption after ``pre_caption``) is replaced by the sample at a position drawn from
 ``(seed, epoch, position, attempt)``, so batches keep their size and stay deterministic.
+Images whose shorter side is below ``data.min_image_size`` (1x1 tracking pixels, icons) or more
+elongated than ``data.max_aspect_ratio`` are bad samples too.
+
+**Bad samples are named.** Each bad sample becomes a record (sample, reason, source, epoch,
+position) made where it was read (a worker) and sent with its batch; the rank's training process
+counts it, warns (rate-limited) and, once :meth:`SampleCounters.open_bad_sample_log` was called,
+appends it to ``<output_dir>/bad_samples.rank<r>.jsonl`` (see :class:`BadSampleLog`).
 
 **State.** A batch is a pure function of ``(epoch, position)``, so the loader's whole position is
 two integers that are identical on every rank: ``state_dict()`` returns them with the global batch
@@ -28,12 +35,14 @@ Streamed tar shards have no global index; see :mod:`.shards` for their (per rank
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,7 +78,8 @@ class BatchContext:
 
 
 def load_sample(source: MapSource, index: int, rng: random.Random, ctx: BatchContext):
-    """(uint8 image (3, s, s), cleaned caption) of ``source[index]``; raises :class:`BadImage`."""
+    """(uint8 image (3, s, s), cleaned caption) of ``source[index]``; raises :class:`BadImage`
+    (with ``origin`` and ``reason`` attributes when the sample's origin is known)."""
     image_ref, caption, origin = source.get(index, rng)
     try:
         caption = pre_caption(caption, ctx.max_words)
@@ -77,7 +87,22 @@ def load_sample(source: MapSource, index: int, rng: random.Random, ctx: BatchCon
             raise BadImage("empty caption after cleaning")
         return ctx.transform(open_image(image_ref), rng), caption
     except BadImage as e:
-        raise BadImage(f"{origin}: {e}") from e
+        error = BadImage(f"{origin}: {e}")
+        error.origin, error.reason = origin, str(e)
+        raise error from e
+
+
+def bad_record(error: Exception, origin: str, source: str, epoch: int, **where) -> dict:
+    """The record naming one bad sample (made in the worker that read it)."""
+    reason = getattr(error, "reason", None) or str(error)
+    origin = getattr(error, "origin", None) or origin
+    if reason.startswith(f"{origin}: "):
+        reason = reason[len(origin) + 2 :]
+    return {"sample": origin, "reason": reason, "source": source, "epoch": epoch, **where}
+
+
+def _describe(record: dict) -> str:
+    return f"{record['sample']}: {record['reason']}"
 
 
 class EpochPlan:
@@ -163,11 +188,13 @@ class MapBatches(IterableDataset):
                     image, caption = load_sample(source, index, rng, ctx)
                     break
                 except BadImage as e:
-                    bad.append(str(e))
+                    where = f"{source.name}[{index}]"
+                    bad.append(bad_record(e, where, source.name, epoch, position=sample_pos))
                     sample_pos = derive_seed(ctx.seed, epoch, pos, attempt, 0xBAD) % plan.length
             else:
                 raise BadSampleError(
-                    f"{MAX_REPLACEMENTS} replacements in a row were bad samples; last: {bad[-1]}"
+                    f"{MAX_REPLACEMENTS} replacements in a row were bad samples; last: "
+                    f"{_describe(bad[-1])}"
                 )
             images.append(image)
             captions.append(caption)
@@ -179,7 +206,7 @@ class MapBatches(IterableDataset):
             "_epoch": epoch,
             "_position": position,
             "_bad": len(bad),
-            "_bad_samples": bad[:8],
+            "_bad_samples": bad,
         }
 
 
@@ -187,9 +214,71 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+class BadSampleLog:
+    """Every bad sample one rank replaced, one JSON line each, in
+    ``<output_dir>/bad_samples.rank<r>.jsonl``.
+
+    A record is ``{"rank", "step", "sample", "reason", "source", "epoch", ...}``: ``sample`` is
+    the file path (or ``shard.tar/key``, ``source[index]``), ``step`` the optimizer step that
+    consumed the batch it was replaced in (1-based, as in ``metrics.jsonl``), plus ``position``
+    (place in the epoch's order) for map-style sources. A sample that is bad again in a later
+    epoch gets a record again, so the records of a rank add up to its ``bad_samples`` counter.
+
+    One file per rank, written only by that rank's training process (workers send their records
+    with the batch): no two processes ever write one file, which also holds on NFS, where appends
+    from several hosts can overwrite each other. Read them all with ``cat bad_samples.rank*.jsonl``.
+    Each line is written and flushed as it comes, so the file is complete up to a crash.
+
+    Restarts follow ``metrics.jsonl`` (:func:`blip_recipes.metrics.logger.prepare_jsonl`): a
+    resumed run keeps the records up to its step (later ones are replayed) and a fresh start
+    moves an old file to ``bad_samples.rank<r>.jsonl.K``; whatever is left out stays in such a
+    backup. Rank 0 does the same for the files of ranks beyond the current world size.
+    """
+
+    PATTERN = "bad_samples.rank{rank}.jsonl"
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        rank: int,
+        world_size: int = 1,
+        resume_step: int | None = None,
+    ) -> None:
+        from blip_recipes.metrics.logger import prepare_jsonl
+
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.path = folder / self.PATTERN.format(rank=rank)
+        paths = [self.path]
+        if rank == 0:
+            for other in folder.glob(self.PATTERN.format(rank="*")):
+                r = other.name[len("bad_samples.rank") : -len(".jsonl")]
+                if r.isdigit() and int(r) >= world_size:
+                    paths.append(other)
+        for path in paths:
+            prepare_jsonl(path, resume_step, unique_steps=False)
+        self._file = None
+
+    def write(self, step: int, records: list[dict]) -> None:
+        """Append one line per record (the file is created on the first bad sample)."""
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
+        for record in records:
+            line = {"rank": self.rank, "step": step, **record}
+            self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class SampleCounters:
-    """Per-rank sample and bad-sample counters with rate-limited warnings and the stop rule,
-    shared by the map-style and the shard loaders (both have ``cfg`` and ``ctx``)."""
+    """Per-rank sample and bad-sample counters with rate-limited warnings, the stop rule and the
+    bad-sample log, shared by the map-style and the shard loaders (both have ``cfg`` and ``ctx``).
+    """
 
     cfg: DataConfig
     ctx: BatchContext
@@ -198,6 +287,43 @@ class SampleCounters:
         self.samples, self.bad_samples = 0, 0
         self._last_warning = 0.0
         self._warned = 0
+        self.bad_sample_log: BadSampleLog | None = None
+        self._step, self._batches, self._batches_per_step = 0, 0, 1
+
+    def open_bad_sample_log(
+        self,
+        output_dir: str | os.PathLike,
+        resume_step: int | None = None,
+        batches_per_step: int = 1,
+    ) -> BadSampleLog:
+        """Name every bad sample from now on in ``output_dir`` (see :class:`BadSampleLog`).
+
+        Call it once the run knows where it starts: ``resume_step`` is the step a resumed run
+        continues from (None: a fresh start at step 0); ``batches_per_step`` is how many loader
+        batches one optimizer step takes (gradient accumulation), to number records by step.
+        """
+        self.close_bad_sample_log()
+        self.bad_sample_log = BadSampleLog(
+            output_dir, self.ctx.rank, self.ctx.world_size, resume_step
+        )
+        self._step, self._batches = resume_step or 0, 0
+        self._batches_per_step = max(1, batches_per_step)
+        return self.bad_sample_log
+
+    def close_bad_sample_log(self) -> None:
+        if self.bad_sample_log is not None:
+            self.bad_sample_log.close()
+            self.bad_sample_log = None
+
+    def _count_batch(self, bad: int, records: list[dict]) -> None:
+        """Count one delivered batch and its bad samples (the training process only)."""
+        self._batches += 1
+        self.samples += self.ctx.batch_size
+        if bad:
+            self._record_bad(bad, records)
+
+    def _current_step(self) -> int:
+        return self._step + (self._batches - 1) // self._batches_per_step + 1
 
     def _counter_stats(self) -> dict:
         seen = self.samples + self.bad_samples
@@ -207,8 +333,13 @@ class SampleCounters:
             "bad_fraction": self.bad_samples / seen if seen else 0.0,
         }
 
-    def _record_bad(self, bad: int, messages: list[str]) -> None:
+    def _record_bad(self, bad: int, records: list[dict]) -> None:
         self.bad_samples += bad
+        if self.bad_sample_log is not None:
+            self.bad_sample_log.write(self._current_step(), records)
+        messages = [_describe(r) for r in records[:8]]
+        if len(records) > 8:
+            messages.append(f"and {len(records) - 8} more")
         now = time.monotonic()
         if self._warned < 5 or now - self._last_warning > 30.0:
             self._warned += 1
@@ -292,9 +423,7 @@ class TrainLoader(SampleCounters):
         epoch, position = batch.pop("_epoch"), batch.pop("_position")
         bad, bad_samples = batch.pop("_bad"), batch.pop("_bad_samples")
         self.epoch, self.position = self.plan.advance(epoch, position, self.global_batch)
-        self.samples += self.ctx.batch_size
-        if bad:
-            self._record_bad(bad, bad_samples)
+        self._count_batch(bad, bad_samples)
         return batch
 
     def stats(self) -> dict:
@@ -366,6 +495,7 @@ def build_train_loader(
         randaugment=data_cfg.randaugment,
         use_draft=data_cfg.jpeg_draft,
         max_aspect_ratio=data_cfg.max_aspect_ratio,
+        min_image_size=data_cfg.min_image_size,
     )
     ctx = BatchContext(
         tokenizer=tokenizer,

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from blip_recipes.config.sections import DataConfig
 from blip_recipes.data._seeding import derive_seed, private_generator
 from blip_recipes.data.captions import pre_caption
-from blip_recipes.data.loader import SampleCounters
+from blip_recipes.data.loader import SampleCounters, bad_record
 from blip_recipes.data.transforms import BadImage, open_image
 
 logger = logging.getLogger("blip_recipes.data")
@@ -222,14 +222,18 @@ class ShardBatches(IterableDataset):
                 origin = f"{shard}/{key}"
                 rng = random.Random(derive_seed(ctx.seed, epoch, zlib.crc32(origin.encode())))
                 try:
-                    images.append(self._image(files, origin, rng))
-                    caption = pre_caption(_pick(decode_caption(files), rng), ctx.max_words)
+                    image = self._image(files, origin, rng)
+                    try:
+                        caption = pre_caption(_pick(decode_caption(files), rng), ctx.max_words)
+                    except (ValueError, UnicodeError) as e:
+                        raise BadImage(f"bad caption: {e}") from e
                     if not caption:
-                        images.pop()
-                        raise BadImage(f"{origin}: empty caption after cleaning")
-                    captions.append(caption)
+                        raise BadImage("empty caption after cleaning")
                 except (BadImage, ValueError, UnicodeError) as e:
-                    bad.append(str(e))
+                    bad.append(bad_record(e, origin, "shards", epoch))
+                    continue
+                images.append(image)
+                captions.append(caption)
             ids, mask = ctx.tokenizer(captions)
             yield {
                 "images": torch.stack(images),
@@ -239,7 +243,7 @@ class ShardBatches(IterableDataset):
                 "_state": dict(stream.state),
                 "_epoch": stream.state["epoch"],
                 "_bad": len(bad),
-                "_bad_samples": bad[:8],
+                "_bad_samples": bad,
             }
 
     def _image(self, files, origin, rng):
@@ -249,7 +253,9 @@ class ShardBatches(IterableDataset):
         try:
             return self.ctx.transform(open_image(files[ext]), rng)
         except BadImage as e:
-            raise BadImage(f"{origin}.{ext}: {e}") from e
+            error = BadImage(f"{origin}.{ext}: {e}")
+            error.origin, error.reason = f"{origin}.{ext}", str(e)
+            raise error from e
 
 
 def _pick(caption, rng):
@@ -310,11 +316,9 @@ class ShardLoader(SampleCounters):
         batch = next(self._iterator)
         self.states[int(batch.pop("_stream"))] = batch.pop("_state")
         batch.pop("_epoch")
-        bad, messages = batch.pop("_bad"), batch.pop("_bad_samples")
+        bad, records = batch.pop("_bad"), batch.pop("_bad_samples")
         self.consumed += 1
-        self.samples += self.ctx.batch_size
-        if bad:
-            self._record_bad(bad, messages)
+        self._count_batch(bad, records)
         return batch
 
     def stats(self) -> dict:

@@ -45,7 +45,7 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class BadImage(ValueError):
-    """An image that cannot be used (unreadable, truncated, empty, absurd aspect)."""
+    """An image that cannot be used (unreadable, truncated, empty, too small, absurd aspect)."""
 
 
 _NORMALIZATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -91,11 +91,14 @@ def open_image(ref) -> Image.Image:
         raise BadImage(f"cannot open: {e}") from e
 
 
-def check_size(img: Image.Image, max_aspect_ratio: float) -> None:
-    """Raise :class:`BadImage` for an empty image or one more elongated than ``max_aspect_ratio``."""
+def check_size(img: Image.Image, max_aspect_ratio: float, min_size: int = 1) -> None:
+    """Raise :class:`BadImage` for an empty image, one whose shorter side is below ``min_size``
+    pixels (a 1x1 tracking pixel, an icon) or one more elongated than ``max_aspect_ratio``."""
     w, h = img.size
     if w <= 0 or h <= 0:
         raise BadImage(f"zero-sized image {w}x{h}")
+    if min(w, h) < min_size:
+        raise BadImage(f"image too small {w}x{h} (shorter side below {min_size} px)")
     if max(w / h, h / w) > max_aspect_ratio:
         raise BadImage(f"absurd aspect ratio {w}x{h} (limit {max_aspect_ratio}:1)")
 
@@ -231,6 +234,7 @@ class TrainTransform:
         randaugment: apply RandAugment(2, 5).
         use_draft: let JPEGs decode at reduced size when the crop allows.
         max_aspect_ratio: images more elongated than this are bad samples.
+        min_image_size: images whose shorter side is below this many pixels are bad samples.
         draft_snap: when a JPEG is decoded at 1/d, round the crop box to whole reduced pixels and
             resize with torch (about 20% faster at short side 768) instead of resizing the exact
             fractional box with Pillow. The box edges move by up to half an output pixel, so the
@@ -246,8 +250,10 @@ class TrainTransform:
         use_draft: bool = True,
         max_aspect_ratio: float = 20.0,
         draft_snap: bool = False,
+        min_image_size: int = 8,
     ) -> None:
         self.image_size = image_size
+        self.min_image_size = min_image_size
         self.draft_snap = draft_snap
         self.scale = (min_scale, 1.0)
         self.ratio = (3.0 / 4.0, 4.0 / 3.0)
@@ -258,7 +264,7 @@ class TrainTransform:
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         """uint8 tensor (3, s, s); raises :class:`BadImage` for unusable images."""
         s = self.image_size
-        check_size(img, self.max_aspect_ratio)
+        check_size(img, self.max_aspect_ratio, self.min_image_size)
         width, height = img.size
         left, top, w, h = random_resized_crop_params(width, height, self.scale, self.ratio, rng)
         d = 1
@@ -307,10 +313,11 @@ def build_train_transform(
     use_draft: bool = True,
     max_aspect_ratio: float = 20.0,
     draft_snap: bool = False,
+    min_image_size: int = 8,
 ) -> TrainTransform:
     """The pretraining transform; call it as ``transform(open_image(ref), random.Random(seed))``."""
     return TrainTransform(
-        image_size, min_scale, randaugment, use_draft, max_aspect_ratio, draft_snap
+        image_size, min_scale, randaugment, use_draft, max_aspect_ratio, draft_snap, min_image_size
     )
 
 

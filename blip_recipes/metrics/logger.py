@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,14 +35,80 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def backup_path(path: Path) -> Path:
+    """``<path>.K`` with the first free K >= 1 (a higher K is a newer backup)."""
+    k = 1
+    while path.with_name(f"{path.name}.{k}").exists():
+        k += 1
+    return path.with_name(f"{path.name}.{k}")
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
+
+
+def prepare_jsonl(
+    path: Path, resume_step: Optional[int], unique_steps: bool = True
+) -> Optional[Path]:
+    """Make ``path`` (records with a ``step``) ready to be appended to by a run that starts at
+    ``resume_step`` (None: a fresh start); see :class:`MetricsLogger`. ``unique_steps=False``
+    keeps every record up to ``resume_step`` (files with several records per step).
+
+    Returns:
+        The backup holding the file as it was, when anything had to be left out of it, else None.
+    """
+    if not path.exists():
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if resume_step is None:
+        if not text.strip():
+            return None
+        backup = backup_path(path)
+        path.rename(backup)
+        return backup
+    by_step: dict[int, list[str]] = {}
+    for line in text.splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by a crash
+        if isinstance(step, int) and step <= resume_step:
+            if unique_steps:
+                by_step[step] = [line]  # a repeated step: the newest record wins
+            else:
+                by_step.setdefault(step, []).append(line)
+    kept = "".join(line + "\n" for _, lines in sorted(by_step.items()) for line in lines)
+    if kept == text:
+        return None
+    backup = backup_path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(kept, encoding="utf-8")
+    os.replace(path, backup)
+    os.replace(tmp, path)
+    return backup
+
+
 class MetricsLogger:
     """Writes one record per logged step; a no-op on ranks other than 0.
 
     - ``<output_dir>/metrics.jsonl``: one JSON object per call, ``step`` first, non-finite
-      values as ``null``; appended to, so a resumed run continues the same file (records after
-      ``resume_step`` left by the interrupted run are dropped first, so each step appears once).
+      values as ``null``. ``eval.jsonl`` (:meth:`log_eval`) follows the same rules.
     - ``<output_dir>/tensorboard``: every numeric value as a scalar tagged ``train/<name>``.
     - the console: one line with the step, chosen fields and the ETA.
+
+    What happens to records of an earlier run in the same folder, so that each step appears
+    once and nothing is silently deleted:
+
+    - **Resume** (``resume_step=N``): the file is continued. Records after step N (the
+      interrupted run got past its last checkpoint; those steps run again), lines cut short by
+      a crash and repeated steps (the newest record of a step wins) are dropped. When anything
+      is dropped, the file as it was is first kept as ``metrics.jsonl.K`` (K = 1, 2, ...: the
+      first free number, so a higher K is newer). TensorBoard hides its events after step N
+      (``purge_step``).
+    - **Fresh start** (``resume_step=None``) in a folder whose ``metrics.jsonl`` has records
+      (a run that died before its first checkpoint): the old file is renamed to
+      ``metrics.jsonl.K`` and a new one is started; an old ``tensorboard`` folder is renamed to
+      ``tensorboard.K`` the same way.
 
     Values may be 0-d tensors: converting them syncs with the device, which is why the recipe
     calls :meth:`log` only every ``metrics.log_every`` steps.
@@ -56,7 +123,7 @@ class MetricsLogger:
         rank: global rank; only rank 0 writes.
         tensorboard: also write TensorBoard events.
         total_steps: steps of the whole run, for the ETA (None: no ETA).
-        resume_step: the step a resumed run starts from (drops later records of a previous run).
+        resume_step: the step a resumed run starts from; None for a fresh start (see above).
         print_fn: where console lines go.
         device: device for peak FLOPs and memory; None: the current CUDA device, else CPU.
         world_size: ranks sharing ``samples_per_sec``; None: from the process group (or 1).
@@ -104,28 +171,31 @@ class MetricsLogger:
         self._file = None
         self._t0: Optional[float] = None
         self._step0: Optional[int] = None
+        self.backups: list[Path] = []
+        """Backups made of an earlier run's files (see above)."""
         if not self.enabled:
             return
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.output_dir / "metrics.jsonl"
-        if resume_step is not None and self.jsonl_path.exists():
-            self._truncate_after(resume_step)
+        self.eval_path = self.output_dir / "eval.jsonl"
+        for path in (self.jsonl_path, self.eval_path):
+            backup = prepare_jsonl(path, resume_step)
+            if backup is not None:
+                self.backups.append(backup)
         self._file = self.jsonl_path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
-
-    def _truncate_after(self, step: int) -> None:
-        kept = []
-        for line in self.jsonl_path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", -1) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by the crash
-        self.jsonl_path.write_text("".join(k + "\n" for k in kept))
+            tb_dir = self.output_dir / "tensorboard"
+            if resume_step is None and _has_files(tb_dir):
+                backup = backup_path(tb_dir)
+                tb_dir.rename(backup)
+                self.backups.append(backup)
+            purge = resume_step + 1 if resume_step is not None else None
+            self._writer = SummaryWriter(log_dir=str(tb_dir), purge_step=purge)
+        for backup in self.backups:
+            print_fn(f"metrics: kept the previous run's records as {backup}")
 
     def log(
         self,
@@ -214,7 +284,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        with (self.output_dir / "eval.jsonl").open("a") as f:
+        with self.eval_path.open("a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         if self._writer is not None:
             for k, v in values.items():

@@ -1,9 +1,12 @@
 """Tar shards: brace patterns, streaming, split over ranks x workers, exact resume."""
 
 import io
+import json
+import tarfile
 
 import pytest
 import torch
+from PIL import Image
 
 from blip_recipes.config import DataConfig, DataSourceConfig
 from blip_recipes.data import build_train_loader, synthetic_sample
@@ -105,6 +108,35 @@ def test_shard_bad_samples_replaced(tmp_path, synthetic_tokenizer):
         shuffle_buffer=1,  # stream order k0, k1, ...: the first batch reads k0..k5
     )
     loader = build_train_loader(cfg, synthetic_tokenizer, 16, 0, 0, 1)
+    loader.open_bad_sample_log(tmp_path / "run")
     batch = next(loader)
     assert batch["images"].shape == (4, 3, 16, 16)
+    assert loader.stats()["bad_samples"] == 2
+    log = (tmp_path / "run" / "bad_samples.rank0.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in log]
+    assert [(r["sample"], r["step"], r["source"]) for r in records] == [
+        ("bad.tar/k2.jpg", 1, "shards"), ("bad.tar/k4", 1, "shards")]  # fmt: skip
+    assert records[0]["reason"].startswith("cannot ")
+    assert records[1]["reason"] == "empty caption after cleaning"
+
+
+def test_shard_tiny_image_and_broken_caption_are_bad(tmp_path, synthetic_tokenizer):
+    good, caption = _jpeg(0)
+    pixel = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(pixel, format="PNG")
+    samples = [(f"k{i}", good, "jpg", caption) for i in range(5)]
+    samples[1] = ("k1", pixel.getvalue(), "png", caption)  # k0 k1 k2 k3 k4 k9, two bad
+    write_shard(str(tmp_path / "s.tar"), samples)
+    with tarfile.open(tmp_path / "s.tar", "a") as tar:  # a json caption that is not JSON
+        for name, payload in (("k9.jpg", good), ("k9.json", b"{not json")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    cfg = DataConfig(
+        sources=[DataSourceConfig(kind="shards", paths=[str(tmp_path / "s.tar")])],
+        batch_size=5, num_workers=0, pin_memory=False, max_bad_fraction=1.0, shuffle_buffer=1,
+    )  # fmt: skip
+    loader = build_train_loader(cfg, synthetic_tokenizer, 16, 0, 0, 1)
+    batch = next(loader)
+    assert batch["images"].shape[0] == batch["input_ids"].shape[0] == 5
     assert loader.stats()["bad_samples"] == 2

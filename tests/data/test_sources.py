@@ -152,6 +152,98 @@ def test_bad_samples_replaced_counted_and_warned(broken_dataset, caplog):
         assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+def _bad_log(folder, rank=0):
+    path = folder / f"bad_samples.rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_bad_sample_is_named_in_the_log(broken_dataset, tmp_path, caplog, num_workers):
+    ann, root, n = broken_dataset
+    Image.new("RGB", (1, 1)).save(root / "pixel.png")  # a tracking pixel
+    Image.new("RGB", (7, 100)).save(root / "thin.png")  # shorter side below 8
+    records = json.loads(ann.read_text())
+    records += [{"image": name, "caption": "a tiny one"} for name in ("pixel.png", "thin.png")]
+    ann.write_text(json.dumps(records))
+    n += 2
+    src = [DataSourceConfig(kind="json", paths=[str(ann)], image_root=str(root))]
+    cfg = _cfg(src, batch_size=2, max_bad_fraction=1.0, num_workers=num_workers)
+    loader = build_train_loader(cfg, _tok(), 16, 0)
+    out = tmp_path / "run"
+    loader.open_bad_sample_log(out)
+    with caplog.at_level(logging.WARNING, logger="blip_recipes.data"):
+        for _ in range(3 * n // 2):  # three epochs: the warnings stop naming files, the log not
+            next(loader)
+    log = _bad_log(out)
+    assert len(log) == loader.stats()["bad_samples"] > 3 * 8
+    named = {r["sample"].rsplit("/", 1)[-1] for r in log}
+    bad_files = {"missing.jpg", "empty.jpg", "trunc.jpg", "junk.jpg", "wide.png", "pixel.png",
+                 "thin.png", "good0.jpg"}  # fmt: skip
+    assert named == bad_files
+    reasons = {r["sample"].rsplit("/", 1)[-1]: r["reason"] for r in log}
+    assert "too small 1x1" in reasons["pixel.png"] and "too small 7x100" in reasons["thin.png"]
+    assert "aspect" in reasons["wide.png"] and reasons["missing.jpg"] == "missing file"
+    assert reasons["good0.jpg"] == "empty caption after cleaning"
+    for r in log:
+        assert r["rank"] == 0 and 1 <= r["step"] <= 3 * n // 2 and r["epoch"] in (0, 1, 2)
+        assert r["source"].startswith("json[") and 0 <= r["position"] < n
+    assert [r["step"] for r in log] == sorted(r["step"] for r in log)
+    # Every full epoch visits (and names) every bad file again.
+    for epoch in (0, 1, 2):
+        assert {r["sample"].rsplit("/", 1)[-1] for r in log if r["epoch"] == epoch} == bad_files
+    warned = [r for r in caplog.records if "replaced" in r.getMessage()]
+    assert len(warned) < len(log)  # the console is rate-limited, the file is not
+
+
+def test_bad_sample_log_after_a_restart(broken_dataset, tmp_path):
+    ann, root, n = broken_dataset
+    src = [DataSourceConfig(kind="json", paths=[str(ann)], image_root=str(root))]
+    cfg = _cfg(src, batch_size=2, max_bad_fraction=1.0)
+    out = tmp_path / "run"
+
+    def run(steps, resume_step=None, state=None, batches_per_step=1):
+        loader = build_train_loader(cfg, _tok(), 16, 0)
+        if state is not None:
+            loader.load_state_dict(state)
+        loader.open_bad_sample_log(out, resume_step=resume_step, batches_per_step=batches_per_step)
+        states = []
+        for _ in range(steps * batches_per_step):
+            next(loader)
+            states.append(loader.state_dict())
+        loader.close_bad_sample_log()
+        return states
+
+    states = run(n // 2)  # one epoch, then "crash"
+    first = _bad_log(out)
+    k = 4  # the checkpoint the run resumes from
+    run(n // 2 - k, resume_step=k, state=states[k - 1])
+    again = _bad_log(out)
+    assert again == first  # records after step k replaced by the same ones, none twice
+    backup = out / "bad_samples.rank0.jsonl.1"
+    assert [json.loads(x) for x in backup.read_text().splitlines()] == first  # nothing lost
+    run(2)  # a fresh start in the same folder moves the old file aside
+    assert (out / "bad_samples.rank0.jsonl.2").exists()
+    assert all(r["step"] <= 2 for r in _bad_log(out))
+    # Gradient accumulation: two loader batches per optimizer step.
+    (out / "bad_samples.rank0.jsonl").unlink()
+    run(n // 4, batches_per_step=2)
+    assert {r["step"] for r in _bad_log(out)} <= set(range(1, n // 4 + 1))
+    assert max(r["step"] for r in _bad_log(out)) > n // 8
+
+
+def test_rank_zero_handles_log_files_of_ranks_gone(tmp_path):
+    from blip_recipes.data.loader import BadSampleLog
+
+    for r in (0, 1, 2, 3):
+        (tmp_path / f"bad_samples.rank{r}.jsonl").write_text('{"step": 9, "sample": "x"}\n')
+    BadSampleLog(tmp_path, rank=0, world_size=2, resume_step=5).close()
+    assert (tmp_path / "bad_samples.rank0.jsonl").read_text() == ""
+    assert (tmp_path / "bad_samples.rank1.jsonl").read_text() != ""  # rank 1's own business
+    for r in (2, 3):
+        assert (tmp_path / f"bad_samples.rank{r}.jsonl").read_text() == ""
+        assert (tmp_path / f"bad_samples.rank{r}.jsonl.1").exists()
+
+
 def test_too_many_bad_samples_stop_the_run(broken_dataset):
     ann, root, n = broken_dataset
     src = [DataSourceConfig(kind="json", paths=[str(ann)], image_root=str(root))]

@@ -226,6 +226,19 @@ def test_bad_images(tmp_path):
             t(open_image(str(tmp_path / name)), random.Random(0))
 
 
+def test_too_small_images_are_bad():
+    t = build_train_transform(16)
+    for size in [(1, 1), (7, 100), (100, 7)]:
+        with pytest.raises(BadImage, match=f"too small {size[0]}x{size[1]}"):
+            t(Image.new("RGB", size), random.Random(0))
+    assert t(Image.new("RGB", (8, 8)), random.Random(0)).shape == (3, 16, 16)
+    lenient = build_train_transform(16, min_image_size=1)
+    assert lenient(Image.new("RGB", (1, 1)), random.Random(0)).shape == (3, 16, 16)
+    strict = build_train_transform(16, min_image_size=64)
+    with pytest.raises(BadImage, match="below 64 px"):
+        strict(Image.new("RGB", (63, 200)), random.Random(0))
+
+
 def test_normalize_images():
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     out = normalize_images(x, torch.bfloat16)

@@ -135,3 +135,84 @@ def test_log_eval_writes_its_own_file_and_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert {"eval/txt_r1", "eval/r_mean"} <= set(acc.Tags()["scalars"])
+
+
+def _quiet(tmp_path, **kwargs):
+    return MetricsLogger(tmp_path, tensorboard=False, print_fn=lambda s: None, **kwargs)
+
+
+def _write_run(tmp_path, steps, loss=1.0):
+    """Append records as a run without restart handling would."""
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        for step in steps:
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def test_fresh_start_moves_old_records_to_a_backup(tmp_path):
+    _write_run(tmp_path, [1, 2, 3])  # a run that died before its first checkpoint
+    (tmp_path / "eval.jsonl").write_text('{"step": 2, "r_mean": 1.0}\n')
+    lines = []
+    logger = MetricsLogger(tmp_path, tensorboard=False, print_fn=lines.append)
+    logger.log(1, {"loss": 10.0})
+    logger.close()
+    assert [(r["step"], r["loss"]) for r in _records(tmp_path / "metrics.jsonl")] == [(1, 10.0)]
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl.1")] == [1, 2, 3]
+    assert not (tmp_path / "eval.jsonl").exists()
+    assert _records(tmp_path / "eval.jsonl.1") == [{"step": 2, "r_mean": 1.0}]
+    assert logger.backups == [tmp_path / "metrics.jsonl.1", tmp_path / "eval.jsonl.1"]
+    assert any("metrics.jsonl.1" in line for line in lines)
+    # A second fresh start: the next free number, older backups untouched.
+    _quiet(tmp_path).close()
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl.2")] == [1]
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl.1")] == [1, 2, 3]
+
+
+def test_fresh_start_on_an_empty_file_makes_no_backup(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    _quiet(tmp_path).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_resume_drops_later_and_repeated_steps_keeping_a_backup(tmp_path):
+    # What the old behaviour left behind: a dead run's rows after the checkpoint at step 4, and
+    # a second pass over steps 3..6 appended after them.
+    _write_run(tmp_path, [1, 2, 3, 4, 5, 6], loss=1.0)
+    _write_run(tmp_path, [3, 4, 5, 6], loss=2.0)
+    original = (tmp_path / "metrics.jsonl").read_text()
+    logger = _quiet(tmp_path, resume_step=4)
+    for step in (5, 6):
+        logger.log(step, {"loss": 3.0})
+    logger.close()
+    recs = _records(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in recs] == [
+        (1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 3.0), (6, 3.0)]  # fmt: skip
+    assert (tmp_path / "metrics.jsonl.1").read_text() == original  # nothing lost
+
+
+def test_resume_with_nothing_to_drop_makes_no_backup(tmp_path):
+    _write_run(tmp_path, [1, 2])
+    _quiet(tmp_path, resume_step=2).close()
+    assert not (tmp_path / "metrics.jsonl.1").exists()
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_tensorboard_after_restarts(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(resume_step, steps, loss):
+        logger = MetricsLogger(tmp_path, resume_step=resume_step, print_fn=lambda s: None)
+        for step in steps:
+            logger.log(step, {"loss": loss})
+        logger.close()
+
+    def scalars(folder):
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+
+    run(None, [1, 2, 3], 1.0)
+    run(2, [3, 4], 2.0)  # resumed at step 2: the first run's step 3 is hidden
+    assert scalars(tmp_path / "tensorboard") == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
+    run(None, [1], 5.0)  # a fresh start moves the old events aside
+    assert scalars(tmp_path / "tensorboard") == [(1, 5.0)]
+    assert (tmp_path / "tensorboard.1").is_dir()
