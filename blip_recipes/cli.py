@@ -4,6 +4,7 @@ blip run [torchrun flags] RECIPE --config FILE [overrides...]
 blip validate --config FILE [--world-size N] [overrides...]
 blip ls
 blip cp NAME DEST [--force]
+blip checkpoint verify PATH
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ commands:
         List recipes and their configs.
   blip cp NAME DEST [--force]
         Copy a recipe or config out to edit it.
+  blip checkpoint verify PATH
+        Check checkpoints against their checksums.json: PATH is one step-N folder, a
+        checkpoints folder or a run's output folder (all of its checkpoints). Prints OK or
+        what is wrong per checkpoint; exit 0 if all are verified intact, 1 otherwise.
 
 overrides: section.key=value (TorchTune style) or --section.key value (TorchTitan style),
 applied in order after the TOML file. `blip run --help` lists every key.
@@ -219,7 +224,55 @@ def cmd_cp(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "cp": cmd_cp}
+CHECKPOINT_HELP = """usage: blip checkpoint verify PATH
+
+PATH: one checkpoint (a step-N folder), a checkpoints folder or a run's output folder (then
+every step-N folder in it). Each checkpoint's files are checked against its checksums.json
+(size and CRC-32) and its DCP metadata. One line per checkpoint:
+  OK          every file matches
+  CORRUPT     which file, and what: missing, size mismatch, hash mismatch, unreadable metadata
+  UNVERIFIED  no checksums.json (written before checksums existed, or the save stopped
+              before them); its shard files are present but their contents cannot be checked
+  INCOMPLETE  no .metadata: a save that did not finish (never resumed from)
+exit status: 0 if every checkpoint is verified intact (OK), 1 otherwise, 2 on usage errors.
+"""
+
+
+def cmd_checkpoint(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print(CHECKPOINT_HELP)
+        return 0
+    if not args or args[0] != "verify":
+        what = f"unknown checkpoint command '{args[0]}'" if args else "missing command"
+        raise UsageError(f"{what}: usage: blip checkpoint verify PATH")
+    if len(args) != 2:
+        raise UsageError("usage: blip checkpoint verify PATH (one path)")
+    path = Path(args[1])
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such folder")
+    from blip_recipes.checkpoint import step_folders, verify_checkpoint
+
+    folders = step_folders(path)
+    if not folders:
+        print(f"{path}: no checkpoints found (no step-N folders, no checkpoints/ folder)")
+        return 1
+    failed = 0
+    for folder in folders:
+        report = verify_checkpoint(folder)
+        failed += not report.ok
+        print(f"{folder}: {report.summary()}")
+    if len(folders) > 1:
+        print(f"{len(folders) - failed} of {len(folders)} checkpoints verified intact")
+    return 1 if failed else 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "ls": cmd_ls,
+    "cp": cmd_cp,
+    "checkpoint": cmd_checkpoint,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

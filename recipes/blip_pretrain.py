@@ -181,8 +181,8 @@ class BlipPretrainRecipe:
 
     def _resume_path(self) -> Path | None:
         resume = self.cfg.checkpoint.resume
-        if resume == "auto":
-            return self.checkpointer.latest_complete()
+        if resume == "auto":  # newest that verifies; damaged newer ones are moved aside
+            return self.checkpointer.latest_intact(quarantine=True)
         existing = self.checkpointer.latest_complete()
         if resume == "none":
             if existing is not None:
@@ -197,6 +197,7 @@ class BlipPretrainRecipe:
             raise FileNotFoundError(
                 f"checkpoint.resume={resume!r}: not a complete checkpoint folder (no DCP metadata)"
             )
+        self.checkpointer.check_intact(path)
         return path
 
     def _steps_per_epoch(self) -> int:

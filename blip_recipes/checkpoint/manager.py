@@ -1,51 +1,107 @@
 """Save and load training checkpoints with torch.distributed.checkpoint (DCP); knows no model.
 
 Layout: ``<folder>/step-<N>/`` holds DCP's shard files, the ``extra_files`` (e.g. the resolved
-config) and, written last by DCP (atomically, tmp + rename), ``.metadata``. A folder counts as a
-checkpoint only once ``.metadata`` exists, so a save cut short by a crash or preemption is
-never resumed from; it is deleted when the same step is saved again or pruned later.
+config), ``.metadata`` (written by DCP after every rank's shards, atomically: tmp + rename) and,
+last, ``checksums.json`` (size and CRC-32 of every other file, written by rank 0 after a barrier,
+atomically). A folder counts as a checkpoint (*complete*) once ``.metadata`` exists, so a save
+cut short by a crash or preemption is never resumed from; it is deleted when the same step is
+saved again or pruned later. The manifest makes it *verifiable*: resume (:meth:`latest_intact`)
+checks the newest checkpoint against it and falls back to an older intact one when it is
+damaged; see :mod:`blip_recipes.checkpoint.integrity` for the exact states and the format.
+
+Two more guards at save time: weights with a NaN or Inf are never written
+(:class:`NonFiniteCheckpointError`), and an ``OSError`` while writing (a full disk) removes the
+partial folder, leaves earlier checkpoints alone and raises one clear
+:class:`CheckpointWriteError`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import re
+import pickle
 import shutil
-from collections.abc import Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 
-from blip_recipes.checkpoint.states import MODEL, ModelWrapper
+from blip_recipes.checkpoint.integrity import (
+    MANIFEST_FILE,
+    METADATA_FILE,
+    CheckpointCorruptError,
+    CheckpointReport,
+    _describe,
+    _human,
+    _Verification,
+    checksum_files,
+    files_to_checksum,
+    nonfinite_tensors,
+    step_dirs,
+    verify_checkpoint,
+    write_manifest,
+)
+from blip_recipes.checkpoint.states import MODEL, MOMENTUM, ModelWrapper
 
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = ".metadata"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
 StateLike = Union[Stateful, dict[str, Any]]
+T = TypeVar("T")
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's keys or tensor shapes differ from the objects it is loaded into."""
 
 
+class NonFiniteCheckpointError(RuntimeError):
+    """The weights to be saved hold a NaN or Inf on some rank; nothing was written."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed with an OSError (e.g. a full disk); ``errno`` is kept.
+
+    The partial folder is removed and earlier checkpoints are untouched.
+    """
+
+    def __init__(self, message: str, errno_: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
 def is_complete(path: Union[str, Path]) -> bool:
-    """True when ``path`` is a finished DCP checkpoint (its metadata file, written last, exists)."""
+    """True when ``path`` is a finished DCP checkpoint (its metadata file, written last, exists).
+
+    Complete says every rank's shards were written; whether they are still intact is what
+    :func:`~blip_recipes.checkpoint.verify_checkpoint` checks against ``checksums.json``.
+    """
     return (Path(path) / METADATA_FILE).is_file()
+
+
+def _read_metadata(path: Union[str, Path]) -> Any:
+    """DCP metadata of a checkpoint; a damaged file raises :class:`CheckpointCorruptError`."""
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError...
+        raise CheckpointCorruptError(
+            f"checkpoint {path}: unreadable {METADATA_FILE} ({_describe(e)}); "
+            f"run `blip checkpoint verify {path}`"
+        ) from e
 
 
 def top_level_keys(path: Union[str, Path]) -> set[str]:
     """Top-level state keys a checkpoint holds (``model``, ``momentum``...), from its metadata."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = _read_metadata(path).state_dict_metadata
     return {key.split(".", 1)[0] for key in metadata}
 
 
@@ -57,9 +113,31 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def _portable(e: BaseException) -> BaseException:
+    """``e`` if it survives pickling (to send it to the other ranks), else a RuntimeError."""
+    try:
+        return pickle.loads(pickle.dumps(e))
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _find_oserror(e: BaseException) -> Optional[OSError]:
+    """The OSError behind an exception: itself, one of a CheckpointException's per-rank
+    failures, or a cause/context."""
+    seen: set[int] = set()
+    todo: list[Optional[BaseException]] = [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        if isinstance(x, CheckpointException):
+            todo += [failure[0] if isinstance(failure, tuple) else failure
+                     for _, failure in sorted(x.failures.items())]  # fmt: skip
+        todo += [x.__cause__, x.__context__]
+    return None
 
 
 def _state_dicts(states: Mapping[str, StateLike]) -> dict[str, Any]:
@@ -80,7 +158,7 @@ def check_against_metadata(
     load (``prefixes``) that we lack (a bigger model). Per-rank bytes entries of other ranks are
     not tensors and are not reported.
     """
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = _read_metadata(path).state_dict_metadata
     missing, shapes = [], []
     for key, value in flat.items():
         meta = metadata.get(key)
@@ -119,13 +197,18 @@ def load_states(
     Any subset of a checkpoint's top-level keys can be loaded. Keys an object lists in
     ``optional_keys()`` (per-rank entries) may be absent; everything else must match in name and
     shape (``strict``), checked before DCP reads anything.
+
+    Raises:
+        CheckpointMismatchError: names or shapes differ.
+        CheckpointCorruptError: the metadata or a shard file cannot be read (no raw
+            ``EOFError``/``UnpicklingError``); ``blip checkpoint verify`` tells which file.
     """
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {METADATA_FILE})")
     nested = _state_dicts(states)
     flat, mapping = flatten_state_dict(nested)
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = _read_metadata(path).state_dict_metadata
     for name, state in states.items():
         for key in getattr(state, "optional_keys", lambda: [])():
             full = f"{name}.{key}"
@@ -134,7 +217,17 @@ def load_states(
                     del flat[k], mapping[k]
     if strict:
         check_against_metadata(path, flat, set(states))
-    dcp.load(flat, checkpoint_id=str(path), no_dist=_no_dist())
+    try:
+        dcp.load(flat, checkpoint_id=str(path), no_dist=_no_dist())
+    except (CheckpointException, EOFError, pickle.UnpicklingError, OSError) as e:
+        cause = e
+        if isinstance(e, CheckpointException) and e.failures:
+            failure = next(iter(e.failures.values()))
+            cause = failure[0] if isinstance(failure, tuple) else failure
+        raise CheckpointCorruptError(
+            f"could not read checkpoint {path} ({_describe(cause)}); "
+            f"run `blip checkpoint verify {path}` to see which file is damaged"
+        ) from e
     loaded = unflatten_state_dict(flat, mapping)
     for name, state in states.items():
         value = loaded.get(name, {})
@@ -154,19 +247,25 @@ def load_model_weights(path: Union[str, Path], model: nn.Module, key: str = MODE
 
 
 class CheckpointManager:
-    """Saves ``step-N`` checkpoints into ``folder``, finds the newest complete one, prunes old ones.
+    """Saves ``step-N`` checkpoints into ``folder``, finds the newest intact one, prunes old ones.
 
-    Construct it on every rank (it may create a process group). Saving and loading are
-    collective: every rank calls them with the same step and the same top-level keys.
+    Construct it on every rank (it creates a gloo process group for its own coordination, and
+    one for async saves). Saving, :meth:`latest_intact`, :meth:`verify`, :meth:`wait` and
+    :meth:`close` are collective: every rank calls them in the same order, with the same step
+    and the same top-level keys. Decisions (which checkpoint to resume from, whether the
+    weights are finite, whether a write failed) are taken once and shared, so all ranks agree.
 
     Args:
         folder: where ``step-N`` folders go (``<output_dir>/checkpoints``).
         keep_latest_k: keep this many newest complete checkpoints; 0 keeps all.
         async_save: save in a background thread after a synchronous copy of the state to CPU,
             on a dedicated gloo group (``dcp.async_save`` on the default group hangs once
-            training goes on issuing collectives). The previous async save is awaited before
-            the next save starts and in :meth:`close`.
+            training goes on issuing collectives). The checksum manifest is written in the same
+            background thread right after DCP finishes. The previous async save is awaited
+            before the next save starts and in :meth:`close`.
         process_group: group for async saves; None creates ``dist.new_group(backend="gloo")``.
+        finite_keys: top-level keys whose floating-point tensors must be finite to save (the
+            model and the momentum encoders and queues); empty disables the check.
     """
 
     def __init__(
@@ -175,39 +274,99 @@ class CheckpointManager:
         keep_latest_k: int = 0,
         async_save: bool = False,
         process_group: Optional[dist.ProcessGroup] = None,
+        finite_keys: Sequence[str] = (MODEL, MOMENTUM),
     ) -> None:
         self.folder = Path(folder)
         self.keep_latest_k = keep_latest_k
         self.async_save = async_save
-        self._pending: Optional[Any] = None
+        self.finite_keys = tuple(finite_keys)
+        self._pending: Optional[Future] = None
         self._pending_step: Optional[int] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
         self._pg = process_group
-        if async_save and self._pg is None and dist.is_available() and dist.is_initialized():
-            self._pg = dist.new_group(backend="gloo")
+        self._ctrl: Optional[dist.ProcessGroup] = None
+        if not _no_dist():
+            # small CPU collectives (paths, flags, checksums) work on any default backend
+            self._ctrl = dist.new_group(backend="gloo")
+            if async_save and self._pg is None:
+                self._pg = dist.new_group(backend="gloo")
 
     def step_dir(self, step: int) -> Path:
         """Folder of the checkpoint of ``step``."""
         return self.folder / f"step-{step}"
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
-        if not self.folder.is_dir():
-            return []
-        found = []
-        for p in self.folder.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and p.is_dir():
-                found.append((int(m.group(1)), p))
-        return sorted(found)
+        return step_dirs(self.folder)
 
     def complete_steps(self) -> list[int]:
         """Steps with a complete checkpoint, ascending."""
         return [s for s, p in self._step_dirs() if is_complete(p)]
 
     def latest_complete(self) -> Optional[Path]:
-        """The newest complete checkpoint, or None (what ``resume = "auto"`` resumes from)."""
+        """The newest complete checkpoint, or None (not verified: see :meth:`latest_intact`)."""
         steps = self.complete_steps()
         return self.step_dir(steps[-1]) if steps else None
 
+    # ------------------------------------------------------------------ collectives
+    def _rank0(self, fn: Callable[[], T], group: Optional[dist.ProcessGroup] = None) -> T:
+        """Run ``fn`` on rank 0 only and give every rank its result (or raise its error there)."""
+        result: Any = None
+        error: Optional[BaseException] = None
+        if _rank() == 0:
+            try:
+                result = fn()
+            except Exception as e:
+                error = e
+        if _no_dist():
+            if error is not None:
+                raise error
+            return result
+        box = [(result, None if error is None else _portable(error))]
+        dist.broadcast_object_list(box, src=0, group=group or self._ctrl)
+        if error is not None:
+            raise error
+        result, remote_error = box[0]
+        if remote_error is not None:
+            raise remote_error
+        return result
+
+    def _checksums(
+        self, folder: Path, names: list[str], group: Optional[dist.ProcessGroup] = None
+    ) -> Any:
+        """Checksums of ``names`` in ``folder``, hashed by all ranks (file i by rank i mod
+        world size), gathered on rank 0 (None elsewhere)."""
+        if _no_dist():
+            return checksum_files(folder, names)
+        group = group or self._ctrl
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        mine = checksum_files(folder, names[rank::world])
+        parts: Optional[list[Any]] = [None] * world if rank == 0 else None
+        dist.gather_object(mine, parts, dst=0, group=group)
+        if parts is None:
+            return None
+        merged: dict[str, Any] = {}
+        for part in parts:
+            merged.update(part or {})
+        return merged
+
+    def _write_manifest(self, path: Path, group: Optional[dist.ProcessGroup] = None) -> None:
+        """After every rank's DCP save returned: checksum all files, rank 0 writes the manifest."""
+        if not _no_dist():
+            dist.barrier(group=group or self._ctrl)  # every rank's shard files exist
+        names = self._rank0(lambda: files_to_checksum(path), group)
+        sums = self._checksums(path, names, group)
+        self._rank0(lambda: write_manifest(path, sums), group)
+
+    def _any_rank(self, flag: bool) -> list[int]:
+        """Ranks on which ``flag`` is true (the same list on every rank)."""
+        if _no_dist():
+            return [0] if flag else []
+        flags = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+        flags[dist.get_rank()] = int(flag)
+        dist.all_reduce(flags, group=self._ctrl)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    # ------------------------------------------------------------------ saving
     def save(
         self,
         step: int,
@@ -219,42 +378,235 @@ class CheckpointManager:
         An existing complete checkpoint of the same step is never overwritten (the call only
         logs); an incomplete one is removed first. ``extra_files`` (name -> text) are written by
         rank 0 before DCP starts, so they are in place when the metadata marks completion.
-        With ``async_save`` the call returns after the state is staged in CPU memory.
+        ``checksums.json`` follows DCP's files. With ``async_save`` the call returns after the
+        state is staged in CPU memory.
+
+        Raises:
+            NonFiniteCheckpointError: a tensor under ``finite_keys`` holds a NaN or Inf on some
+                rank; nothing is written.
+            CheckpointWriteError: an OSError (full disk...) while writing; the partial folder
+                is removed, earlier checkpoints are untouched.
         """
         self.wait()
         path = self.step_dir(step)
         if is_complete(path):
             logger.warning("checkpoint %s already exists; not overwriting it", path)
             return path
-        _barrier()  # nobody looks at the folder while rank 0 prepares it
-        if _rank() == 0:
-            if path.exists():
-                shutil.rmtree(path)
-            path.mkdir(parents=True)
-            for name, text in (extra_files or {}).items():
-                (path / name).write_text(text)
-        _barrier()
         state_dict = _state_dicts(states)
-        if self.async_save:
-            self._pending = dcp.async_save(
-                state_dict, checkpoint_id=str(path), process_group=self._pg, no_dist=_no_dist()
-            )
-            self._pending_step = step
-        else:
+        self._check_finite(step, state_dict)
+        try:
+            self._rank0(lambda: self._prepare(path, extra_files))
+            if self.async_save:
+                pending = dcp.async_save(
+                    state_dict, checkpoint_id=str(path), process_group=self._pg,
+                    no_dist=_no_dist(),
+                )  # fmt: skip
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+                self._pending = self._executor.submit(self._finish_async, pending, path)
+                self._pending_step = step
+                return path
             dcp.save(state_dict, checkpoint_id=str(path), no_dist=_no_dist())
-            self._prune(step)
+            self._write_manifest(path)
+        except (OSError, CheckpointException) as e:
+            self._raise_write_error(step, path, e)
+        self._prune(step)
         return path
 
+    @staticmethod
+    def _prepare(path: Path, extra_files: Optional[Mapping[str, str]]) -> None:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        for name, text in (extra_files or {}).items():
+            (path / name).write_text(text)
+
+    def _finish_async(self, pending: Any, path: Path) -> None:
+        """Background thread: wait for DCP's async save, then write the manifest (on the
+        async group, which nothing else uses meanwhile)."""
+        upload: Future = getattr(pending, "upload_completion", pending)
+        upload.result()
+        self._write_manifest(path, self._pg)
+
+    def _check_finite(self, step: int, state_dict: Mapping[str, Any]) -> None:
+        """Refuse (on every rank) to save when any rank holds a non-finite weight."""
+        if not self.finite_keys:
+            return
+        bad = nonfinite_tensors(state_dict, self.finite_keys)
+        ranks = self._any_rank(bool(bad))
+        if not ranks:
+            return
+        try:
+            newest: Any = self._select_intact()[0]
+        except Exception as e:  # only the message depends on it
+            newest = f"unknown ({_describe(e)})"
+        names = ""
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            names = f" ({', '.join(bad[:3])}{more} on rank {_rank()})"
+        remains = (
+            f"the newest intact checkpoint remains {newest}: resume from it "
+            "(checkpoint.resume=auto), e.g. with a lower learning rate"
+            if newest is not None
+            else "no intact checkpoint exists yet"
+        )
+        message = (
+            f"refusing to save checkpoint step-{step}: non-finite (NaN/Inf) weights on "
+            f"rank(s) {', '.join(map(str, ranks))}{names}; nothing was written and {remains}"
+        )
+        if bad or _rank() == 0:
+            logger.error("%s", message)
+        raise NonFiniteCheckpointError(message)
+
+    def _raise_write_error(self, step: int, path: Path, e: BaseException) -> None:
+        """Turn an OSError (possibly inside DCP's CheckpointException) into one clear
+        :class:`CheckpointWriteError`; remove the partial folder (rank 0). Anything else is
+        re-raised as it is."""
+        oserror = _find_oserror(e)
+        if oserror is None:
+            raise e
+        if _rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        previous = [p for _, p in self._step_dirs() if is_complete(p) and p != path]
+        try:
+            free = _human(shutil.disk_usage(self.folder).free)
+        except OSError:
+            free = "unknown space"
+        code = oserror.errno
+        if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
+            head = f"{what} while writing checkpoint step-{step} to {path}: {free} free"
+        else:
+            head = f"could not write checkpoint step-{step} to {path}: {oserror}"
+        tail = (
+            f"the previous checkpoint {previous[-1]} is intact"
+            if previous
+            else "there is no previous checkpoint"
+        )
+        message = f"{head}; {tail} (the partial step-{step} was removed)"
+        if _rank() == 0:
+            logger.error("%s", message)
+        raise CheckpointWriteError(message, code) from e
+
     def wait(self) -> None:
-        """Block until the pending async save (if any) is written, then prune."""
+        """Block until the pending async save (if any) and its manifest are written, then prune.
+
+        Raises:
+            CheckpointWriteError: the pending save failed with an OSError.
+        """
         if self._pending is None:
             return
         pending, step = self._pending, self._pending_step
         self._pending, self._pending_step = None, None
-        future: Future = getattr(pending, "upload_completion", pending)
-        future.result()
         assert step is not None
+        try:
+            pending.result()
+        except (OSError, CheckpointException) as e:
+            self._raise_write_error(step, self.step_dir(step), e)
         self._prune(step)
+
+    # ------------------------------------------------------------------ verifying and loading
+    def verify(self, path: Union[str, Path]) -> CheckpointReport:
+        """Verify one checkpoint (collective): files are hashed by all ranks, rank 0 compares
+        them with the manifest and every rank gets its report."""
+        if _no_dist():
+            return verify_checkpoint(path)
+        check: dict[str, _Verification] = {}
+
+        def plan() -> list[str]:
+            check["v"] = _Verification(path)
+            return check["v"].names
+
+        names = self._rank0(plan)
+        sums = self._checksums(Path(path), names)
+        return self._rank0(lambda: check["v"].finish(sums))
+
+    def _select_intact(self) -> tuple[Optional[Path], list[CheckpointReport]]:
+        """Newest usable checkpoint and the reports of the damaged newer ones (collective)."""
+        candidates = self._rank0(
+            lambda: [p for _, p in reversed(self._step_dirs())
+                     if is_complete(p) or (p / MANIFEST_FILE).is_file()]  # finished once
+        )  # fmt: skip
+        damaged: list[CheckpointReport] = []
+        for path in candidates:
+            report = self.verify(path)
+            if report.usable:
+                return path, damaged
+            damaged.append(report)
+        return None, damaged
+
+    @staticmethod
+    def _quarantine(path: Path) -> Path:
+        """Rename a damaged checkpoint to ``corrupt-step-N`` (kept for inspection; no longer
+        named like a checkpoint, so the step can be saved again)."""
+        target = path.with_name(f"corrupt-{path.name}")
+        n = 1
+        while target.exists():
+            target = path.with_name(f"corrupt-{path.name}-{n}")
+            n += 1
+        path.rename(target)
+        logger.warning("moved damaged checkpoint %s to %s", path, target.name)
+        return target
+
+    def latest_intact(self, quarantine: bool = False) -> Optional[Path]:
+        """The newest checkpoint that verifies (collective): what ``resume = "auto"`` uses.
+
+        Newest first, each complete checkpoint is checked against its ``checksums.json``; a
+        damaged one is reported with a warning naming the file and what is wrong, and the next
+        older one is tried. A checkpoint without a manifest (older code) is used after a
+        structural check, with a log line that it cannot be verified. With ``quarantine`` the
+        damaged checkpoints newer than the one chosen are renamed ``corrupt-step-N``.
+
+        Returns:
+            The chosen folder, or None when there is no complete checkpoint at all.
+
+        Raises:
+            CheckpointCorruptError: checkpoints exist but none is usable.
+        """
+        self.wait()
+        chosen, damaged = self._select_intact()
+        if _rank() == 0:
+            for report in damaged:
+                logger.warning(
+                    "checkpoint %s is damaged, not resuming from it: %s",
+                    report.path,
+                    "; ".join(report.problems),
+                )
+        if chosen is None and damaged:
+            lines = [f"no intact checkpoint to resume from in {self.folder}:"]
+            lines += [f"  {r.path.name}: {'; '.join(r.problems)}" for r in damaged]
+            lines.append(
+                "  (`blip checkpoint verify` lists them; move them away or choose another "
+                "job.output_dir to start fresh)"
+            )
+            raise CheckpointCorruptError("\n".join(lines))
+        if chosen is not None and _rank() == 0:
+            if damaged:
+                logger.warning(
+                    "falling back to the older checkpoint %s (newer damaged: %s)",
+                    chosen,
+                    ", ".join(r.path.name for r in damaged),
+                )
+            if not (chosen / MANIFEST_FILE).is_file():
+                logger.warning(
+                    "checkpoint %s has no %s and cannot be verified (written before checksums "
+                    "existed, or the save stopped before them); its files are all present",
+                    chosen,
+                    MANIFEST_FILE,
+                )
+        if chosen is not None and damaged and quarantine:
+            self._rank0(lambda: [self._quarantine(r.path) for r in damaged])
+        return chosen
+
+    def check_intact(self, path: Union[str, Path]) -> CheckpointReport:
+        """Verify one checkpoint (collective) and raise :class:`CheckpointCorruptError` naming
+        what is wrong unless it is usable (what an explicit ``resume`` path goes through)."""
+        report = self.verify(path)
+        if not report.usable:
+            raise CheckpointCorruptError(f"checkpoint {path} is damaged: {report.summary()}")
+        if report.status == "unverified" and _rank() == 0:
+            logger.warning("checkpoint %s cannot be verified: no %s", path, MANIFEST_FILE)
+        return report
 
     def load(
         self, path: Union[str, Path], states: Mapping[str, StateLike], strict: bool = True
@@ -279,4 +631,9 @@ class CheckpointManager:
 
     def close(self) -> None:
         """Finish the pending async save; call before shutting down the process group."""
-        self.wait()
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
