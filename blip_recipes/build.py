@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.device_mesh import DeviceMesh
 
 from blip_recipes.checkpoint import load_model_weights
 from blip_recipes.config import Config
@@ -24,7 +23,7 @@ from blip_recipes.interop.init_checkpoints import bert_init_state_dict, vit_init
 from blip_recipes.models import build_model, build_momentum_encoders
 from blip_recipes.models.blip import BlipPretrain
 from blip_recipes.momentum import MomentumState
-from blip_recipes.parallel import ParallelPlan, materialize, parallelize_blip
+from blip_recipes.parallel import DistInfo, ParallelPlan, materialize, parallelize_blip
 
 logger = logging.getLogger(__name__)
 
@@ -114,19 +113,18 @@ def _load_pretrained_parts(cfg: Config, tokenizer: Any, model: torch.nn.Module) 
 
 
 def build_pretraining(
-    cfg: Config,
-    tokenizer: Any,
-    device: torch.device,
-    mesh: DeviceMesh | None,
-    param_dtype: torch.dtype | None,
+    cfg: Config, tokenizer: Any, dist_info: DistInfo, param_dtype: torch.dtype | None
 ) -> tuple[BlipPretrain, MomentumState, ParallelPlan]:
-    """The online model and the momentum state, parallelized, on `device`, weights loaded.
+    """The online model and the momentum state, parallelized, on this rank's device, loaded.
+
+    The full initial weights are built once, on rank 0, and broadcast into every rank's shards
+    (`set_model_state_dict(..., broadcast_from_rank0=True)`): host memory per node holds one
+    model copy whatever the number of ranks, and every world size starts from the same numbers.
 
     Args:
         cfg: the whole run config (`model`, `parallel`, `job.seed`, `checkpoint.init_from`).
         tokenizer: gives the vocabulary size and the special ids.
-        device: where parameters and queues live.
-        mesh: data-parallel mesh for FSDP2, or None (one rank, or replicated parameters).
+        dist_info: rank, device and data-parallel mesh (FSDP2 only with several ranks).
         param_dtype: FSDP2 compute dtype (bf16); None = fp32.
 
     Returns:
@@ -136,11 +134,15 @@ def build_pretraining(
     with torch.device("meta"):
         model = build_model(cfg.model.name, **kwargs)
         encoders = build_momentum_encoders(cfg.model.name, **kwargs)
+    mesh = dist_info.mesh if dist_info.sharded else None
     plan = parallelize_blip(model, encoders, cfg.parallel, mesh, param_dtype)
-    materialize(model, device)
-    set_model_state_dict(model, initial_weights(cfg, tokenizer),
-                         options=StateDictOptions(full_state_dict=True, strict=True))  # fmt: skip
-    materialize(encoders, device)
+    materialize(model, dist_info.device)
+    weights = initial_weights(cfg, tokenizer) if dist_info.is_main else {}
+    options = StateDictOptions(full_state_dict=True, strict=True,
+                               broadcast_from_rank0=dist_info.world_size > 1)  # fmt: skip
+    set_model_state_dict(model, weights, options=options)
+    del weights
+    materialize(encoders, dist_info.device)
     encoders.requires_grad_(False)
     momentum = MomentumState(
         encoders,
@@ -149,7 +151,8 @@ def build_pretraining(
         momentum=cfg.model.momentum,
         train_mode=cfg.model.momentum_train_mode,
         seed=cfg.job.seed,
-        device=device,
+        device=dist_info.device,
+        group=dist_info.dp_group if dist_info.world_size > 1 else None,
     )
     momentum.copy_from(model)
     return model, momentum, plan

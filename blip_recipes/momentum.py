@@ -2,8 +2,8 @@
 
 Per step (reference order): `update(online)` (EMA, shard-local, no communication), then
 `targets(images, ids, mask)` (momentum features + queue snapshot), the online forward/backward,
-then `enqueue(targets)` (one all-gather per queue when a process group with more than one rank
-exists). Queues are replicated fp32 tensors, seeded identically on every rank, never broadcast.
+then `enqueue(targets)` (one all-gather over the data-parallel group it was given). Queues are
+replicated fp32 tensors, seeded identically on every rank, never broadcast.
 
 The momentum modules (`encoders`, also reachable as `.visual_encoder`, `.text_encoder`, ...) are
 sharded by the recipe exactly like the online ones; the EMA then pairs local shards directly.
@@ -50,10 +50,6 @@ def _canonical(name: str) -> str:
     return name
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def paired_parameters(
     encoders: nn.Module, online: nn.Module
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -92,6 +88,8 @@ class MomentumState(Stateful):
         train_mode: keep dropout / drop-path active in the momentum forward (reference: True).
         seed: seed of the queue initialisation (identical on every rank).
         device: device of the queues.
+        group: every data-parallel rank (`DistInfo.dp_group`): the queues gather the momentum
+            features of all of them each step. None = one process.
     """
 
     def __init__(
@@ -103,8 +101,10 @@ class MomentumState(Stateful):
         train_mode: bool = True,
         seed: int = 0,
         device: torch.device | str | None = None,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         self.encoders = encoders
+        self.group = group
         self.queue_size = queue_size
         self.momentum = momentum
         self.train_mode = train_mode
@@ -123,6 +123,7 @@ class MomentumState(Stateful):
         train_mode: bool = True,
         seed: int = 0,
         device: torch.device | str | None = None,
+        group: dist.ProcessGroup | None = None,
         **model_overrides: Any,
     ) -> MomentumState:
         """Momentum state for `build_model(name, **model_overrides)` (queue_size included)."""
@@ -136,6 +137,7 @@ class MomentumState(Stateful):
             train_mode=train_mode,
             seed=seed,
             device=device,
+            group=group,
         )
 
     @property
@@ -216,21 +218,21 @@ class MomentumState(Stateful):
         """Write the global batch's momentum features at the pointer and advance it.
 
         Args:
-            image_feat_m, text_feat_m: (B, E) local momentum features. With a process group of
-                W > 1 ranks they are all-gathered (rank order) into (B * W, E) first.
+            image_feat_m, text_feat_m: (B, E) local momentum features. With a data-parallel
+                group of W > 1 ranks they are all-gathered (rank order) into (B * W, E) first.
             valid: optional 0-d bool tensor; when False the queues and pointer stay as they are
                 (a skipped step), decided on the device without a host sync.
 
         Raises:
             ValueError: when B * W does not divide Q.
         """
-        world = _world_size()
+        world = dist.get_world_size(self.group) if self.group is not None else 1
         batch = image_feat_m.shape[0]
         check_queue_batch(self.queue_size, batch, world)
         feats = torch.stack([image_feat_m, text_feat_m]).to(self.image_queue.dtype)  # (2, B, E)
         if world > 1:
             gathered = feats.new_empty((world * 2, *feats.shape[1:]))  # rank-major (W*2, B, E)
-            dist.all_gather_into_tensor(gathered, feats.contiguous())
+            dist.all_gather_into_tensor(gathered, feats.contiguous(), group=self.group)
             feats = gathered.view(world, 2, batch, -1).transpose(0, 1).reshape(2, world * batch, -1)
         columns = self.queue_ptr + torch.arange(world * batch, device=self.queue_ptr.device)
         step = world * batch

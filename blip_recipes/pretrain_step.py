@@ -3,20 +3,28 @@
 `pretrain_losses` is the model part (ITC against the queues, hard negatives, one multimodal pass
 for ITM and LM). `PretrainStep` is the whole optimizer step the recipe and the benchmarks run:
 
-    clamp temp -> EMA update -> momentum targets -> losses -> backward -> gradient norm
-    -> one agreed "ok" flag -> optimizer step (skipped when not ok) -> enqueue (when ok)
+    clamp temp -> EMA update -> for each micro-batch: momentum targets -> losses -> backward
+    (gradients synchronised on the last one only) -> enqueue -> gradient norm -> one agreed
+    "ok" flag -> optimizer step (skipped when not ok)
 
 The "ok" decision is taken once for all ranks: `finite(loss) & finite(grad_norm)` reduced with
 MIN over the data-parallel group, on the device. The same flag drives the optimizer skip, the
 enqueue and the caller's non-finite counter, so no rank applies an update another rank skipped
 and the queues never diverge. Nothing in the step waits for the host.
+
+Gradient accumulation (`grad_accum_steps` micro-batches per optimizer step): the EMA update and
+the optimizer step happen once per optimizer step; every micro-batch runs ITC against the queue
+as it stands and then enqueues its momentum features (when its loss is finite on every rank), so
+the queue invariant stays `queue_size % (batch x world) == 0`; each micro-batch's loss is scaled
+by 1 / grad_accum_steps, and FSDP2 synchronises gradients only after the last micro-batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,7 +35,6 @@ from blip_recipes.config import Config
 from blip_recipes.data._seeding import derive_seed
 from blip_recipes.models.blip import BlipOutput, BlipPretrain, MomentumTargets
 from blip_recipes.momentum import MomentumState
-from blip_recipes.parallel.data_parallel import all_reduce_gradients
 from blip_recipes.parallel.distributed import DistInfo
 from blip_recipes.parallel.float8 import float8_precompute_scales
 
@@ -125,16 +132,42 @@ def global_grad_norm(parameters: list[nn.Parameter], clip: float | None = None) 
 
 
 def agree_ok(
-    loss: torch.Tensor, grad_norm: torch.Tensor, group: dist.ProcessGroup | None
+    loss: torch.Tensor, grad_norm: torch.Tensor | None, group: dist.ProcessGroup | None
 ) -> torch.Tensor:
     """`finite(loss) & finite(grad_norm)`, reduced with MIN over `group` on the device.
 
-    With `group=None` (one process, or no process group) the local flag is returned.
+    With `group=None` (one process, or no process group) the local flag is returned;
+    `grad_norm=None` checks the loss only.
     """
-    ok = (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).to(torch.int32).reshape(1)
+    ok = torch.isfinite(loss.detach())
+    if grad_norm is not None:
+        ok = ok & torch.isfinite(grad_norm)
+    ok = ok.to(torch.int32).reshape(1)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     return ok.reshape(()).bool()
+
+
+class DeviceBatch(NamedTuple):
+    """One (micro-)batch on the device: images (B, 3, H, W) normalised, input_ids and
+    attention_mask (B, L)."""
+
+    images: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def _mean_output(outputs: list[BlipOutput]) -> BlipOutput:
+    """Micro-batch outputs -> one: scalar fields averaged, features of the last micro-batch."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    scalars = {
+        f.name: torch.stack([getattr(o, f.name).detach() for o in outputs]).mean()
+        for f in fields(BlipOutput)
+        if getattr(last, f.name).dim() == 0 and f.name != "temp"
+    }
+    return replace(last, **scalars)
 
 
 class PretrainStep:
@@ -152,8 +185,7 @@ class PretrainStep:
         grad_clip: clip the global gradient norm to this value; None = no clipping (reference).
         autocast_dtype: autocast to this dtype (unsharded bf16 runs); None = no autocast
             (fp32, or FSDP2 whose mixed-precision policy casts the parameters).
-        all_reduce_gradients: average replicated gradients over `group` after backward
-            (several ranks without FSDP2).
+        grad_accum_steps: micro-batches per optimizer step.
         after_optimizer_step: called after each optimizer step (float8 scale precompute).
     """
 
@@ -168,7 +200,7 @@ class PretrainStep:
         group: dist.ProcessGroup | None = None,
         grad_clip: float | None = None,
         autocast_dtype: torch.dtype | None = None,
-        all_reduce_gradients: bool = False,
+        grad_accum_steps: int = 1,
         after_optimizer_step: Callable[[], object] | None = None,
     ) -> None:
         self.model = model
@@ -180,7 +212,9 @@ class PretrainStep:
         self.group = group
         self.grad_clip = grad_clip
         self.autocast_dtype = autocast_dtype
-        self.all_reduce_gradients = all_reduce_gradients
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        self.grad_accum_steps = grad_accum_steps
         self.after_optimizer_step = after_optimizer_step
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         device = self.parameters[0].device
@@ -196,11 +230,10 @@ class PretrainStep:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
         dist_info: DistInfo,
-        use_fsdp: bool,
         compute_dtype: torch.dtype,
     ) -> PretrainStep:
-        """The step a run of `cfg` takes on this rank (seed, clipping, precision, float8)."""
-        several = dist_info.world_size > 1
+        """The step a run of `cfg` takes on this rank (seed, clipping, precision, float8,
+        accumulation); sharded models get their mixed precision from FSDP2, others autocast."""
         return cls(
             model,
             momentum,
@@ -208,10 +241,12 @@ class PretrainStep:
             lr_scheduler,
             seed=cfg.job.seed,
             rank=dist_info.rank,
-            group=dist_info.mesh.get_group() if several else None,
+            group=dist_info.dp_group if dist_info.world_size > 1 else None,
             grad_clip=cfg.training.grad_clip,
-            autocast_dtype=None if use_fsdp or compute_dtype == torch.float32 else compute_dtype,
-            all_reduce_gradients=several and not use_fsdp,
+            autocast_dtype=None
+            if dist_info.sharded or compute_dtype == torch.float32
+            else compute_dtype,
+            grad_accum_steps=cfg.training.grad_accum_steps,
             after_optimizer_step=(lambda: float8_precompute_scales(model))
             if cfg.parallel.float8 else None,
         )  # fmt: skip
@@ -221,40 +256,49 @@ class PretrainStep:
             return nullcontext()
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        step: int,
-        alpha: float,
-    ) -> StepResult:
-        """One step on a batch already on the device (`images` normalised).
+    def __call__(self, batches: Sequence[DeviceBatch], step: int, alpha: float) -> StepResult:
+        """One optimizer step over `grad_accum_steps` micro-batches already on the device.
 
         Args:
-            images: (B, 3, H, W); input_ids, attention_mask: (B, L).
-            step: 0-based global step (seeds the hard-negative sampling).
+            batches: the micro-batches, `grad_accum_steps` of them.
+            step: 0-based optimizer step (seeds the hard-negative sampling: micro-batch i of
+                step s draws from `derive_seed(seed, rank, s * grad_accum_steps + i)`).
             alpha: distillation weight of this step.
         """
+        accum = self.grad_accum_steps
+        if len(batches) != accum:
+            raise ValueError(f"expected {accum} micro-batches, got {len(batches)}")
         self.model.clamp_temperature_()
-        with self._autocast(images.device.type):
+        device_type = batches[0].images.device.type
+        with self._autocast(device_type):
             self.momentum.update(self.model)
-            targets = self.momentum.targets(images, input_ids, attention_mask)
-            self.generator.manual_seed(derive_seed(self.seed, self.rank, step))
-            out = pretrain_losses(self.model, images, input_ids, attention_mask, targets, alpha,
-                                  self.generator)  # fmt: skip
-        out.loss.backward()
-        if self.all_reduce_gradients:
-            all_reduce_gradients(self.parameters, self.group)
+        outputs: list[BlipOutput] = []
+        all_finite = None
+        for index, batch in enumerate(batches):
+            last = index == accum - 1
+            if accum > 1 and hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(last)
+            with self._autocast(device_type):
+                targets = self.momentum.targets(*batch)
+                self.generator.manual_seed(derive_seed(self.seed, self.rank, step * accum + index))
+                out = pretrain_losses(self.model, *batch, targets, alpha, self.generator)
+            (out.loss if accum == 1 else out.loss / accum).backward()
+            outputs.append(out)
+            if not last:  # its features enter the queue before the next micro-batch's ITC
+                finite = agree_ok(out.loss, None, self.group)
+                all_finite = finite if all_finite is None else all_finite & finite
+                self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=finite)
         grad_norm = global_grad_norm(self.parameters, self.grad_clip)
         ok = agree_ok(out.loss, grad_norm, self.group)
+        if all_finite is not None:
+            ok = ok & all_finite
         self._optimizer_step(ok)
         if self.after_optimizer_step is not None:
             self.after_optimizer_step()
         self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=ok)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        return StepResult(out, ok, grad_norm)
+        return StepResult(_mean_output(outputs), ok, grad_norm)
 
     def _optimizer_step(self, ok: torch.Tensor) -> None:
         """Apply the update when `ok`. Fused AdamW skips on the device through its `found_inf`

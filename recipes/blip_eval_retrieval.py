@@ -136,7 +136,7 @@ def _step_of(source: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_recipe_args(argv, description=__doc__ or "")
+    cfg = parse_recipe_args(argv, description=__doc__ or "", saves_checkpoints=False)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
     )

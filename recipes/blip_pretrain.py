@@ -53,7 +53,7 @@ from blip_recipes.metrics import (
 from blip_recipes.momentum import check_queue_batch
 from blip_recipes.optim import build_lr_scheduler, build_optimizer
 from blip_recipes.parallel import init_distributed, shutdown_distributed
-from blip_recipes.pretrain_step import PretrainStep, StepResult
+from blip_recipes.pretrain_step import DeviceBatch, PretrainStep, StepResult
 from blip_recipes.run_lock import RunLockedError, acquire_run_lock
 
 logger = logging.getLogger("blip_pretrain")
@@ -101,7 +101,8 @@ class BlipPretrainRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.dist = init_distributed(cfg.parallel.device)
+        par = cfg.parallel
+        self.dist = init_distributed(par.device, par.data_parallel, par.dp_replicate)
         self.device = self.dist.device
         self.output_dir = Path(cfg.job.output_dir)
         try:  # one run per output folder, decided by rank 0 before anything is written
@@ -119,8 +120,6 @@ class BlipPretrainRecipe:
         torch.manual_seed(cfg.job.seed)
         set_determinism(cfg.training.deterministic)
         self.compute_dtype = compute_dtype(cfg.training.mixed_precision, self.device)
-        # Like TorchTitan: sharding over one rank only adds hook overhead (1.3-2x on CPU).
-        self.use_fsdp = cfg.parallel.fsdp and self.dist.world_size > 1
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         self.loader = build_train_loader(
@@ -146,7 +145,7 @@ class BlipPretrainRecipe:
         self.train_state = TrainState()
         self.step_fn = PretrainStep.from_config(
             cfg, self.model, self.momentum, self.optimizer, self.lr_scheduler, self.dist,
-            self.use_fsdp, self.compute_dtype,
+            self.compute_dtype,
         )  # fmt: skip
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
@@ -160,6 +159,7 @@ class BlipPretrainRecipe:
         self.loader.open_bad_sample_log(  # every rank names its bad samples there
             self.output_dir,
             resume_step=self.step if self.resume_from is not None else None,
+            batches_per_step=cfg.training.grad_accum_steps,
         )
         self.evaluator = PeriodicEvaluator(
             cfg.eval, self.tokenizer, self.metrics, cfg.model.image_size, cfg.data.max_words
@@ -201,6 +201,7 @@ class BlipPretrainRecipe:
         return path
 
     def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the loader's batches per epoch / grad_accum_steps."""
         configured = self.cfg.training.steps_per_epoch
         known = getattr(self.loader, "steps_per_epoch", None)
         if configured is not None:
@@ -209,14 +210,13 @@ class BlipPretrainRecipe:
             raise ValueError(
                 "the data size is unknown (streamed shards): set training.steps_per_epoch"
             )
-        return known
+        return max(known // self.cfg.training.grad_accum_steps, 1)
 
     def _build_model_and_momentum(self) -> None:
         """Model on meta -> parallel plan -> weights -> momentum state (library set-up), then
         reference momentum weights and queues from `checkpoint.init_from` when it has them."""
-        mesh = self.dist.mesh if self.use_fsdp else None
         self.model, self.momentum, self.plan = build_pretraining(
-            self.cfg, self.tokenizer, self.device, mesh, self.compute_dtype
+            self.cfg, self.tokenizer, self.dist, self.compute_dtype
         )
         init_from = self.cfg.checkpoint.init_from
         if init_from and self.resume_from is None and MOMENTUM in top_level_keys(init_from):
@@ -227,7 +227,7 @@ class BlipPretrainRecipe:
     def _checkpoint_states(self) -> dict[str, Any]:
         self.train_state.step = self.step
         self.train_state.epoch = self.step // self.steps_per_epoch
-        self.train_state.samples_seen = self.step * self.cfg.data.batch_size * self.dist.world_size
+        self.train_state.samples_seen = self.step * self._global_batch()
         return {
             MODEL: ModelWrapper(self.model),
             OPTIMIZER: OptimizerWrapper(self.model, self.optimizer),
@@ -259,12 +259,22 @@ class BlipPretrainRecipe:
         ramp = self.cfg.training.alpha_ramp_epochs * self.steps_per_epoch
         return self.cfg.training.alpha * (min(1.0, step / ramp) if ramp > 0 else 1.0)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
-        """One optimizer step on one loader batch (see `PretrainStep` for what it does)."""
-        images = normalize_images(batch["images"].to(self.device, non_blocking=True))
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        return self.step_fn(images, input_ids, attention_mask, self.step, self.alpha(self.step))
+    def _global_batch(self) -> int:
+        """Samples per optimizer step over all ranks: batch x world x grad_accum_steps."""
+        cfg = self.cfg
+        return cfg.data.batch_size * self.dist.world_size * cfg.training.grad_accum_steps
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> DeviceBatch:
+        return DeviceBatch(
+            normalize_images(batch["images"].to(self.device, non_blocking=True)),
+            batch["input_ids"].to(self.device, non_blocking=True),
+            batch["attention_mask"].to(self.device, non_blocking=True),
+        )
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step on `grad_accum_steps` loader batches (see `PretrainStep`)."""
+        micro_batches = [self._to_device(batch) for batch in batches]
+        return self.step_fn(micro_batches, self.step, self.alpha(self.step))
 
     def train(self) -> None:
         """Step until `training.steps` (or `epochs`), a stop signal, or too many bad steps."""
@@ -272,15 +282,15 @@ class BlipPretrainRecipe:
         window = _Window(self.device)
         nonfinite_run = torch.zeros((), dtype=torch.long, device=self.device)
         while self.step < self.total_steps:
-            if self._agreed_stop():
+            if self.step % cfg.checkpoint.signal_check_every == 0 and self._agreed_stop():
                 logger.warning(
                     "signal %s: saving at step %d, then exiting", self._stop_signal, self.step
                 )
                 break
             t0 = time.perf_counter()
-            batch = next(self.loader)
+            batches = [next(self.loader) for _ in range(cfg.training.grad_accum_steps)]
             window.data_wait += time.perf_counter() - t0
-            result = self.train_step(batch)
+            result = self.train_step(batches)
             self.step += 1
             nonfinite_run = (nonfinite_run + 1) * (~result.ok)
             window.add(result)
@@ -307,8 +317,7 @@ class BlipPretrainRecipe:
         record = window.means()
         self.nonfinite_steps += window.skipped()
         elapsed = time.perf_counter() - window.start
-        global_batch = self.cfg.data.batch_size * self.dist.world_size
-        samples_per_sec = global_batch * window.steps / elapsed
+        samples_per_sec = self._global_batch() * window.steps / elapsed
         record.update(
             lr=self.optimizer.param_groups[0]["lr"],
             alpha=self.alpha(self.step - 1),
@@ -337,10 +346,11 @@ class BlipPretrainRecipe:
             signal.signal(sig, request_stop)
 
     def _agreed_stop(self) -> bool:
-        """True on every rank once any rank got SIGTERM/SIGINT (CPU all-reduce, no GPU sync)."""
+        """True on every rank once any rank got SIGTERM/SIGINT: a CPU MAX all-reduce over the
+        data-parallel group, every `checkpoint.signal_check_every` steps (no GPU sync)."""
         flag = torch.tensor([1 if self._stop_signal is not None else 0])
         if self.dist.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.dp_group)
         if flag.item() and self._stop_signal is None:
             self._stop_signal = -1
         return bool(flag.item())

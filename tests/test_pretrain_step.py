@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blip_recipes.parallel._testing import spawn_ranks
-from blip_recipes.pretrain_step import PretrainStep, agree_ok, global_grad_norm
+from blip_recipes.pretrain_step import DeviceBatch, PretrainStep, agree_ok, global_grad_norm
 from tests.models.tiny_blip import make_model, make_text, momentum_state
 
 
@@ -29,12 +29,12 @@ def _build_step(rank: int, mesh) -> PretrainStep:
     from blip_recipes.parallel import parallelize_blip
 
     model = make_model().train()
-    momentum = momentum_state(queue_size=16)
+    group = mesh.get_group() if mesh is not None else None
+    momentum = momentum_state(queue_size=16, group=group)
     momentum.copy_from(model)
     parallelize_blip(model, momentum.encoders, ParallelConfig(), mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    group = mesh.get_group() if mesh is not None else None
     return PretrainStep(model, momentum, optimizer, schedule, seed=0, rank=rank, group=group)
 
 
@@ -67,7 +67,7 @@ def nan_worker(rank: int, world: int, out_dir: str) -> None:
             hook = step.model.itm_head.register_forward_hook(
                 lambda _m, _a, output: _NanGradient.apply(output)
             )
-        result = step(pixels, ids, mask, index, 0.4)
+        result = step([DeviceBatch(pixels, ids, mask)], index, 0.4)
         if hook is not None:
             hook.remove()
         flags.append((bool(result.ok), bool(torch.isfinite(result.output.loss))))
@@ -100,11 +100,11 @@ def test_single_process_skips_a_non_finite_step_without_a_group():
     ids, mask = make_text(2)
     images = torch.randn(2, 3, 32, 32)
     before = {n: p.detach().clone() for n, p in step.model.named_parameters()}
-    result = step(torch.full_like(images, float("nan")), ids, mask, 0, 0.4)
+    result = step([DeviceBatch(torch.full_like(images, float("nan")), ids, mask)], 0, 0.4)
     assert not bool(result.ok) and not torch.isfinite(result.grad_norm)
     assert all(torch.equal(p, before[n]) for n, p in step.model.named_parameters())
     assert int(step.momentum.queue_ptr) == 0
-    result = step(images, ids, mask, 1, 0.4)
+    result = step([DeviceBatch(images, ids, mask)], 1, 0.4)
     assert bool(result.ok) and torch.isfinite(result.grad_norm) and result.grad_norm > 0
     assert int(step.momentum.queue_ptr) == 2
 

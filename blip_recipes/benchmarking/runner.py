@@ -230,23 +230,22 @@ class _OursRun:
         from blip_recipes.parallel import init_distributed
         from blip_recipes.pretrain_step import PretrainStep
 
-        info = init_distributed(cfg.parallel.device)
+        par = cfg.parallel
+        info = init_distributed(par.device, par.data_parallel, par.dp_replicate)
         dtype = compute_dtype(cfg.training.mixed_precision, info.device)
-        use_fsdp = cfg.parallel.fsdp and info.world_size > 1
         tokenizer = build_tokenizer(cfg.tokenizer)
         loader = None
         if with_loader:
             loader = build_train_loader(cfg.data, tokenizer, image_size=cfg.model.image_size,
                                         seed=cfg.job.seed, rank=info.rank,
                                         world_size=info.world_size)  # fmt: skip
-        model, momentum, _ = build_pretraining(cfg, tokenizer, info.device,
-                                               info.mesh if use_fsdp else None, dtype)  # fmt: skip
+        model, momentum, _ = build_pretraining(cfg, tokenizer, info, dtype)
         optimizer = build_optimizer(model, cfg.optimizer, info.device.type)
         steps = cfg.training.steps
         lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
                                           steps_per_epoch=steps, total_steps=steps)  # fmt: skip
         step_fn = PretrainStep.from_config(cfg, model, momentum, optimizer, lr_scheduler, info,
-                                           use_fsdp, dtype)  # fmt: skip
+                                           dtype)  # fmt: skip
         return cls(cfg, tokenizer, step_fn, dtype, loader)
 
     def close(self) -> None:
@@ -265,6 +264,7 @@ def run_recipe_variant(
 ) -> dict[str, Any]:
     """Build the run of ``variant`` with the recipe's library calls and time its step."""
     from blip_recipes.data import normalize_images
+    from blip_recipes.pretrain_step import DeviceBatch
 
     result: dict[str, Any] = {"name": variant.name, "kind": "ours", "batch_size": batch_size}
     run = None
@@ -284,10 +284,12 @@ def run_recipe_variant(
             alpha = cfg.training.alpha
 
             def step(batch: dict) -> None:
-                images = normalize_images(batch["images"].to(device, non_blocking=True))
-                ids = batch["input_ids"].to(device, non_blocking=True)
-                mask = batch["attention_mask"].to(device, non_blocking=True)
-                last["result"] = run.step_fn(images, ids, mask, last["step"], alpha)
+                micro = DeviceBatch(
+                    normalize_images(batch["images"].to(device, non_blocking=True)),
+                    batch["input_ids"].to(device, non_blocking=True),
+                    batch["attention_mask"].to(device, non_blocking=True),
+                )
+                last["result"] = run.step_fn([micro], last["step"], alpha)
                 last["step"] += 1
 
             if settings.data == "loader":

@@ -12,7 +12,8 @@ A variant name is a ``-``-joined list of tokens, read left to right::
 | ``ac-on`` / ``ac-full`` | ``parallel.activation_checkpointing=full`` |
 | ``ac-off`` | ``parallel.activation_checkpointing=none`` (the default) |
 | ``ac-vitN`` | checkpoint the last N ViT blocks (``vit_last_n``, the reference's choice) |
-| ``nofsdp`` | ``parallel.fsdp=false`` (plain module + gradient all-reduce) |
+| ``nofsdp`` / ``ddp`` | ``parallel.data_parallel=ddp`` (replicated parameters, gradients all-reduced during backward) |
+| ``hsdp`` | ``parallel.data_parallel=hsdp`` (sharded within a node, replicated across nodes) |
 | ``noreshard`` | ``parallel.reshard_after_forward=false`` |
 | ``fused`` / ``unfused`` | ``optimizer.fused`` true / false (unfused: foreach AdamW + host-sync skip) |
 
@@ -116,8 +117,9 @@ def parse_variant(name: str) -> Variant:
         elif token in ("ac-on", "ac-full", "ac-off") or _AC_VIT.match(token):
             kind = "ac"
             ac = "none" if token == "ac-off" else "full" if token in ("ac-on", "ac-full") else token
-        elif token == "nofsdp":
-            extra.append("parallel.fsdp=false")
+        elif token in ("nofsdp", "ddp", "hsdp"):
+            kind = "data_parallel"
+            extra.append(f"parallel.data_parallel={'hsdp' if token == 'hsdp' else 'ddp'}")
         elif token == "noreshard":
             extra.append("parallel.reshard_after_forward=false")
         elif token in ("fused", "unfused"):
@@ -126,7 +128,7 @@ def parse_variant(name: str) -> Variant:
         else:
             raise ValueError(
                 f"variant {name!r}: unknown token {token!r}; known: eager, compile, fp32, bf16, "
-                "float8-tensorwise, float8-rowwise, ac-on, ac-full, ac-off, ac-vitN, nofsdp, "
+                "float8-tensorwise, float8-rowwise, ac-on, ac-full, ac-off, ac-vitN, nofsdp, ddp, hsdp, "
                 "noreshard, fused, unfused"
             )
         if kind in seen:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from blip_recipes.config._schema import (
     tomllib,
 )
 from blip_recipes.config.sections import Config
+
+logger = logging.getLogger(__name__)
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -53,6 +56,33 @@ def _unknown(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'{hint} (see `blip run --help` for all keys)")
 
 
+DEPRECATED_KEYS: dict[str, tuple[str, Any, Callable[[Any], tuple[str, Any]]]] = {
+    "parallel.fsdp": (
+        "parallel.data_parallel = 'fsdp' | 'hsdp' | 'ddp'",
+        bool,
+        lambda on: ("data_parallel", "fsdp" if on else "ddp"),
+    ),
+}
+"""Old keys still read: dotted key -> (what replaces it, its old type, old value -> (new field,
+new value))."""
+
+
+def _deprecated(dotted: str, value: Any, where: str) -> tuple[str, Any] | None:
+    """The replacement (field, value) of a deprecated key, with a warning; None if not one."""
+    if dotted not in DEPRECATED_KEYS:
+        return None
+    replacement, old_type, translate = DEPRECATED_KEYS[dotted]
+    context = f"{where}: '{dotted}'"
+    old = parse_text(value, old_type, context) if isinstance(value, str) else coerce(
+        value, old_type, context)  # fmt: skip
+    field, new_value = translate(old)
+    logger.warning(
+        "%s: '%s' is deprecated, use %s (read as %s = %r)",
+        where, dotted, replacement, field, new_value,
+    )  # fmt: skip
+    return field, new_value
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
@@ -61,6 +91,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str, prefix: str = "") -> 
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        renamed = _deprecated(dotted, value, where)
+        if renamed is not None:
+            key, value = renamed
         if key not in types_:
             raise _unknown(dotted, where)
         tp = types_[key]
@@ -112,6 +145,10 @@ def split_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
 def apply_override(cfg: Config, key: str, text: str) -> None:
     """Set one dotted key from its command-line text, parsed to the field's type."""
     where = f"command line: '{key}'"
+    renamed = _deprecated(key, text, "command line")
+    if renamed is not None:
+        field, value = renamed
+        key, text = f"{key.rsplit('.', 1)[0]}.{field}", str(value)
     parts = key.split(".")
     obj: Any = cfg
     for i, part in enumerate(parts):

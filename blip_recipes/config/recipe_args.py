@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from blip_recipes.config._schema import ConfigError
 from blip_recipes.config.loader import help_text, load_config
@@ -36,10 +37,13 @@ def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def parse_recipe_args(argv: Sequence[str] | None = None, description: str = "") -> Config:
+def parse_recipe_args(
+    argv: Sequence[str] | None = None, description: str = "", saves_checkpoints: bool = True
+) -> Config:
     """Resolve and validate a recipe's config from its command line; exit 2 on any error.
 
     ``--help`` prints the description and every config key with its documentation.
+    ``saves_checkpoints=False`` (evaluation) skips the free-space check for a checkpoint.
     """
     from blip_recipes._registry import resolve_config
 
@@ -51,7 +55,8 @@ def parse_recipe_args(argv: Sequence[str] | None = None, description: str = "") 
         config, overrides = split_config_arg(argv)
         path = resolve_config(config) if config is not None else None
         cfg = load_config(path, overrides)
-        validate(cfg, LaunchContext.from_env())
+        context = LaunchContext.from_env()
+        validate(cfg, replace(context, checkpoints=saves_checkpoints))
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -151,6 +151,8 @@ class TrainingConfig:
     """Parameter dtype in compute: auto is bf16 on CUDA and fp32 on CPU."""
     grad_clip: Optional[float] = None
     """Clip the global gradient norm to this value (reference: none)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (global batch = data.batch_size x world size x this): each micro-batch runs ITC against the queue and enqueues its momentum features; EMA update, gradient sync and optimizer step happen once per optimizer step."""
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient norm (each one skips its update on every rank)."""
     deterministic: bool = False
@@ -161,8 +163,10 @@ class TrainingConfig:
 class ParallelConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: CUDA when present, else CPU with gloo."""
-    fsdp: bool = True
-    """Shard parameters, gradients and optimizer state with FSDP2 (fully_shard per block) when there is more than one rank; false replicates them and all-reduces gradients."""
+    data_parallel: Literal["fsdp", "hsdp", "ddp"] = "fsdp"
+    """How ranks share the model: fsdp shards parameters, gradients and optimizer state over all ranks (FSDP2, one unit per block); hsdp shards within groups of world / dp_replicate ranks (a node) and replicates across them (2-D mesh); ddp replicates everything and all-reduces gradients during backward. One rank never shards."""
+    dp_replicate: int = 0
+    """hsdp only: number of replicas (the shard degree is world size / dp_replicate); 0 = one replica per node (world size / ranks per node)."""
     reshard_after_forward: bool = True
     """Free gathered parameters after forward (saves memory, costs an all-gather in backward)."""
     compile: bool = False
@@ -195,6 +199,8 @@ class CheckpointConfig:
     """Initialise model weights (only) from this checkpoint folder."""
     async_save: bool = False
     """Save in the background on a dedicated gloo group."""
+    signal_check_every: int = 10
+    """Optimizer steps between the checks whether any rank received SIGTERM/SIGINT (one small host collective per check); the run then saves and exits at that step."""
 
 
 @dataclass

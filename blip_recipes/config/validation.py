@@ -357,6 +357,19 @@ def _parallel(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
         yield "'parallel.ac_vit_layers' must be positive with activation_checkpointing='vit_last_n'"
     if p.ac_vit_layers < 0:
         yield f"'parallel.ac_vit_layers' must be >= 0, got {p.ac_vit_layers}"
+    if p.dp_replicate < 0:
+        yield f"'parallel.dp_replicate' must be >= 0 (0 = one replica per node), got {p.dp_replicate}"
+    elif p.data_parallel == "hsdp" and p.dp_replicate and ctx.world_size % p.dp_replicate:
+        yield (
+            f"'parallel.dp_replicate' ({p.dp_replicate}) must divide the world size "
+            f"{ctx.world_size} for data_parallel='hsdp' (shard degree = world / dp_replicate)"
+        )
+    if cfg.training.grad_accum_steps < 1:
+        yield f"'training.grad_accum_steps' must be >= 1, got {cfg.training.grad_accum_steps}"
+    if cfg.checkpoint.signal_check_every < 1:
+        yield (
+            f"'checkpoint.signal_check_every' must be >= 1, got {cfg.checkpoint.signal_check_every}"
+        )
 
 
 __all__ = [

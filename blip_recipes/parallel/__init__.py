@@ -3,10 +3,13 @@ float8 -> activation checkpointing -> compile -> FSDP. `parallelize_blip` applie
 
 from blip_recipes.parallel.activation_checkpointing import apply_activation_checkpointing
 from blip_recipes.parallel.compile import apply_compile
-from blip_recipes.parallel.data_parallel import all_reduce_gradients
 from blip_recipes.parallel.distributed import (
+    DP,
+    DP_REPLICATE,
     DP_SHARD,
+    DataParallel,
     DistInfo,
+    build_data_parallel_mesh,
     init_distributed,
     resolve_device_type,
     shutdown_distributed,
@@ -29,16 +32,19 @@ from blip_recipes.parallel.parallelize import (
 )
 
 __all__ = [
+    "DP",
+    "DP_REPLICATE",
     "DP_SHARD",
+    "DataParallel",
     "DistInfo",
     "FLOAT8_FILTER_DEFAULT",
     "FLOAT8_SKIP_FQNS",
     "ParallelPlan",
-    "all_reduce_gradients",
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_float8",
     "apply_fsdp",
+    "build_data_parallel_mesh",
     "float8_eligible",
     "float8_module_filter",
     "float8_skip_reason",

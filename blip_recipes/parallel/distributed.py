@@ -22,13 +22,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-#: Name of the one mesh dimension FSDP shards over (TorchTitan's name for it).
+#: Mesh dimension names (TorchTitan's): parameters are sharded over ``dp_shard`` and replicated
+#: over ``dp_replicate``; ``dp`` is the two flattened (every data-parallel rank).
 DP_SHARD = "dp_shard"
+DP_REPLICATE = "dp_replicate"
+DP = "dp"
+
+DataParallel = Literal["fsdp", "hsdp", "ddp"]
 
 
 @dataclass
 class DistInfo:
-    """Where this process sits in the job."""
+    """Where this process sits in the job, and the data-parallel mesh it trains on."""
 
     rank: int
     """Global rank."""
@@ -39,12 +44,23 @@ class DistInfo:
     device: torch.device
     """Device this rank computes on (``cuda:<local_rank>`` or ``cpu``)."""
     mesh: DeviceMesh
-    """1-D mesh over all ranks, dimension name ``dp_shard``; what ``apply_fsdp`` shards over."""
+    """What ``fully_shard`` shards over: 1-D ``(dp_shard,)`` for fsdp, 2-D ``(dp_replicate,
+    dp_shard)`` for hsdp (replicas x shard size) and ddp (world x 1)."""
+    dp_group: dist.ProcessGroup
+    """Every data-parallel rank (replicate x shard, in global rank order): the queue all-gather,
+    the per-step agreement and the stop check run on it."""
+    data_parallel: DataParallel = "fsdp"
+    """The layout ``mesh`` implements."""
 
     @property
     def is_main(self) -> bool:
         """True on rank 0, the rank that writes logs, metrics and config files."""
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """True when the model is wrapped with FSDP2 (more than one rank, any layout)."""
+        return self.world_size > 1
 
 
 def _launched_by_torchrun() -> bool:
@@ -62,18 +78,24 @@ def resolve_device_type(device_kind: Literal["auto", "cuda", "cpu"]) -> str:
     return device_kind
 
 
-def init_distributed(device_kind: Literal["auto", "cuda", "cpu"] = "auto") -> DistInfo:
-    """Initialise the default process group, pick the device and build the 1-D device mesh.
+def init_distributed(
+    device_kind: Literal["auto", "cuda", "cpu"] = "auto",
+    data_parallel: DataParallel = "fsdp",
+    dp_replicate: int = 0,
+) -> DistInfo:
+    """Initialise the default process group, pick the device and build the data-parallel mesh.
 
     CUDA uses ``cuda:nccl,cpu:gloo`` so that CPU-tensor collectives (DCP's object gathers, async
-    checkpoint staging) also work on the default group; CPU uses gloo. Calling it again in a
-    process whose group is already initialised reuses that group (tests, notebooks).
+    checkpoint staging, the stop check) also work; CPU uses gloo. Calling it again in a process
+    whose group is already initialised reuses that group (tests, notebooks).
 
     Args:
         device_kind: ``auto`` (CUDA when present, else CPU), ``cuda`` or ``cpu``.
+        data_parallel: ``fsdp``, ``hsdp`` or ``ddp`` (see :func:`build_data_parallel_mesh`).
+        dp_replicate: hsdp replicas; 0 = one per node (``WORLD_SIZE / LOCAL_WORLD_SIZE``).
 
     Returns:
-        DistInfo with rank, world size, local rank, device and mesh.
+        DistInfo with rank, world size, local rank, device, mesh and data-parallel group.
     """
     device_type = resolve_device_type(device_kind)
     if _launched_by_torchrun():
@@ -103,8 +125,60 @@ def init_distributed(device_kind: Literal["auto", "cuda", "cpu"] = "auto") -> Di
                 backend=backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs
             )
 
-    mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=(DP_SHARD,))
-    return DistInfo(rank, world_size, local_rank, device, mesh)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    mesh, dp_group = build_data_parallel_mesh(
+        device_type, world_size, data_parallel, dp_replicate, local_world
+    )
+    return DistInfo(rank, world_size, local_rank, device, mesh, dp_group, data_parallel)
+
+
+def hsdp_replicas(world_size: int, dp_replicate: int, ranks_per_node: int) -> int:
+    """The hsdp replica count: ``dp_replicate``, or one per node when it is 0.
+
+    Raises:
+        ValueError: when the replicas do not divide the world size.
+    """
+    replicas = dp_replicate or max(world_size // max(ranks_per_node, 1), 1)
+    if replicas <= 0 or world_size % replicas:
+        raise ValueError(
+            f"parallel.dp_replicate={replicas} must divide the world size {world_size} "
+            "(hsdp shards over world size / dp_replicate ranks)"
+        )
+    return replicas
+
+
+def build_data_parallel_mesh(
+    device_type: str,
+    world_size: int,
+    data_parallel: DataParallel,
+    dp_replicate: int = 0,
+    ranks_per_node: int = 1,
+) -> tuple[DeviceMesh, dist.ProcessGroup]:
+    """The mesh ``fully_shard`` uses and the group spanning every data-parallel rank.
+
+    - ``fsdp``: 1-D ``(dp_shard=W,)``: parameters, gradients and optimizer state sharded over all
+      ranks (all-gather in forward/backward, reduce-scatter of gradients).
+    - ``hsdp``: 2-D ``(dp_replicate=R, dp_shard=W/R)``, as TorchTitan builds it: sharded within a
+      group of W/R ranks (a node: fast links), replicated across the R groups (gradients
+      all-reduced across them after the reduce-scatter within).
+    - ``ddp``: 2-D ``(dp_replicate=W, dp_shard=1)``: FSDP2 with a shard degree of one is data
+      parallelism: no all-gather, gradients all-reduced per block during backward (bucketed and
+      overlapped like DDP's reducer), parameter names unchanged.
+
+    The group of every data-parallel rank is the mesh flattened (``dp``); its rank order is the
+    global rank order for every layout, so gathered queues are identical across layouts.
+    """
+    if data_parallel not in ("fsdp", "hsdp", "ddp"):
+        raise ValueError(f"data_parallel must be fsdp, hsdp or ddp, got {data_parallel!r}")
+    if data_parallel == "fsdp" or world_size == 1:
+        mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=(DP_SHARD,))
+        return mesh, mesh.get_group()
+    replicas = world_size if data_parallel == "ddp" else hsdp_replicas(
+        world_size, dp_replicate, ranks_per_node)  # fmt: skip
+    mesh = init_device_mesh(
+        device_type, (replicas, world_size // replicas), mesh_dim_names=(DP_REPLICATE, DP_SHARD)
+    )
+    return mesh, mesh._flatten(DP).get_group()
 
 
 def shutdown_distributed() -> None:

@@ -63,7 +63,7 @@ def enqueue_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """One gloo rank: three enqueues of rank-tagged features, then save the queues."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        state = momentum_state(queue_size=8, seed=0)
+        state = momentum_state(queue_size=8, seed=0, group=dist.group.WORLD)
         dim = TINY["embed_dim"]
         for step in range(3):
             feats = torch.full((2, dim), float(10 * step + rank))
@@ -88,7 +88,7 @@ def fsdp_step_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
     try:
         mesh = init_device_mesh("cpu", (world,))
         model = make_model(seed=0).train()
-        state = momentum_state(queue_size=8, seed=0)
+        state = momentum_state(queue_size=8, seed=0, group=mesh.get_group())
         state.copy_from(model)
         parallelize_blip(model, state.encoders, ParallelConfig(), mesh)
         with torch.no_grad():

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from blip_recipes.parallel import (
-    all_reduce_gradients,
     apply_activation_checkpointing,
     apply_compile,
     apply_float8,
@@ -39,7 +38,8 @@ def _train_reference(steps: int = STEPS) -> list[float]:
 
 
 def _fsdp_worker(rank: int, world_size: int, out_file: str, variant: str) -> None:
-    info = init_distributed("cpu")
+    layout = "ddp" if "ddp" in variant else "hsdp" if "hsdp" in variant else "fsdp"
+    info = init_distributed("cpu", layout, dp_replicate=2 if layout == "hsdp" else 0)
     assert (info.rank, info.world_size) == (rank, world_size)
     torch.manual_seed(0)
     model = ToyModel()
@@ -51,8 +51,7 @@ def _fsdp_worker(rank: int, world_size: int, out_file: str, variant: str) -> Non
         apply_activation_checkpointing(blocks)
     if "compile" in variant:
         apply_compile(blocks, backend="aot_eager")
-    if "ddp" not in variant:
-        apply_fsdp(model, blocks, info.mesh, reshard_after_forward="noreshard" not in variant)
+    apply_fsdp(model, blocks, info.mesh, reshard_after_forward="noreshard" not in variant)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(STEPS):
@@ -61,14 +60,12 @@ def _fsdp_worker(rank: int, world_size: int, out_file: str, variant: str) -> Non
         sl = slice(rank * half, (rank + 1) * half)
         loss = toy_loss(model, tokens[sl], targets[sl])
         loss.backward()
-        if "ddp" in variant:
-            all_reduce_gradients(model.parameters())
         opt.step()
         opt.zero_grad()
         if converted:
             assert float8_precompute_scales(model)
         global_loss = loss.detach().clone()
-        dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
+        dist.all_reduce(global_loss, op=dist.ReduceOp.AVG, group=info.dp_group)
         losses.append(global_loss.item())
     if rank == 0:
         with open(out_file, "w") as f:
@@ -76,10 +73,14 @@ def _fsdp_worker(rank: int, world_size: int, out_file: str, variant: str) -> Non
     del model, opt
 
 
-@pytest.mark.parametrize("variant", ["reshard", "noreshard", "ac+compile", "ddp"])
-def test_fsdp_two_ranks_match_single_process(tmp_path, variant):
+@pytest.mark.parametrize(
+    ("variant", "world"),
+    [("reshard", 2), ("noreshard", 2), ("ac+compile", 2), ("ddp", 2), ("hsdp", 4)],
+)
+def test_fsdp_two_ranks_match_single_process(tmp_path, variant, world):
+    """fsdp, ddp (FSDP2 on a world x 1 mesh) and hsdp (2 x 2) all train like one process."""
     out = tmp_path / "losses.json"
-    spawn_ranks(_fsdp_worker, 2, tmp_path, str(out), variant)
+    spawn_ranks(_fsdp_worker, world, tmp_path, str(out), variant)
     fsdp_losses = json.loads(out.read_text())
     reference = _train_reference()
     assert fsdp_losses == pytest.approx(reference, rel=1e-5, abs=1e-6)

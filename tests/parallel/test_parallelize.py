@@ -5,64 +5,81 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from blip_recipes.config.sections import ParallelConfig
 from blip_recipes.parallel import parallelize_blip
 from blip_recipes.parallel._testing import spawn_ranks
-from blip_recipes.pretrain_step import PretrainStep
+from blip_recipes.pretrain_step import DeviceBatch, PretrainStep
 from tests.models.tiny_blip import make_model, make_text, momentum_state
 
 
-def _step_parts(mesh, parallel: ParallelConfig, **model_overrides):
+def _step_parts(mesh, parallel: ParallelConfig, group=None, accum: int = 1, **model_overrides):
     model = make_model(**model_overrides).train()
-    momentum = momentum_state(queue_size=16, **{k: v for k, v in model_overrides.items()})
+    momentum = momentum_state(queue_size=16, group=group, **model_overrides)
     momentum.copy_from(model)
     parallelize_blip(model, momentum.encoders, parallel, mesh, compile_backend="eager")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    group = mesh.get_group() if mesh is not None else None
-    return PretrainStep(model, momentum, optimizer, schedule, seed=0, group=group)
+    return PretrainStep(model, momentum, optimizer, schedule, seed=0, group=group,
+                        grad_accum_steps=accum)  # fmt: skip
 
 
-def budget_worker(rank: int, world: int, out_dir: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
+def budget_worker(rank: int, world: int, out_dir: str, layout: str, accum: int) -> None:
+    from blip_recipes.parallel import build_data_parallel_mesh
     from blip_recipes.parallel._comm_count import count_fsdp_collectives, unit_names
 
     torch.set_num_threads(1)
-    step = _step_parts(init_device_mesh("cpu", (world,)), ParallelConfig())
+    mesh, group = build_data_parallel_mesh("cpu", world, layout)
+    step = _step_parts(mesh, ParallelConfig(), group=group, accum=accum)
     images = torch.randn(2, 3, 32, 32)
     ids, mask = make_text(2, seed=rank)
-    step(images, ids, mask, 0, 0.4)  # lazy init outside the counted step
+    batches = [DeviceBatch(images, ids, mask)] * accum
+    step(batches, 0, 0.4)  # lazy init outside the counted step
     names = unit_names(online=step.model, momentum=step.momentum.encoders)
     with count_fsdp_collectives(names) as counts:
-        step(images, ids, mask, 1, 0.4)
+        step(batches, 1, 0.4)
     table = {f"{kind} {unit}": n for (kind, unit), n in sorted(counts.items())}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(table))
 
 
-def test_fsdp_collectives_per_unit_match_the_budget(tmp_path):
-    """The budget of docs/performance.md, per FSDP unit and step (2 ranks, reshard after
-    forward on): ViT block 2 all-gathers + 1 reduce-scatter; MED layer (run twice) 2 + 2;
-    online root 2 + 2; every momentum unit 1 all-gather, no reduce-scatter."""
-    spawn_ranks(budget_worker, 2, tmp_path, str(tmp_path))
+def _budget(units: tuple[tuple[str, int, int], ...]) -> dict[str, int]:
     expected = {}
-    for unit, gathers, reduces in (
-        ("online", 2, 2),
-        ("online.visual_encoder.blocks.0", 2, 1),
-        ("online.visual_encoder.blocks.1", 2, 1),
-        ("online.text.layers.0", 2, 2),
-        ("online.text.layers.1", 2, 2),
-        ("momentum", 1, 0),
-        ("momentum.visual_encoder.blocks.0", 1, 0),
-        ("momentum.visual_encoder.blocks.1", 1, 0),
-        ("momentum.text_encoder.layers.0", 1, 0),
-        ("momentum.text_encoder.layers.1", 1, 0),
-    ):
-        expected[f"all_gather {unit}"] = gathers
+    for unit, gathers, reduces in units:
+        if gathers:
+            expected[f"all_gather {unit}"] = gathers
         if reduces:
             expected[f"reduce_scatter {unit}"] = reduces
+    return expected
+
+
+ONLINE = ("online", "online.visual_encoder.blocks.0", "online.visual_encoder.blocks.1",
+          "online.text.layers.0", "online.text.layers.1")  # fmt: skip
+MOMENTUM = ("momentum", "momentum.visual_encoder.blocks.0", "momentum.visual_encoder.blocks.1",
+            "momentum.text_encoder.layers.0", "momentum.text_encoder.layers.1")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("layout", "accum", "gathers", "reduces"),
+    [
+        # per unit: online root, ViT blocks, MED layers; momentum units gather once (fsdp)
+        ("fsdp", 1, (2, 2, 2, 2, 2), (2, 1, 1, 2, 2)),
+        # two micro-batches: gathered per micro-batch, gradients reduced only on the last one
+        ("fsdp", 2, (4, 4, 4, 4, 4), (2, 1, 1, 2, 2)),
+        # ddp: nothing gathered (shard degree 1), gradients all-reduced like fsdp reduces them
+        ("ddp", 1, (0, 0, 0, 0, 0), (2, 1, 1, 2, 2)),
+    ],
+)
+def test_fsdp_collectives_per_unit_match_the_budget(tmp_path, layout, accum, gathers, reduces):
+    """The budget of docs/performance.md, per FSDP unit and optimizer step on 2 ranks
+    (reshard after forward on): ViT block 2 all-gathers + 1 reduce-scatter; MED layer (run
+    twice) 2 + 2; online root 2 + 2; every momentum unit 1 all-gather, no reduce-scatter; under
+    ddp no all-gather at all (the momentum encoders cost no communication)."""
+    spawn_ranks(budget_worker, 2, tmp_path, str(tmp_path), layout, accum)
+    momentum_gathers = accum if layout == "fsdp" else 0
+    expected = _budget(tuple(zip(ONLINE, gathers, reduces)) +
+                       tuple((unit, momentum_gathers, 0) for unit in MOMENTUM))  # fmt: skip
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
 
@@ -111,7 +128,7 @@ def test_compiled_step_runs_every_block_compiled_with_bounded_recompiles():
         )
     for index in range(2):
         eager_blocks.clear()
-        assert bool(step(images, ids, mask, index, 0.4).ok)
+        assert bool(step([DeviceBatch(images, ids, mask)], index, 0.4).ok)
     assert eager_blocks == []  # second step: every online ViT block ran its compiled graph
     vit_entries = len(_debug_get_cache_entry_list(VisionBlock.forward.__code__))
     med_entries = len(_debug_get_cache_entry_list(MEDLayer.forward.__code__))

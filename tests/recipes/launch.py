@@ -79,3 +79,33 @@ def run_and_signal(output_dir: Path, *overrides: str, after_step: int, timeout: 
         time.sleep(0.05)
     out, err = proc.communicate(timeout=timeout)
     return Run(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), output_dir)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a c10d rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_nodes(output_dir: Path, *overrides: str, nproc_per_node: int = 2,
+                  timeout: int = 600) -> list[Run]:  # fmt: skip
+    """Two torchrun agents on this machine, as two nodes of one job (c10d rendezvous)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = []
+    for node in range(2):
+        launcher = ["--nnodes", "2", "--node-rank", str(node), "--nproc-per-node",
+                    str(nproc_per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                    "--rdzv-id", "blip-two-nodes"]  # fmt: skip
+        args = [sys.executable, "-m", "blip_recipes.cli", "run", *launcher, "blip_pretrain",
+                "--config", "debug", *TINY, f"job.output_dir={output_dir}", *overrides]  # fmt: skip
+        procs.append(subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    runs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        runs.append(Run(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                        output_dir))  # fmt: skip
+    return runs

@@ -115,11 +115,14 @@ def test_checkpoint_of_another_shape_fails_before_training(tmp_path):
     assert "vision_proj" in run.proc.stderr or "text_proj" in run.proc.stderr
 
 
-def test_fsdp_on_off_same_losses(tmp_path):
+def test_fsdp_and_ddp_same_losses(tmp_path):
+    """2 ranks: fsdp and ddp give the same losses; the deprecated `parallel.fsdp=false` still
+    reads (as ddp) with a message naming its replacement."""
     on = run_recipe(tmp_path / "on", "training.steps=3", nproc=2)
     off = run_recipe(tmp_path / "off", "training.steps=3", "parallel.fsdp=false", nproc=2)
     assert_ok(on)
     assert_ok(off)
+    assert "'parallel.fsdp' is deprecated, use parallel.data_parallel" in off.proc.stderr
     for step, loss in on.losses().items():
         assert off.losses()[step] == pytest.approx(loss, rel=1e-4, abs=1e-5)
 
