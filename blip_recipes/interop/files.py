@@ -207,14 +207,18 @@ def read_dcp(
 
 
 def save_dcp(state: dict[str, Any], path: str | Path) -> Path:
-    """Save a (nested) state dict as a DCP checkpoint folder from one process (no group)."""
+    """Save a (nested) state dict as a DCP checkpoint folder from one process (no group),
+    with the checksum manifest training checkpoints carry (`blip checkpoint verify` checks it)."""
     import torch.distributed.checkpoint as dcp
+
+    from blip_recipes.checkpoint.integrity import write_checksums
 
     path = Path(path)
     if (path / METADATA_FILE).exists():
         raise FileExistsError(f"{path} already holds a DCP checkpoint; not overwriting it")
     path.mkdir(parents=True, exist_ok=True)
     dcp.save(state, checkpoint_id=str(path), no_dist=True)
+    write_checksums(path)
     return path
 
 

@@ -122,6 +122,12 @@ def test_reference_to_dcp_carries_momentum_and_queues(dcp_from_reference):
     assert int(restored.queue_ptr) == (8 + 4) % 8
 
 
+def test_converted_dcp_checkpoint_verifies(dcp_from_reference):
+    from blip_recipes.checkpoint.integrity import verify_checkpoint
+
+    assert verify_checkpoint(dcp_from_reference[2]).ok
+
+
 def test_dcp_to_hf_folders_load_without_warnings_and_match(dcp_from_reference, tmp_path):
     model, _, dcp_dir = dcp_from_reference
     ours = load_model(dcp_dir)  # shapes and heads from model_args.json
