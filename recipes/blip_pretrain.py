@@ -33,6 +33,7 @@ from blip_recipes.checkpoint import (
     TRAIN_STATE,
     CheckpointManager,
     ModelWrapper,
+    NonFiniteCheckpointError,
     OptimizerWrapper,
     PerRankState,
     TrainState,
@@ -82,8 +83,10 @@ class _Window:
         self.steps += 1
 
     def means(self) -> dict[str, float]:
-        sums = (self.sums / self.applied.clamp(min=1)).tolist()
-        return dict(zip(self.KEYS, sums))
+        """Means over the applied steps; NaN when every step of the window was skipped."""
+        if int(self.applied) == 0:
+            return dict.fromkeys(self.KEYS, float("nan"))
+        return dict(zip(self.KEYS, (self.sums / self.applied).tolist()))
 
     def skipped(self) -> int:
         return self.steps - int(self.applied)
@@ -382,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe.setup()
         recipe.train()
+    except (NonFiniteLossError, NonFiniteCheckpointError) as e:  # diverged: say why, no traceback
+        logger.error("%s", e)
+        return 1
     finally:
         recipe.cleanup()
     return 0

@@ -228,3 +228,19 @@ def test_float8_under_fsdp_two_ranks(tmp_path):
     assert_ok(fp8)
     for step, loss in plain.losses().items():
         assert fp8.losses()[step] == pytest.approx(loss, rel=0.05)
+
+
+def test_diverged_run_stops_with_a_message_and_saves_nothing(tmp_path):
+    """A learning rate that blows the weights up: the skipped steps log no loss, and the run
+    stops with one line saying why (too many skipped steps, or refusing to checkpoint
+    non-finite weights, whichever comes first), without a traceback and without a checkpoint."""
+    for interval, message in ((1000, "3 consecutive steps had a non-finite loss or gradient"),
+                              (2, "non-finite")):  # fmt: skip
+        run = run_recipe(tmp_path / f"run{interval}", "training.steps=20", "optimizer.lr=1e30",
+                         "lr_scheduler.warmup_steps=0", "training.max_nonfinite_steps=3",
+                         f"checkpoint.interval={interval}")  # fmt: skip
+        assert run.proc.returncode == 1
+        assert message in run.proc.stderr and "Traceback" not in run.proc.stderr
+        skipped = [m for m in run.metrics if m["nonfinite_steps"] > 0]
+        assert skipped and all(m["loss"] is None for m in skipped)
+        assert run.checkpoints() == []
