@@ -21,6 +21,7 @@ import errno
 import logging
 import pickle
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -75,6 +76,14 @@ class CheckpointWriteError(RuntimeError):
     def __init__(self, message: str, errno_: Optional[int] = None) -> None:
         super().__init__(message)
         self.errno = errno_
+
+
+def _log_saved(step: int, path: Path, seconds: float) -> None:
+    """Rank 0: one line per finished save (step, size on disk as rank 0 sees it, seconds)."""
+    if _rank() != 0:
+        return
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    logger.info("checkpoint step-%d saved: %s in %.1f s -> %s", step, _human(size), seconds, path)
 
 
 def is_complete(path: Union[str, Path]) -> bool:
@@ -388,6 +397,7 @@ class CheckpointManager:
                 is removed, earlier checkpoints are untouched.
         """
         self.wait()
+        t0 = time.perf_counter()
         path = self.step_dir(step)
         if is_complete(path):
             logger.warning("checkpoint %s already exists; not overwriting it", path)
@@ -403,13 +413,19 @@ class CheckpointManager:
                 )  # fmt: skip
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-                self._pending = self._executor.submit(self._finish_async, pending, path)
+                self._pending = self._executor.submit(self._finish_async, pending, path, t0)
                 self._pending_step = step
+                if _rank() == 0:
+                    logger.info(
+                        "checkpoint step-%d: staged in %.1f s, writing in the background",
+                        step, time.perf_counter() - t0,
+                    )  # fmt: skip
                 return path
             dcp.save(state_dict, checkpoint_id=str(path), no_dist=_no_dist())
             self._write_manifest(path)
         except (OSError, CheckpointException) as e:
             self._raise_write_error(step, path, e)
+        _log_saved(step, path, time.perf_counter() - t0)
         self._prune(step)
         return path
 
@@ -421,12 +437,14 @@ class CheckpointManager:
         for name, text in (extra_files or {}).items():
             (path / name).write_text(text)
 
-    def _finish_async(self, pending: Any, path: Path) -> None:
+    def _finish_async(self, pending: Any, path: Path, t0: Optional[float] = None) -> None:
         """Background thread: wait for DCP's async save, then write the manifest (on the
         async group, which nothing else uses meanwhile)."""
         upload: Future = getattr(pending, "upload_completion", pending)
         upload.result()
         self._write_manifest(path, self._pg)
+        if t0 is not None:
+            _log_saved(int(path.name.split("-")[-1]), path, time.perf_counter() - t0)
 
     def _check_finite(self, step: int, state_dict: Mapping[str, Any]) -> None:
         """Refuse (on every rank) to save when any rank holds a non-finite weight."""

@@ -1,5 +1,15 @@
-"""Training metrics: TensorBoard + metrics.jsonl + console on rank 0, effective MFU, memory."""
+"""Training metrics on rank 0 (metrics.jsonl, TensorBoard, optional W&B, console), effective MFU,
+memory."""
 
+from blip_recipes.metrics.backends import (
+    WANDB_MISSING,
+    JsonlBackend,
+    MetricsBackend,
+    TensorBoardBackend,
+    WandbBackend,
+    caption_grid,
+    to_pil,
+)
 from blip_recipes.metrics.logger import MetricsLogger, format_duration
 from blip_recipes.metrics.mfu import (
     A100_BF16_PEAK_FLOPS,
@@ -19,7 +29,14 @@ __all__ = [
     "H200_BF16_PEAK_FLOPS",
     "VIT_B_FLOPS_PER_SAMPLE",
     "VIT_L_FLOPS_PER_SAMPLE",
+    "WANDB_MISSING",
+    "JsonlBackend",
+    "MetricsBackend",
     "MetricsLogger",
+    "TensorBoardBackend",
+    "WandbBackend",
+    "caption_grid",
+    "to_pil",
     "effective_mfu",
     "flops_per_sample",
     "format_duration",

@@ -1,4 +1,5 @@
-"""Rank-0 metrics: TensorBoard scalars, ``metrics.jsonl`` and a console progress line."""
+"""Rank-0 metrics: the record of a step, handed to the back ends (``metrics.jsonl``, TensorBoard,
+W&B), and a console progress line."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from blip_recipes.metrics.backends import JsonlBackend, MetricsBackend, TensorBoardBackend
 from blip_recipes.metrics.mfu import effective_mfu, max_memory_gib, peak_flops
 
 Number = Union[int, float, None]
@@ -88,12 +90,24 @@ def prepare_jsonl(
     return backup
 
 
-class MetricsLogger:
-    """Writes one record per logged step; a no-op on ranks other than 0.
+def _now() -> float:
+    """UNIX time in seconds, rounded to milliseconds (the ``time`` of every record)."""
+    return round(time.time(), 3)
 
-    - ``<output_dir>/metrics.jsonl``: one JSON object per call, ``step`` first, non-finite
-      values as ``null``. ``eval.jsonl`` (:meth:`log_eval`) follows the same rules.
-    - ``<output_dir>/tensorboard``: every numeric value as a scalar tagged ``train/<name>``.
+
+class MetricsLogger:
+    """Builds one record per logged step and hands it to the metrics back ends; a no-op on ranks
+    other than 0.
+
+    Back ends (:mod:`blip_recipes.metrics.backends`), all behind one interface:
+
+    - ``<output_dir>/metrics.jsonl`` (always): one JSON object per call, ``step`` and ``time``
+      (UNIX seconds) first, non-finite values as ``null``. ``eval.jsonl`` (:meth:`log_eval`)
+      follows the same rules.
+    - ``<output_dir>/tensorboard`` (``tensorboard=True``): every numeric value as a scalar tagged
+      ``train/<name>``, evaluation results as ``eval/<name>``, caption image grids and the
+      hparams table.
+    - any further back end passed in ``backends`` (e.g. :class:`WandbBackend`).
     - the console: one line with the step, chosen fields and the ETA.
 
     What happens to records of an earlier run in the same folder, so that each step appears
@@ -127,6 +141,7 @@ class MetricsLogger:
         print_fn: where console lines go.
         device: device for peak FLOPs and memory; None: the current CUDA device, else CPU.
         world_size: ranks sharing ``samples_per_sec``; None: from the process group (or 1).
+        backends: further back ends (rank 0's; closed by :meth:`close`).
     """
 
     CONSOLE_FIELDS = (
@@ -152,6 +167,7 @@ class MetricsLogger:
         print_fn: Callable[[str], None] = print,
         device: Optional[torch.device] = None,
         world_size: Optional[int] = None,
+        backends: Sequence[MetricsBackend] = (),
     ) -> None:
         self.enabled = rank == 0
         if device is None:
@@ -167,10 +183,13 @@ class MetricsLogger:
         self.world_size = world_size
         self.total_steps = total_steps
         self.print_fn = print_fn
-        self._writer = None
-        self._file = None
+        self.backends: list[MetricsBackend] = []
         self._t0: Optional[float] = None
         self._step0: Optional[int] = None
+        self.last_record: Optional[dict[str, Any]] = None
+        """The newest training record (rank 0), for the end-of-run summary."""
+        self.eval_records: list[dict[str, Any]] = []
+        """Evaluation records logged by this process (rank 0)."""
         self.backups: list[Path] = []
         """Backups made of an earlier run's files (see above)."""
         if not self.enabled:
@@ -183,19 +202,26 @@ class MetricsLogger:
             backup = prepare_jsonl(path, resume_step)
             if backup is not None:
                 self.backups.append(backup)
-        self._file = self.jsonl_path.open("a")
+        self.backends.append(JsonlBackend(self.output_dir))
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             tb_dir = self.output_dir / "tensorboard"
             if resume_step is None and _has_files(tb_dir):
                 backup = backup_path(tb_dir)
                 tb_dir.rename(backup)
                 self.backups.append(backup)
             purge = resume_step + 1 if resume_step is not None else None
-            self._writer = SummaryWriter(log_dir=str(tb_dir), purge_step=purge)
+            self.backends.append(TensorBoardBackend(tb_dir, purge_step=purge))
+        self.backends.extend(backends)
         for backup in self.backups:
             print_fn(f"metrics: kept the previous run's records as {backup}")
+
+    @property
+    def _writer(self) -> Any:
+        """The TensorBoard ``SummaryWriter`` (None without TensorBoard or after close)."""
+        for b in self.backends:
+            if isinstance(b, TensorBoardBackend):
+                return b._writer
+        return None
 
     def log(
         self,
@@ -219,7 +245,7 @@ class MetricsLogger:
         if total_steps is not None:
             self.total_steps = total_steps
         now = time.perf_counter()
-        record: dict[str, Any] = {"step": step}
+        record: dict[str, Any] = {"step": step, "time": _now()}
         record.update({k: _plain(v) for k, v in metrics.items()})
         if "mfu" not in record:
             sps = record.get("samples_per_sec")
@@ -231,13 +257,9 @@ class MetricsLogger:
             )
         if "max_memory_gib" not in record:
             record["max_memory_gib"] = max_memory_gib(self.device)
-        assert self._file is not None
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
-        if self._writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._writer.add_scalar(f"train/{k}", v, step)
+        for backend in self.backends:
+            backend.log_scalars(step, record, "train")
+        self.last_record = record
         self.print_fn(self._console_line(step, record, now))
         return record
 
@@ -283,26 +305,38 @@ class MetricsLogger:
         scalars and a console line (rank 0 only); kept apart from the training records."""
         if not self.enabled:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        with self.eval_path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
-        if self._writer is not None:
-            for k, v in values.items():
-                self._writer.add_scalar(f"eval/{k}", float(v), step)
+        record = {"step": step, "time": _now(), **{k: _plain(v) for k, v in values.items()}}
+        for backend in self.backends:
+            backend.log_scalars(step, record, "eval")
+        self.eval_records.append(record)
         shown = " | ".join(f"{k} {float(v):.2f}" for k, v in values.items() if k.endswith("r_mean"))
         self.print_fn(f"eval at step {step} | {shown}")
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        """A text entry in TensorBoard (e.g. sample captions); rank 0 only."""
-        if self.enabled and self._writer is not None:
-            self._writer.add_text(tag, text, step)
+        """A text entry in TensorBoard / W&B (e.g. sample captions); rank 0 only."""
+        if self.enabled:
+            for backend in self.backends:
+                backend.log_text(step, tag, text)
+
+    def log_images(
+        self, step: int, tag: str, images: Sequence[Any], captions: Sequence[str]
+    ) -> None:
+        """Images with their captions (TensorBoard: one grid with the captions drawn in, plus
+        the captions as text; W&B: captioned images); rank 0 only."""
+        if self.enabled:
+            for backend in self.backends:
+                backend.log_images(step, tag, images, captions)
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+        """The run's settings (flat ``section.key`` -> scalar) with its final metrics
+        (TensorBoard HPARAMS tab, W&B config and summary); rank 0 only."""
+        if self.enabled:
+            plain = {k: _plain(v) for k, v in metrics.items()}
+            for backend in self.backends:
+                backend.log_hparams(hparams, plain)
 
     def close(self) -> None:
-        """Flush and close the files (safe to call twice)."""
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
-            self._writer = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Flush and close every back end (safe to call twice)."""
+        backends, self.backends = self.backends, []
+        for backend in backends:
+            backend.close()

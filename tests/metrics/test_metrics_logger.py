@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -37,7 +38,9 @@ def test_jsonl_tensorboard_and_console(tmp_path):
 
     recs = _records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in recs] == [10, 20, 30, 31]
-    assert {k: v for k, v in recs[0].items() if k != "max_memory_gib"} == {
+    assert list(recs[0])[:2] == ["step", "time"]
+    assert all(abs(r["time"] - time.time()) < 600 for r in recs)  # UNIX seconds
+    assert {k: v for k, v in recs[0].items() if k not in ("max_memory_gib", "time")} == {
         "step": 10, "loss": 2.0, "lr": 1e-4, "mfu": None, "samples_per_sec": 100.0,
         "itm_acc": 0.5, "bad_samples": 2}  # fmt: skip
     assert recs[0]["max_memory_gib"] > 0
@@ -126,8 +129,9 @@ def test_log_eval_writes_its_own_file_and_tensorboard(tmp_path):
     logger = MetricsLogger(tmp_path, rank=0, tensorboard=True, print_fn=lines.append)
     logger.log_eval(5, {"txt_r1": 50.0, "r_mean": 62.5})
     logger.close()
-    assert json.loads((tmp_path / "eval.jsonl").read_text()) == {
-        "step": 5, "txt_r1": 50.0, "r_mean": 62.5}  # fmt: skip
+    record = json.loads((tmp_path / "eval.jsonl").read_text())
+    assert abs(record.pop("time") - time.time()) < 600
+    assert record == {"step": 5, "txt_r1": 50.0, "r_mean": 62.5}
     assert not (tmp_path / "metrics.jsonl").read_text()  # training records stay separate
     assert lines == ["eval at step 5 | r_mean 62.50"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
