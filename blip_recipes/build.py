@@ -19,7 +19,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from blip_recipes.checkpoint import load_model_weights
 from blip_recipes.config import Config
-from blip_recipes.interop.init_checkpoints import bert_init_state_dict, vit_init_state_dict
+from blip_recipes.interop.init_checkpoints import (
+    bert_init_state_dict,
+    init_source,
+    vit_init_state_dict,
+)
 from blip_recipes.models import build_model, build_momentum_encoders
 from blip_recipes.models.blip import BlipPretrain
 from blip_recipes.momentum import MomentumState
@@ -89,12 +93,12 @@ def initial_weights(cfg: Config, tokenizer: Any) -> dict[str, torch.Tensor]:
 def _load_pretrained_parts(cfg: Config, tokenizer: Any, model: torch.nn.Module) -> None:
     """`model.text_init` (BERT) and `model.vision_init` (DeiT/timm ViT), from local files."""
     parts = []
-    if cfg.model.text_init:
-        parts.append(("model.text_init", cfg.model.text_init,
+    if init_source(cfg.model.text_init):
+        parts.append(("model.text_init", init_source(cfg.model.text_init),
                       lambda src: bert_init_state_dict(src, tokenizer.vocab_size,
                                                        seed=cfg.job.seed)))  # fmt: skip
-    if cfg.model.vision_init:
-        parts.append(("model.vision_init", cfg.model.vision_init,
+    if init_source(cfg.model.vision_init):
+        parts.append(("model.vision_init", init_source(cfg.model.vision_init),
                       lambda src: vit_init_state_dict(src, cfg.model.image_size)))  # fmt: skip
     for key, source, convert in parts:
         if not Path(source).exists():

@@ -5,6 +5,7 @@ blip validate --config FILE [--world-size N] [overrides...]
 blip ls
 blip cp NAME DEST [--force]
 blip checkpoint verify PATH
+blip download NAME [--dir pretrained] | --list
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ commands:
         Check checkpoints against their checksums.json: PATH is one step-N folder, a
         checkpoints folder or a run's output folder (all of its checkpoints). Prints OK or
         what is wrong per checkpoint; exit 0 if all are verified intact, 1 otherwise.
+  blip download NAME [NAME ...] [--dir pretrained] | --list
+        Fetch pretrained weights (BERT, DeiT / ViT-L inits, released BLIP models) from the
+        Hugging Face Hub into pretrained/NAME, where the shipped configs read them.
 
 overrides: section.key=value (TorchTune style) or --section.key value (TorchTitan style),
 applied in order after the TOML file. `blip run --help` lists every key.
@@ -266,12 +270,19 @@ def cmd_checkpoint(args: list[str]) -> int:
     return 1 if failed else 0
 
 
+def cmd_download(args: list[str]) -> int:
+    from blip_recipes.download import main as download_main
+
+    return download_main(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
     "ls": cmd_ls,
     "cp": cmd_cp,
     "checkpoint": cmd_checkpoint,
+    "download": cmd_download,
 }
 
 

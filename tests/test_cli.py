@@ -45,10 +45,37 @@ def test_validate_prints_loadable_toml(tmp_path):
     assert cfg.model.name == "blip_pretrain_tiny"
 
 
+def _files_of_reference_configs(root: Path) -> None:
+    """What base.toml / large.toml read at start-up, as empty stand-ins under ``root``."""
+    for name in ("bert-base-uncased", "deit-base-patch16-224", "vit-large-patch16-224"):
+        (root / "pretrained" / name).mkdir(parents=True)
+        (root / "pretrained" / name / "model.safetensors").write_bytes(b"")
+    (root / "pretrained" / "bert-base-uncased" / "vocab.txt").write_text("[PAD]\n" * 30522)
+    (root / "data" / "images").mkdir(parents=True)
+    for name in ("coco_karpathy_train", "vg", "cc3m", "cc12m", "sbu"):
+        (root / "data" / "annotations" / f"{name}.json").parent.mkdir(exist_ok=True)
+        (root / "data" / "annotations" / f"{name}.json").write_text("[]")
+
+
 @pytest.mark.parametrize("name", ["debug", "base", "large", "configs/base.toml"])
-def test_builtin_configs_validate(name):
-    out = blip("validate", "--config", name)
+def test_builtin_configs_validate(name, tmp_path):
+    _files_of_reference_configs(tmp_path)
+    config = str(REPO / name) if name.endswith(".toml") else name
+    out = blip("validate", "--config", config, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("name, vision", [("base", "deit-base-patch16-224"),
+                                          ("large", "vit-large-patch16-224")])  # fmt: skip
+def test_reference_configs_name_the_download_command(name, vision, tmp_path):
+    out = blip("validate", "--config", name, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (
+        "'model.text_init' pretrained/bert-base-uncased does not exist; fetch it with: "
+        "blip download bert-base-uncased" in out.stderr
+    )
+    assert f"blip download {vision}" in out.stderr
+    assert "coco_karpathy_train.json" in out.stderr  # every problem at once
 
 
 def test_validate_errors_exit_2_without_traceback():

@@ -372,6 +372,168 @@ def _parallel(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
         )
 
 
+# ------------------------------------------------------------------ files the run will read
+def _examples(paths: list[str], limit: int = 3) -> str:
+    more = f" (and {len(paths) - limit} more)" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
+def _download_hint(path: str) -> str:
+    """`; fetch it with: blip download NAME` when ``path`` is a known asset's folder."""
+    from blip_recipes.download import asset_for_path, download_command
+
+    asset = asset_for_path(path)
+    return f"; fetch it with: {download_command(asset.name, path)}" if asset else ""
+
+
+def _tokenizer_problem(kind: str, path: str) -> str | None:
+    p = Path(path)
+    if not p.exists():
+        return "does not exist"
+    if (
+        kind == "wordpiece"
+        and p.is_dir()
+        and not any((p / name).is_file() for name in ("vocab.txt", "tokenizer.json"))
+    ):
+        return "is a folder without vocab.txt or tokenizer.json"
+    if kind == "bpe" and not p.is_file():
+        return "is not a file (expected a .tiktoken ranks file)"
+    return None
+
+
+def _checkpoint_carries_tokenizer(source: str | None) -> bool:
+    """True when an evaluated checkpoint brings its own tokenizer files (an HF folder with
+    vocab.txt / tokenizer.json, or a DCP checkpoint recording a tokenizer that exists)."""
+    if not source or source == "init" or not Path(source).exists():
+        return False
+    from blip_recipes.interop.files import hf_subfolders, latest_dcp_step
+
+    try:
+        step = latest_dcp_step(source)
+        if step is not None:
+            from blip_recipes.interop.convert import _dcp_side_files
+
+            tok = _dcp_side_files(step)[1] or {}
+            return tok.get("kind") == "synthetic" or bool(
+                tok.get("path") and Path(tok["path"]).exists()
+            )
+        return any(
+            (f / name).is_file()
+            for f in hf_subfolders(source)
+            for name in ("vocab.txt", "tokenizer.json")
+        )
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by its own check
+        return False
+
+
+def _source_files(i: int, src: Any, cfg: Config) -> Iterable[str]:
+    key = f"data.sources.{i}"
+    if src.kind in ("json", "jsonl"):
+        missing = [p for p in src.paths if not Path(p).is_file()]
+        if missing:
+            yield (
+                f"'{key}.paths': {len(missing)} of {len(src.paths)} annotation file(s) not "
+                f"found: {_examples(missing)}"
+            )
+        if src.image_root and not Path(src.image_root).is_dir():
+            yield f"'{key}.image_root' {src.image_root} is not a folder (it does not exist)"
+    elif src.kind == "shards":
+        from blip_recipes.data.shards import expand_braces
+
+        for pattern in src.paths:
+            files = expand_braces(pattern)
+            missing = [f for f in files if not Path(f).is_file()]
+            if len(missing) == len(files):
+                yield f"'{key}.paths': no file matches {pattern}"
+            elif missing:
+                yield (
+                    f"'{key}.paths': {len(missing)} of {len(files)} shard(s) of {pattern} not "
+                    f"found: {_examples(missing)}"
+                )
+        if cfg.training.steps_per_epoch is None:
+            yield (
+                f"'{key}' streams tar shards, whose number of samples is not known before "
+                "reading them: set 'training.steps_per_epoch' (samples per epoch / global batch)"
+            )
+
+
+def _checkpoint_paths(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    from blip_recipes.checkpoint import is_complete
+    from blip_recipes.interop.files import latest_dcp_step
+
+    ck = cfg.checkpoint
+    if ck.init_from and not is_complete(ck.init_from):
+        newest = latest_dcp_step(ck.init_from) if Path(ck.init_from).is_dir() else None
+        hint = f" (its newest checkpoint is {newest})" if newest else ""
+        what = "does not exist" if not Path(ck.init_from).exists() else (
+            "is not a complete DCP checkpoint folder (no .metadata)"
+        )  # fmt: skip
+        yield (
+            f"'checkpoint.init_from' {ck.init_from} {what}{hint}; other layouts (reference .pth, "
+            "HF folders) convert with tools/convert_checkpoint.py"
+        )
+    if not ctx.checkpoints:
+        return
+    folder = Path(cfg.job.output_dir) / "checkpoints"
+    if ck.resume == "none":
+        existing = latest_dcp_step(folder) if folder.is_dir() else None
+        if existing is not None:
+            yield (
+                f"'checkpoint.resume' is none but {folder} already holds checkpoint "
+                f"{existing.name}: set checkpoint.resume=auto to continue that run, or choose "
+                "another job.output_dir to start a new one (checkpoints are never overwritten)"
+            )
+    elif ck.resume != "auto" and not is_complete(ck.resume):
+        path = Path(ck.resume)
+        newest = latest_dcp_step(path) if path.is_dir() else None
+        what = "does not exist" if not path.exists() else "is not a complete checkpoint folder"
+        hint = f" (its newest checkpoint is {newest})" if newest else ""
+        yield (
+            f"'checkpoint.resume' {ck.resume} {what}{hint}: give a step-N checkpoint folder, "
+            "auto (the newest in job.output_dir) or none"
+        )
+
+
+@register_validator
+def _files(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    """Every file the run reads at start-up exists: annotations, image roots, shards,
+    tokenizer, init weights, checkpoints to resume or initialise from, evaluation data."""
+    from blip_recipes.interop.init_checkpoints import init_source, init_source_problem
+
+    tok, ev = cfg.tokenizer, cfg.eval
+    evaluated = ev.checkpoint if ev.checkpoint and ev.checkpoint != "init" else None
+    if tok.kind != "synthetic" and tok.path and not _checkpoint_carries_tokenizer(evaluated):
+        problem = _tokenizer_problem(tok.kind, tok.path)
+        if problem:
+            yield f"'tokenizer.path' {tok.path} {problem}{_download_hint(tok.path)}"
+    for key, value in (("model.text_init", cfg.model.text_init),
+                       ("model.vision_init", cfg.model.vision_init)):  # fmt: skip
+        source = init_source(value)
+        problem = init_source_problem(source) if source else None
+        if problem:
+            hint = _download_hint(source) or (
+                '; point it at local weights, or set it to "none" to start from random weights'
+            )
+            yield f"'{key}' {source} {problem}{hint}"
+    kinds = {s.kind for s in cfg.data.sources}
+    if "shards" in kinds and kinds != {"shards"}:
+        yield (
+            "'data.sources' mixes tar shards with json/jsonl/synthetic sources, which the loader "
+            "cannot do: convert the annotations to shards with tools/build_shards.py"
+        )
+    for i, src in enumerate(cfg.data.sources):
+        yield from _source_files(i, src, cfg)
+    yield from _checkpoint_paths(cfg, ctx)
+    if evaluated and not Path(evaluated).exists():
+        hint = _download_hint(evaluated)
+        yield f"'eval.checkpoint' {evaluated} does not exist{hint}"
+    if ev.annotation and (ev.every_steps > 0 or ev.checkpoint):
+        if not Path(ev.annotation).is_file():
+            yield f"'eval.annotation' {ev.annotation} does not exist (or is not a file)"
+        if ev.image_root and not Path(ev.image_root).is_dir():
+            yield f"'eval.image_root' {ev.image_root} is not a folder (it does not exist)"
+
+
 __all__ = [
     "ConfigError",
     "LaunchContext",

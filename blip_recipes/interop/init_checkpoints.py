@@ -24,6 +24,26 @@ from blip_recipes.models.vit import interpolate_pos_embed
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
 
 
+def init_source(value: str | Path | None) -> str | None:
+    """The path of a `model.text_init` / `model.vision_init` setting, or None for "start from
+    random weights": None, "" and the explicit word "none" (any case)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if not text or text.lower() == "none" else text
+
+
+def init_source_problem(source: str | Path) -> str | None:
+    """Why ``source`` cannot be read as init weights (missing, or a folder without a weights
+    file), or None when it looks readable. Checks the file system only; loads nothing."""
+    path = Path(source)
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir() and not any((path / name).exists() for name in _WEIGHT_FILES):
+        return f"is a folder without a weights file ({', '.join(_WEIGHT_FILES)})"
+    return None
+
+
 def load_state_dict_file(source: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a file (.safetensors, .bin, .pth) or an HF-style folder.
 
