@@ -46,15 +46,29 @@ from blip_recipes.data import TrainLoader, build_tokenizer, build_train_loader, 
 from blip_recipes.evaluation.periodic import PeriodicEvaluator
 from blip_recipes.metrics import (
     MetricsLogger,
+    WandbBackend,
     effective_mfu,
     flops_per_sample,
     max_memory_gib,
     peak_flops,
+    require_wandb,
 )
+from blip_recipes.metrics.run_logging import attach_rank_log_file, configure_logging
 from blip_recipes.momentum import check_queue_batch
 from blip_recipes.optim import build_lr_scheduler, build_optimizer
 from blip_recipes.parallel import init_distributed, shutdown_distributed
+from blip_recipes.parallel.compile import FirstCallTimer
 from blip_recipes.pretrain_step import DeviceBatch, PretrainStep, StepResult
+from blip_recipes.run_info import (
+    collect_run_info,
+    configure_cpu_threads,
+    flat_config,
+    gather_hostnames,
+    run_summary,
+    summary_lines,
+    update_run_info,
+    write_run_info,
+)
 from blip_recipes.run_lock import RunLockedError, acquire_run_lock
 
 logger = logging.getLogger("blip_pretrain")
@@ -113,6 +127,15 @@ class BlipPretrainRecipe:
         except RunLockedError as e:
             print(f"blip_pretrain: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        start_time = time.time()
+        attach_rank_log_file(self.output_dir, self.dist.rank)  # logs/rank<r>.log
+        if cfg.metrics.wandb:
+            try:  # every rank, before anything is built
+                require_wandb()
+            except ImportError as e:
+                print(f"blip_pretrain: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+        self.cpu_threads = configure_cpu_threads(self.device.type, cfg.job.cpu_threads)
         check_queue_batch(cfg.model.queue_size, cfg.data.batch_size, self.dist.world_size)
         self.checkpointer = CheckpointManager(
             self.output_dir / "checkpoints",
@@ -150,14 +173,28 @@ class BlipPretrainRecipe:
             cfg, self.model, self.momentum, self.optimizer, self.lr_scheduler, self.dist,
             self.compute_dtype,
         )  # fmt: skip
+        if cfg.parallel.compile:  # the first step compiles: say so, and how long it took
+            self.step_fn = FirstCallTimer(self.step_fn, "first step")
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
+        backends = []
+        if cfg.metrics.wandb and self.dist.is_main:
+            backends.append(
+                WandbBackend(
+                    cfg.metrics.wandb_project,
+                    cfg.metrics.wandb_run_name or cfg.job.name,
+                    dir=self.output_dir,
+                    config=flat_config(cfg),
+                    entity=cfg.metrics.wandb_entity,
+                )
+            )
         self.metrics = MetricsLogger(
             self.output_dir,
             rank=self.dist.rank,
             tensorboard=cfg.metrics.tensorboard,
             total_steps=self.total_steps,
             resume_step=self.step if self.resume_from is not None else None,
+            backends=backends,
         )
         self.loader.open_bad_sample_log(  # every rank names its bad samples there
             self.output_dir,
@@ -167,9 +204,16 @@ class BlipPretrainRecipe:
         self.evaluator = PeriodicEvaluator(
             cfg.eval, self.tokenizer, self.metrics, cfg.model.image_size, cfg.data.max_words
         )
+        hosts = gather_hostnames()  # collective
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.toml").write_text(to_toml(cfg))
+            info = collect_run_info(
+                cfg, self.dist, start_time, hosts=hosts, cpu_threads=self.cpu_threads,
+                start_step=self.step,
+                resumed_from=str(self.resume_from) if self.resume_from is not None else None,
+            )  # fmt: skip
+            write_run_info(self.output_dir, info)
         self._install_signal_handlers()
         logger.info(
             "setup done: %s, %d rank(s) on %s, %s, %d steps (%d per epoch), %s",
@@ -181,6 +225,7 @@ class BlipPretrainRecipe:
             self.steps_per_epoch,
             f"resuming from {self.resume_from}" if self.resume_from else "fresh start",
         )
+        self._train_start = (time.perf_counter(), self.step)
 
     def _resume_path(self) -> Path | None:
         resume = self.cfg.checkpoint.resume
@@ -312,6 +357,39 @@ class BlipPretrainRecipe:
             if self.step % cfg.checkpoint.interval == 0 and not last:
                 self.save_checkpoint()
         self.save_checkpoint()
+        self._summarize()
+
+    def _summarize(self) -> None:
+        """End of run (rank 0): summary lines in the log, ``summary`` in run_info.json, the
+        settings with the final metrics as TensorBoard/W&B hparams."""
+        t0, step0 = getattr(self, "_train_start", (time.perf_counter(), self.step))
+        if not self.dist.is_main:
+            return
+        summary = run_summary(
+            start_step=step0,
+            end_step=self.step,
+            wall_seconds=time.perf_counter() - t0,
+            samples_per_step=self._global_batch(),
+            last_record=self.metrics.last_record,
+            eval_records=self.metrics.eval_records,
+            outputs={
+                "output_dir": self.output_dir,
+                "checkpoint": self.checkpointer.step_dir(self.step),
+                "metrics": self.output_dir / "metrics.jsonl",
+                "tensorboard": self.output_dir / "tensorboard" if self.cfg.metrics.tensorboard
+                else None,
+                "logs": self.output_dir / "logs",
+            },
+            stopped_by=f"signal {self._stop_signal}" if self._stop_signal is not None else None,
+        )  # fmt: skip
+        for line in summary_lines(summary):
+            logger.info("%s", line)
+        update_run_info(self.output_dir, summary=summary)
+        final = {f"final_{k}": v for k, v in summary["last"].items()}
+        final["samples_per_sec"] = summary["samples_per_sec"]
+        if summary["best_eval"]:
+            final.update({f"best_{k}": v for k, v in summary["best_eval"].items() if k != "step"})
+        self.metrics.log_hparams(flat_config(self.cfg), final)
 
     def _log(self, window: _Window, result: StepResult) -> None:
         """Host sync point: turn the window's device sums into one metrics record."""
@@ -378,9 +456,7 @@ class BlipPretrainRecipe:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_recipe_args(argv, description=__doc__ or "")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
-    )
+    configure_logging()  # rank 0 on the console; every rank in <output_dir>/logs/rank<r>.log
     recipe = BlipPretrainRecipe(cfg)
     try:
         recipe.setup()

@@ -19,6 +19,8 @@ class JobConfig:
     """Seed for weights, queues, data order, augmentation and negative sampling."""
     name: str = "blip"
     """A name for the run, shown in logs."""
+    cpu_threads: int = 0
+    """Intra-op CPU threads per process (torch.set_num_threads); 0 = auto: OMP_NUM_THREADS when set, else on CPU runs the cores this process may use divided by the ranks on the host, else torch's default."""
 
 
 @dataclass
@@ -208,7 +210,15 @@ class MetricsConfig:
     log_every: int = 10
     """Log (and sync with the host) every this many steps."""
     tensorboard: bool = True
-    """Write TensorBoard scalars under output_dir/tensorboard."""
+    """Write TensorBoard scalars, caption image grids and hparams under output_dir/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb extra: pip install 'blip-recipes[wandb]'); WANDB_MODE=offline keeps the run local."""
+    wandb_project: str = "blip-recipes"
+    """W&B project."""
+    wandb_run_name: Optional[str] = None
+    """W&B run name; None uses job.name."""
+    wandb_entity: Optional[str] = None
+    """W&B team or user; None uses the logged-in account's default."""
 
 
 @dataclass

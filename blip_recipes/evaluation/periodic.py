@@ -18,8 +18,8 @@ class PeriodicEvaluator:
     """Runs the reference retrieval protocol on a held-out set and captions a few fixed images.
 
     Collective: every rank calls :meth:`maybe_run` at the same steps (the evaluation splits its
-    work across ranks). Results go to the metrics logger (``eval.jsonl``, TensorBoard ``eval/*``
-    and the captions as TensorBoard text).
+    work across ranks). Results go to the metrics logger (``eval.jsonl``, TensorBoard ``eval/*``,
+    the captions as TensorBoard text and as an image grid with each caption under its image).
 
     Args:
         cfg: the ``[eval]`` section (``every_steps``, ``annotation``, ``k_test``...).
@@ -71,5 +71,6 @@ class PeriodicEvaluator:
             )
             text = "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions))
             self.metrics.log_text("eval/captions", text, step)
+            self.metrics.log_images(step, "eval/captioned_images", images, captions)
         reshard_all(model)  # evaluation ran forwards only (both calls restore train mode)
         return results

@@ -8,6 +8,7 @@ from blip_recipes.metrics.backends import (
     TensorBoardBackend,
     WandbBackend,
     caption_grid,
+    require_wandb,
     to_pil,
 )
 from blip_recipes.metrics.logger import MetricsLogger, format_duration
@@ -36,6 +37,7 @@ __all__ = [
     "TensorBoardBackend",
     "WandbBackend",
     "caption_grid",
+    "require_wandb",
     "to_pil",
     "effective_mfu",
     "flops_per_sample",

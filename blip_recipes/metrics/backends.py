@@ -157,8 +157,8 @@ def caption_grid(
 # ---------------------------------------------------------------------------- TensorBoard
 class TensorBoardBackend(MetricsBackend):
     """TensorBoard events under ``log_dir``: numeric values as scalars ``<group>/<name>`` (None,
-    non-finite values and ``time`` skipped), text, an image grid with the captions drawn in plus
-    the captions as text, and the hparams table (HPARAMS tab) in the same run folder."""
+    non-finite values and ``time`` skipped), text, an image grid with the captions drawn in, and
+    the hparams table (HPARAMS tab) in the same run folder."""
 
     name = "tensorboard"
     SKIP = frozenset({"step", "time"})
@@ -186,8 +186,6 @@ class TensorBoardBackend(MetricsBackend):
         if self._writer is None or not images:
             return
         self._writer.add_image(tag, caption_grid(images, captions), step, dataformats="CHW")
-        text = "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions))
-        self._writer.add_text(f"{tag}/captions", text, step)
 
     def log_hparams(self, hparams: Mapping[str, Scalar], metrics: Mapping[str, float]) -> None:
         if self._writer is None:
@@ -292,3 +290,11 @@ class WandbBackend(MetricsBackend):
         if self._run is not None:
             self._run.finish()
             self._run = None
+
+
+def require_wandb() -> None:
+    """Raise ImportError with :data:`WANDB_MISSING` when wandb cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ImportError(WANDB_MISSING)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def apply_compile(
@@ -46,3 +51,35 @@ def apply_compile(
         inductor_config.fallback_random = True
     for block in blocks:
         block.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    kinds = Counter(type(block).__name__ for block in blocks)
+    logger.info(
+        "torch.compile: %d blocks (%s) marked; each kind compiles on its first forward and "
+        "backward, so the first step is slow (minutes cold, seconds with a warm cache)",
+        len(blocks),
+        ", ".join(f"{n} x {kind}" for kind, n in kinds.items()),
+    )
+
+
+class FirstCallTimer:
+    """Wraps a callable (the training step) and logs when its first call starts and how long
+    it took: with ``torch.compile`` that call compiles every block kind, which otherwise is
+    minutes of silence. Later calls go straight through; attributes are the wrapped object's.
+    """
+
+    def __init__(self, fn: Callable[..., Any], what: str = "first step") -> None:
+        self.fn, self.what = fn, what
+        self.seconds: float | None = None
+        """Duration of the first call, once it returned."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.seconds is not None:
+            return self.fn(*args, **kwargs)
+        logger.info("%s: started (torch.compile compiles the blocks now)", self.what)
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.seconds = time.perf_counter() - t0
+        logger.info("%s: done in %.1f s (compilation included)", self.what, self.seconds)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fn, name)

@@ -1,0 +1,82 @@
+"""Python logging for a multi-rank run: rank 0 speaks on the console, every rank keeps a file.
+
+- :func:`configure_logging` (first thing in a recipe's ``main``): rank 0 logs INFO to the
+  console (stderr); the other ranks print only ERROR there (a failing rank still says why), so
+  an N-rank run no longer repeats every line N times. Python warnings go through logging
+  (``py.warnings``), so they follow the same rule.
+- :func:`attach_rank_log_file` (once the output folder is the run's): every record of the rank,
+  INFO and up, also goes to ``<output_dir>/logs/rank<r>.log`` (appended across restarts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+RANK_FORMAT = "%(asctime)s [rank{rank}] %(name)s %(levelname)s %(message)s"
+_HANDLER_FLAG = "_blip_rank_handler"
+
+# Known harmless warnings, filtered once here rather than printed by every rank on every run.
+HARMLESS_WARNINGS = (
+    # torch >= 2.10 deprecates all_gather_into_tensor in favour of all_gather_single, which older
+    # torch (the project supports >= 2.6) does not have; the queue all-gather keeps the old name.
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
+)
+
+
+def env_rank() -> int:
+    """Global rank from the launcher's environment (``RANK``; 0 without one)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def configure_logging(rank: Optional[int] = None, level: int = logging.INFO) -> None:
+    """Console logging for this rank (see the module docstring); replaces earlier handlers."""
+    rank = env_rank() if rank is None else rank
+    fmt = FORMAT if rank == 0 else RANK_FORMAT.format(rank=rank)
+    logging.basicConfig(level=level, format=fmt, force=True)
+    console = logging.getLogger().handlers[0]
+    console.setLevel(level if rank == 0 else logging.ERROR)
+    logging.captureWarnings(True)
+    for category, message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def attach_rank_log_file(
+    output_dir: Union[str, Path], rank: Optional[int] = None, level: int = logging.INFO
+) -> Path:
+    """Also write this rank's log records to ``<output_dir>/logs/rank<r>.log``; returns it.
+
+    Calling it again (a resumed run in the same process) replaces the earlier file handler.
+    """
+    rank = env_rank() if rank is None else rank
+    path = Path(output_dir) / "logs" / f"rank{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_FLAG, False):
+            root.removeHandler(handler)
+            handler.close()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter(RANK_FORMAT.format(rank=rank)))
+    setattr(handler, _HANDLER_FLAG, True)
+    root.addHandler(handler)
+    if root.level > level or root.level == logging.NOTSET:
+        root.setLevel(level)
+    return path
+
+
+def detach_rank_log_file() -> None:
+    """Close and remove the handler :func:`attach_rank_log_file` added (end of a run)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_FLAG, False):
+            root.removeHandler(handler)
+            handler.close()
