@@ -261,7 +261,11 @@ class WandbBackend(MetricsBackend):
     def log_scalars(self, step: int, values: Mapping[str, Any], group: str = "train") -> None:
         if self._run is None:
             return
-        data = {f"{group}/{k}": v for k, v in values.items() if k != "step" and _numeric(v)}
+        data = {
+            f"{group}/{k}": v
+            for k, v in values.items()
+            if k not in TensorBoardBackend.SKIP and _numeric(v)
+        }
         if data:
             self._run.log(data, step=step)
 
