@@ -11,8 +11,17 @@ ITC-only numbers. Features and reranking are split across ranks.
 
 `eval.checkpoint` may be a DCP checkpoint of the pretraining recipe (or its run folder: newest
 step), a reference BLIP `.pth`, a Hugging Face BLIP folder (or a folder of retrieval + captioning
-folders), or a consolidated `.pt` / `.safetensors`. Writes `<job.output_dir>/retrieval.json`,
-TensorBoard scalars `retrieval/*`, and prints a table.
+folders), or a consolidated `.pt` / `.safetensors`; or `init`: the model a pretraining run of the
+same config starts from (step 0: `model.text_init`, `model.vision_init`, `checkpoint.init_from`),
+for a baseline before training. Writes `<job.output_dir>/retrieval.json`, TensorBoard scalars
+`retrieval/*`, and prints a table.
+
+The tokenizer is the checkpoint's when it carries one (the tokenizer files of an HF folder, the
+`[tokenizer]` recorded in a DCP checkpoint's config.toml / model_args.json) and can be built
+here; otherwise the config's `[tokenizer]`. The log names the one used. Images are evaluated at
+`model.image_size`, which must be the resolution the checkpoint was trained at (read from its
+position embeddings): a mismatch is refused, unless `eval.allow_resolution_change=true`, which
+evaluates with interpolated position embeddings and logs a warning.
 """
 
 from __future__ import annotations
@@ -31,13 +40,21 @@ import torch
 from blip_recipes.config import Config, parse_recipe_args, to_toml
 from blip_recipes.data import build_tokenizer
 from blip_recipes.evaluation import RetrievalScores, load_retrieval_data, score_retrieval
-from blip_recipes.interop.convert import build_model_from_weights, read_weights
+from blip_recipes.evaluation.retrieval import model_image_size
+from blip_recipes.interop.convert import (
+    CheckpointWeights,
+    build_model_from_weights,
+    read_weights,
+    tokenizer_from_weights,
+)
 from blip_recipes.parallel import init_distributed, shutdown_distributed
 
 logger = logging.getLogger("blip_eval_retrieval")
 
 RESULT_FILE = "retrieval.json"
 SCORES_FILE = "retrieval_scores.pt"
+INIT = "init"
+"""`eval.checkpoint` value that evaluates the freshly initialised model of the config (step 0)."""
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -61,28 +78,86 @@ class RetrievalEvalRecipe:
     def setup(self) -> None:
         cfg, ev = self.cfg, self.cfg.eval
         if not ev.checkpoint:
-            raise ValueError("set eval.checkpoint (a DCP checkpoint, reference .pth or HF folder)")
+            raise ValueError(
+                "set eval.checkpoint (a DCP checkpoint, reference .pth or HF folder, or init)"
+            )
         if not ev.annotation:
             raise ValueError("set eval.annotation (COCO-Karpathy-style test annotations)")
         self.dist = init_distributed(cfg.parallel.device)
         self.device = self.dist.device
         self.output_dir = Path(cfg.job.output_dir)
-        self.tokenizer = build_tokenizer(cfg.tokenizer)
-        weights = read_weights(ev.checkpoint)
-        recorded = weights.model_args or weights.hf_config
-        self.model = build_model_from_weights(
-            weights, model_name=None if recorded else cfg.model.name, tokenizer=self.tokenizer
-        ).to(self.device)
-        self.step = _step_of(weights.source)
+        if ev.checkpoint == INIT:
+            self.tokenizer = build_tokenizer(cfg.tokenizer)
+            logger.info(
+                "tokenizer: %s", _describe_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+            )
+            self.model = _initial_model(cfg, self.tokenizer)
+            source, layout, self.step = "the initial weights of this config", "step 0", 0
+        else:
+            weights = read_weights(ev.checkpoint)
+            self.tokenizer = self._tokenizer_for(weights)
+            recorded = weights.model_args or weights.hf_config
+            self.model = build_model_from_weights(
+                weights, model_name=None if recorded else cfg.model.name, tokenizer=self.tokenizer
+            )
+            source, layout, self.step = weights.source, weights.layout, _step_of(weights.source)
+        self.image_size = self._resolution(source)
+        self.model = self.model.to(self.device)
         self.data = load_retrieval_data(ev.annotation, ev.image_root, cfg.data.max_words)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.toml").write_text(to_toml(cfg))
         logger.info(
-            "evaluating %s (%s) on %d images / %d captions, k_test=%d, %d rank(s) on %s",
-            weights.source, weights.layout, len(self.data.images), len(self.data.texts),
+            "evaluating %s (%s) at %d px on %d images / %d captions, k_test=%d, %d rank(s) on %s",
+            source, layout, self.image_size, len(self.data.images), len(self.data.texts),
             ev.k_test, self.dist.world_size, self.device,
         )  # fmt: skip
+
+    def _tokenizer_for(self, weights: CheckpointWeights) -> Any:
+        """The tokenizer stored with the checkpoint (HF folder, DCP config.toml or
+        model_args.json) when it can be built; else the config's [tokenizer] section."""
+        recorded = tokenizer_from_weights(weights)
+        section = weights.tokenizer or {}
+        if recorded is not None:
+            logger.info(
+                "tokenizer: recorded with the checkpoint, %s",
+                _describe_tokenizer(section.get("kind"), section.get("path")),
+            )
+            return recorded
+        if section:
+            logger.warning(
+                "tokenizer recorded with %s (%s) is not available here; using the config's "
+                "[tokenizer] instead",
+                weights.source, _describe_tokenizer(section.get("kind"), section.get("path")),
+            )  # fmt: skip
+        tok = self.cfg.tokenizer
+        logger.info(
+            "tokenizer: from the config's [tokenizer], %s", _describe_tokenizer(tok.kind, tok.path)
+        )
+        return build_tokenizer(tok)
+
+    def _resolution(self, source: str) -> int:
+        """model.image_size when it is the resolution the model was trained at; otherwise an
+        error, or (eval.allow_resolution_change) a loud warning."""
+        trained = model_image_size(self.model)
+        wanted = self.cfg.model.image_size
+        if wanted == trained:
+            logger.info("resolution: %d px (the checkpoint's)", trained)
+            return wanted
+        message = (
+            f"{source} was trained at {trained} px but model.image_size is {wanted}: evaluating "
+            "at another resolution interpolates the position embeddings and usually lowers "
+            "recall."
+        )
+        if not self.cfg.eval.allow_resolution_change:
+            raise ValueError(
+                f"{message} Set model.image_size={trained}, or eval.allow_resolution_change=true "
+                f"to evaluate at {wanted} px anyway"
+            )
+        logger.warning(
+            "%s Evaluating at %d px because eval.allow_resolution_change=true", message, wanted
+        )
+        return wanted
 
     def _autocast(self):
         choice = self.cfg.training.mixed_precision
@@ -100,7 +175,7 @@ class RetrievalEvalRecipe:
             scores = score_retrieval(
                 self.model, self.tokenizer, self.data,
                 k_test=ev.k_test, batch_size=ev.batch_size, text_max_length=ev.text_max_length,
-                image_size=cfg.model.image_size, num_workers=cfg.data.num_workers,
+                image_size=self.image_size, num_workers=cfg.data.num_workers,
                 device=self.device, progress=ev.progress,
             )  # fmt: skip
         metrics = scores.metrics()
@@ -127,6 +202,24 @@ class RetrievalEvalRecipe:
             if hasattr(self, name):
                 delattr(self, name)
         shutdown_distributed()
+
+
+def _describe_tokenizer(kind: Any, path: Any) -> str:
+    if kind == "synthetic":
+        return "kind=synthetic"
+    where = Path(path).absolute() if path else "no path"
+    return f"kind={kind}, path={where}"
+
+
+def _initial_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
+    """What blip_pretrain starts from with this config (seed, text/vision init, init_from)."""
+    from blip_recipes.build import initial_weights, model_kwargs
+    from blip_recipes.models import build_model
+
+    state = initial_weights(cfg, tokenizer)
+    model = build_model(cfg.model.name, **model_kwargs(cfg, tokenizer))
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def _step_of(source: str) -> int:

@@ -230,7 +230,9 @@ class EvalConfig:
     image_root: str = ""
     """Folder the evaluation image paths are relative to."""
     checkpoint: Optional[str] = None
-    """Model to evaluate: a DCP checkpoint folder, a reference BLIP .pth, or a HF BLIP folder."""
+    """Model to evaluate: a DCP checkpoint folder, a reference BLIP .pth, or a HF BLIP folder; "init": the model a pretraining run of this config starts from (step 0: model.text_init / vision_init, checkpoint.init_from)."""
+    allow_resolution_change: bool = False
+    """Evaluate at model.image_size even when the checkpoint was trained at another resolution (position embeddings interpolated; recall usually drops); false refuses."""
     k_test: int = 256
     """Candidates per query reranked with ITM."""
     text_max_length: int = 35

@@ -505,7 +505,8 @@ def save_training_checkpoint(
     """Write `{"model", "momentum"}` as a DCP checkpoint folder the pretraining recipe can load.
 
     `checkpoint.init_from=<path>` initialises a run from its model weights. A `model_args.json`
-    beside it records the builder arguments (and tokenizer section) for later conversions.
+    beside it records the builder arguments (and tokenizer section, its path made absolute)
+    for later conversions and evaluation.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -513,7 +514,10 @@ def save_training_checkpoint(
     if momentum is not None:
         state["momentum"] = momentum.state_dict()
     out = save_dcp(state, path)
-    recorded = {"model": getattr(model, "model_args", None), "tokenizer": tokenizer_section}
+    tok = dict(tokenizer_section) if tokenizer_section else None
+    if tok and tok.get("path"):  # absolute: read later from any working folder
+        tok["path"] = str(Path(tok["path"]).absolute())
+    recorded = {"model": getattr(model, "model_args", None), "tokenizer": tok}
     (out / MODEL_ARGS_FILE).write_text(json.dumps(recorded, indent=2, default=str))
     return out
 

@@ -152,3 +152,72 @@ def test_missing_checkpoint_setting_is_a_clear_error(tmp_path):
     proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "nowhere.pth does not exist" in proc.stderr
+
+
+# ------------------------------------------------------------------ tokenizer, resolution, step 0
+def _main(capsys, tmp, out, *overrides):
+    """The recipe in this process; returns (exit code, stdout + stderr)."""
+    from recipes.blip_eval_retrieval import main
+
+    rc = main(["--config", "eval_retrieval", f"job.output_dir={out}", f"eval.annotation={tmp / 'test.json'}",
+               f"eval.image_root={tmp}", f"eval.k_test={K_TEST}", "eval.batch_size=4", "eval.progress=false",
+               "data.num_workers=0", "parallel.device=cpu", "metrics.tensorboard=false", *overrides])  # fmt: skip
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+def test_resolution_must_match_the_checkpoint(setup, tmp_path, capsys):
+    tmp = setup[0]
+    ckpt = f"eval.checkpoint={tmp / 'hf_retrieval'}"
+    rc, log = _main(
+        capsys, tmp, tmp_path / "a", ckpt, "tokenizer.kind=synthetic", "model.image_size=48"
+    )
+    assert rc == 1 and "was trained at 32 px but model.image_size is 48" in log
+    assert "Set model.image_size=32, or eval.allow_resolution_change=true" in log
+    assert not (tmp_path / "a" / "retrieval.json").exists()
+    rc, log = _main(capsys, tmp, tmp_path / "b", ckpt, "tokenizer.kind=synthetic", "model.image_size=48",
+                    "eval.allow_resolution_change=true")  # fmt: skip
+    assert rc == 0 and "WARNING" in log and "Evaluating at 48 px" in log
+    rc, log = _main(
+        capsys, tmp, tmp_path / "c", ckpt, "tokenizer.kind=synthetic", "model.image_size=32"
+    )
+    assert rc == 0 and "resolution: 32 px (the checkpoint's)" in log
+    assert "tokenizer: from the config's [tokenizer], kind=synthetic" in log  # none in the folder
+
+
+def test_dcp_checkpoint_brings_its_tokenizer_recorded_absolutely(
+    setup, tmp_path, capsys, monkeypatch
+):
+    from blip_recipes.interop.convert import (
+        build_model_from_weights,
+        read_weights,
+        save_training_checkpoint,
+    )
+
+    tmp, tok = setup[0], setup[1]
+    model = build_model_from_weights(read_weights(tmp / "hf_retrieval"), tokenizer=tok)
+    monkeypatch.chdir(tmp_path)
+    save_training_checkpoint(
+        model, None, "dcp/step-7", {"kind": "wordpiece", "path": "tok/vocab.txt"}
+    )
+    recorded = json.loads((tmp_path / "dcp" / "step-7" / "model_args.json").read_text())
+    assert recorded["tokenizer"]["path"] == str(tmp_path / "tok" / "vocab.txt")
+    save_training_checkpoint(model, None, tmp_path / "syn" / "step-7", {"kind": "synthetic"})
+    # the config's tokenizer does not exist: the checkpoint's is used (and validation knows it)
+    rc, log = _main(capsys, tmp, tmp_path / "out", f"eval.checkpoint={tmp_path / 'syn'}",
+                    "tokenizer.path=/nowhere/vocab.txt", "model.image_size=32")  # fmt: skip
+    assert rc == 0, log
+    assert "tokenizer: recorded with the checkpoint, kind=synthetic" in log
+    assert json.loads((tmp_path / "out" / "retrieval.json").read_text())
+
+
+def test_step_0_from_the_config(setup, tmp_path, capsys):
+    tmp = setup[0]
+    args = ("eval.checkpoint=init", "model.name=blip_pretrain_tiny", "model.image_size=32",
+            "model.queue_size=75", "tokenizer.kind=synthetic")  # fmt: skip
+    rc, log = _main(capsys, tmp, tmp_path / "init", *args)
+    assert rc == 0, log
+    assert "evaluating the initial weights of this config (step 0) at 32 px" in log
+    first = json.loads((tmp_path / "init" / "retrieval.json").read_text())
+    rc, _ = _main(capsys, tmp, tmp_path / "again", *args)
+    assert json.loads((tmp_path / "again" / "retrieval.json").read_text()) == first  # seeded
