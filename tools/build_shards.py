@@ -24,7 +24,7 @@ import tarfile
 from PIL import Image
 
 from blip_recipes.data.captions import pre_caption
-from blip_recipes.data.sources import JsonSource
+from blip_recipes.data.sources import AnnotationError, iter_annotations
 from blip_recipes.data.transforms import BadImage, check_size, load_rgb, open_image
 
 
@@ -66,7 +66,8 @@ def _write(path: str, samples: list[tuple[str, bytes, str, object]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ann", nargs="+", required=True, help="BLIP JSON annotation files")
+    parser.add_argument("--ann", nargs="+", required=True,
+                        help="BLIP annotation files (.json lists or .jsonl lines)")  # fmt: skip
     parser.add_argument("--image-root", default="", help="folder the image paths are relative to")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
@@ -82,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    source = JsonSource(args.ann, args.image_root)
+    try:
+        records = [record for ann in args.ann for record in iter_annotations(ann)]
+    except (AnnotationError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     samples, shard_id, written, bad = [], 0, 0, []
-    for i in tqdm(range(len(source)), desc="shards", unit="img", disable=None):
-        path = os.path.join(args.image_root, source.images[i])
-        caption = source.captions[i]
+    for i, (image, caption) in enumerate(tqdm(records, desc="shards", unit="img", disable=None)):
+        path = os.path.join(args.image_root, image)
         texts = caption if isinstance(caption, list) else [caption]
         if not any(isinstance(t, str) and pre_caption(t, args.max_words or 30) for t in texts):
             bad.append(f"{path}: empty caption after cleaning")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     from blip_recipes.interop.files import CheckpointLayoutError
 
+    missing = [path for path in args.images if not os.path.isfile(path)]
+    if missing:
+        print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 1
     try:
         weights = read_weights(args.checkpoint)
         if args.tokenizer or args.tokenizer_kind != "wordpiece":

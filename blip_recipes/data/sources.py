@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -53,6 +54,36 @@ def _pick_caption(caption, rng: random.Random) -> str:
     return caption if isinstance(caption, str) else ""
 
 
+def iter_annotations(path: str) -> Iterator[tuple[str, object]]:
+    """(image path, caption or captions) of every record of a BLIP annotation file.
+
+    ``.jsonl`` files are read a line at a time, anything else as one JSON list.
+
+    Raises:
+        AnnotationError: naming the file and the record or line that is not an annotation.
+        OSError: when the file cannot be read.
+    """
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise AnnotationError(f"{path} line {number}: not JSON ({e})") from None
+                    yield _image_and_caption(record, f"{path} line {number}")
+            return
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            hint = " (JSON Lines files need the .jsonl suffix)" if e.msg == "Extra data" else ""
+            raise AnnotationError(f"{path}: not a JSON list of annotations: {e}{hint}") from None
+    if not isinstance(records, list):
+        raise AnnotationError(f"{path}: expected a JSON list of annotations")
+    for i, record in enumerate(records):
+        yield _image_and_caption(record, f"{path} record {i}")
+
+
 class JsonSource:
     """BLIP JSON annotations: lists of ``{"image": path, "caption": text | [texts]}`` from files.
 
@@ -66,12 +97,7 @@ class JsonSource:
         self.images: list[str] = []
         self.captions: list[object] = []
         for path in paths:
-            with open(path, encoding="utf-8") as f:
-                records = json.load(f)
-            if not isinstance(records, list):
-                raise AnnotationError(f"{path}: expected a JSON list of annotations")
-            for i, record in enumerate(records):
-                image, caption = _image_and_caption(record, f"{path} record {i}")
+            for image, caption in iter_annotations(path):
                 self.images.append(image)
                 self.captions.append(caption)
         self.name = f"json[{', '.join(os.path.basename(p) for p in paths)}]"

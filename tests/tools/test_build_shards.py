@@ -52,3 +52,21 @@ def test_build_shards_resizes_skips_bad_and_keeps_captions(tmp_path):
         assert min(img.size) <= 100 and img.mode == "RGB"
     captions = [decode_caption(files) for _, files, *_ in samples]
     assert captions[:2] == ["caption 0", "caption 1"] and captions[-1] == ["one", "two"]
+
+
+def test_build_shards_reads_jsonl_and_names_bad_annotation_files(tmp_path):
+    root = tmp_path / "img"
+    root.mkdir()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(root / "a.jpg")
+    ann = tmp_path / "ann.jsonl"
+    ann.write_text(json.dumps({"image": "a.jpg", "caption": "a red square"}) + "\n")
+    run = [sys.executable, str(TOOL), "--image-root", str(root)]
+    ok = subprocess.run([*run, "--ann", str(ann), "--out", str(tmp_path / "s")],
+                        capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0 and "wrote 1 samples" in ok.stdout
+    lines_as_json = tmp_path / "lines.json"
+    lines_as_json.write_text(ann.read_text() * 2)
+    bad = subprocess.run([*run, "--ann", str(lines_as_json), "--out", str(tmp_path / "t")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "lines.json" in bad.stderr and ".jsonl suffix" in bad.stderr
+    assert "Traceback" not in bad.stderr

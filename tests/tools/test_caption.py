@@ -64,3 +64,8 @@ def test_tool_unknown_layout_error(setup, tmp_path):
     torch.save({"x.weight": torch.zeros(1)}, tmp_path / "odd.pth")
     proc = _tool(tmp_path / "odd.pth", *paths)
     assert proc.returncode == 1 and "x.weight" in proc.stderr
+
+
+def test_tool_names_a_missing_image(setup, tmp_path):
+    proc = _tool(tmp_path / "odd.pth", tmp_path / "nowhere.jpg")
+    assert proc.returncode == 1 and "nowhere.jpg" in proc.stderr
