@@ -380,7 +380,8 @@ class BlipPretrainRecipe:
                 else None,
                 "logs": self.output_dir / "logs",
             },
-            stopped_by=f"signal {self._stop_signal}" if self._stop_signal is not None else None,
+            stopped_by=None if self._stop_signal is None else "a signal on another rank"
+            if self._stop_signal == -1 else f"signal {self._stop_signal}",
         )  # fmt: skip
         for line in summary_lines(summary):
             logger.info("%s", line)
