@@ -60,8 +60,8 @@ def cpu_threads_for(
     processes already keep busy (the 1-minute load average):
     ``max(1, min(cores, cores - load) // local_world_size)``. Why the load: torch's threads
     wait for each other at every op, so one thread descheduled by a neighbour stalls them all;
-    on a shared 2-core box with a load of 6 the debug run went 4-6x faster with 1 thread than
-    with torch's default of 2.
+    on a shared 2-core box with a load of 5-8 the debug run went 4-10x faster with 1 thread
+    than with torch's default of 2 (idle, 2 threads were 15% faster than 1).
     """
     environ = os.environ if environ is None else environ
     if configured > 0:
