@@ -6,6 +6,9 @@ blip ls
 blip cp NAME DEST [--force]
 blip checkpoint verify PATH
 blip download NAME [--dir pretrained] | --list
+blip caption CHECKPOINT IMAGE... | blip convert SOURCE DEST
+blip data synthetic|build-shards ... | blip benchmark [data|float8-layers|flops] ...
+blip --version
 """
 
 from __future__ import annotations
@@ -54,6 +57,22 @@ commands:
   blip download NAME [NAME ...] [--dir pretrained] | --list
         Fetch pretrained weights (BERT, DeiT / ViT-L inits, released BLIP models) from the
         Hugging Face Hub into pretrained/NAME, where the shipped configs read them.
+  blip caption CHECKPOINT IMAGE [IMAGE ...] [--method greedy|beam|nucleus] [--json]
+        Caption images with any supported checkpoint (DCP, HF folder, reference .pth, flat).
+  blip convert SOURCE DEST [--to dcp|hf|pt|safetensors|reference]
+        Convert checkpoints between formats (HF exports get a model card, README.md).
+  blip data synthetic --out DIR --num N [--shards K] [--jsonl]
+        Write a synthetic image-caption dataset (JSON annotations, optional tar shards).
+  blip data build-shards --ann FILE [FILE ...] --image-root DIR --out DIR [--resize S]
+        Check BLIP annotations + images and pack them into webdataset tar shards.
+  blip benchmark [step] [--model M] [--variants V] [--json FILE]
+        Training-step throughput per variant, against a transformers-composed baseline.
+  blip benchmark data | float8-layers | flops [...]
+        Data pipeline throughput; float8 vs bf16 per linear layer; FLOPs of one step.
+  blip --version
+        Print the installed blip-recipes version.
+
+Every command takes --help for its options.
 
 overrides: section.key=value (TorchTune style) or --section.key value (TorchTitan style),
 applied in order after the TOML file. `blip run --help` lists every key.
@@ -218,7 +237,7 @@ def cmd_cp(args: list[str]) -> int:
     else:
         raise UsageError(f"'{name}' is not a recipe or config name (see `blip ls`)")
     target = Path(dest)
-    if target.is_dir():
+    if target.is_dir() or dest.endswith(("/", "\\")):  # a folder, existing or to be made
         target = target / source.name
     if target.exists() and not force:
         raise UsageError(f"{target} exists; pass --force to overwrite it")
@@ -276,6 +295,64 @@ def cmd_download(args: list[str]) -> int:
     return download_main(args)
 
 
+def _subcommand(module: str, args: list[str], prog: str) -> int:
+    """Run ``blip_recipes.commands.<module>.main(args)`` (imported only when used)."""
+    import importlib
+
+    main_fn = importlib.import_module(f"blip_recipes.commands.{module}").main
+    try:
+        return int(main_fn(args, prog=prog) or 0)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+
+
+def _dispatch(group: str, table: dict[str, str], args: list[str], default: str | None) -> int:
+    """``blip GROUP SUB [args]``: SUB picks a module of ``table``; without one, ``default``."""
+    if args and args[0] in table:
+        return _subcommand(table[args[0]], args[1:], f"blip {group} {args[0]}")
+    if default is not None and (not args or args[0].startswith("-") or args[0] == "step"):
+        rest = args[1:] if args and args[0] == "step" else args
+        if rest[:1] in (["-h"], ["--help"]):
+            subs = ", ".join(f"`blip {group} {sub} --help`" for sub in table)
+            print(f"subcommands: step (the default, below), {', '.join(table)}; see {subs}\n")
+        return _subcommand(default, rest, f"blip {group}")
+    if not args or args[0] in ("-h", "--help"):
+        print(f"usage: blip {group} {{{','.join(table)}}} [options] (each takes --help)")
+        return 0
+    raise UsageError(f"unknown {group} command '{args[0]}' (one of: {', '.join(table)})")
+
+
+def cmd_caption(args: list[str]) -> int:
+    return _subcommand("caption", args, "blip caption")
+
+
+def cmd_convert(args: list[str]) -> int:
+    return _subcommand("convert_checkpoint", args, "blip convert")
+
+
+DATA_COMMANDS = {"synthetic": "make_synthetic_dataset", "build-shards": "build_shards"}
+BENCHMARK_COMMANDS = {
+    "data": "benchmark_data",
+    "float8-layers": "benchmark_float8_layers",
+    "flops": "count_flops",
+}
+
+
+def cmd_data(args: list[str]) -> int:
+    return _dispatch("data", DATA_COMMANDS, args, None)
+
+
+def cmd_benchmark(args: list[str]) -> int:
+    return _dispatch("benchmark", BENCHMARK_COMMANDS, args, "benchmark")
+
+
+def package_version() -> str:
+    """The installed blip-recipes version (``blip_recipes.__version__``)."""
+    import blip_recipes
+
+    return blip_recipes.__version__
+
+
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
@@ -283,6 +360,10 @@ COMMANDS = {
     "cp": cmd_cp,
     "checkpoint": cmd_checkpoint,
     "download": cmd_download,
+    "caption": cmd_caption,
+    "convert": cmd_convert,
+    "data": cmd_data,
+    "benchmark": cmd_benchmark,
 }
 
 
@@ -290,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(MAIN_HELP)
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(f"blip-recipes {package_version()}")
         return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:

@@ -1,105 +1,10 @@
 #!/usr/bin/env python
-"""Caption images with a BLIP checkpoint (greedy, beam search or nucleus sampling).
+"""Same as ``blip caption`` (blip_recipes/commands/caption.py)."""
 
-    python tools/caption.py outputs/blip_base cat.jpg dog.png --tokenizer pretrained/bert-base-uncased
-    python tools/caption.py hf_blip/captioning *.jpg --method nucleus --top-p 0.9 --seed 0
-
-CHECKPOINT: a DCP checkpoint of blip_pretrain (or its run folder), a reference BLIP .pth, a
-Hugging Face BLIP folder (captioning, or one holding retrieval + captioning), or a consolidated
-.pt / .safetensors. Prints one `path<TAB>caption` line per image (`--json` for JSON lines).
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import logging
-import os
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    parser.add_argument("checkpoint", help="model to caption with")
-    parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--tokenizer", help="wordpiece vocab.txt / folder (default: the one "
-                        "recorded with the checkpoint)")  # fmt: skip
-    parser.add_argument(
-        "--tokenizer-kind", default="wordpiece", choices=["wordpiece", "bpe", "synthetic"]
-    )
-    parser.add_argument("--method", default="beam", choices=["greedy", "beam", "nucleus"])
-    parser.add_argument("--prompt", default="a picture of ", help='decoder prompt ("" for none)')
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=30, help="tokens, prompt included")
-    parser.add_argument("--min-length", type=int, default=5, help="tokens, prompt included")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--repetition-penalty", type=float, default=None,
-                        help="default 1.0 (beam, greedy) / 1.1 (nucleus), as the reference")  # fmt: skip
-    parser.add_argument("--image-size", type=int, help="input side (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (nucleus)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--model", help="builder preset for what the checkpoint shapes cannot tell")
-    parser.add_argument("--json", action="store_true", help="print JSON lines {image, caption}")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-
-    import torch
-
-    from blip_recipes.config import TokenizerConfig
-    from blip_recipes.data import build_tokenizer
-    from blip_recipes.generation import caption_images
-    from blip_recipes.interop.convert import (
-        build_model_from_weights,
-        read_weights,
-        tokenizer_from_weights,
-    )
-    from blip_recipes.interop.files import CheckpointLayoutError
-
-    missing = [path for path in args.images if not os.path.isfile(path)]
-    if missing:
-        print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
-        return 1
-    try:
-        weights = read_weights(args.checkpoint)
-        if args.tokenizer or args.tokenizer_kind != "wordpiece":
-            cfg = TokenizerConfig(kind=args.tokenizer_kind, path=args.tokenizer)
-            tokenizer = build_tokenizer(cfg)
-        else:
-            tokenizer = tokenizer_from_weights(weights)
-        if tokenizer is None:
-            raise ValueError(
-                f"no tokenizer recorded with {args.checkpoint} that can be built here: pass "
-                "--tokenizer PATH (bert-base-uncased vocab.txt or tokenizer folder)"
-            )
-        model = build_model_from_weights(weights, args.model, tokenizer)
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device)
-        penalty = args.repetition_penalty
-        if penalty is None:
-            penalty = 1.1 if args.method == "nucleus" else 1.0
-        captions = caption_images(
-            model, tokenizer, args.images, prompt=args.prompt, method=args.method,
-            image_size=args.image_size, batch_size=args.batch_size, num_beams=args.num_beams,
-            max_length=args.max_length, min_length=args.min_length, top_p=args.top_p,
-            top_k=args.top_k, repetition_penalty=penalty,
-            generator=torch.Generator(device=device).manual_seed(args.seed),
-        )  # fmt: skip
-    except (CheckpointLayoutError, FileNotFoundError, ValueError) as e:  # BadImage is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path, caption in zip(args.images, captions):
-        print(
-            json.dumps({"image": path, "caption": caption}) if args.json else f"{path}\t{caption}"
-        )
-    return 0
-
+from blip_recipes.commands.caption import *  # noqa: F403 (helpers stay importable from here)
+from blip_recipes.commands.caption import main
 
 if __name__ == "__main__":
     sys.exit(main())
