@@ -31,6 +31,11 @@ from blip_recipes.parallel.fsdp import reshard_all
 _WRAPPER_TOKENS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
+# torch >= 2.10 names the one-tensor all-gather all_gather_single (all_gather_into_tensor then
+# warns that it is deprecated); older releases only have all_gather_into_tensor.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def check_queue_batch(queue_size: int, batch_size: int, world_size: int = 1) -> None:
     """Raise ValueError unless the global batch B * W divides the queue size Q.
 
@@ -232,7 +237,7 @@ class MomentumState(Stateful):
         feats = torch.stack([image_feat_m, text_feat_m]).to(self.image_queue.dtype)  # (2, B, E)
         if world > 1:
             gathered = feats.new_empty((world * 2, *feats.shape[1:]))  # rank-major (W*2, B, E)
-            dist.all_gather_into_tensor(gathered, feats.contiguous(), group=self.group)
+            _all_gather_single(gathered, feats.contiguous(), group=self.group)
             feats = gathered.view(world, 2, batch, -1).transpose(0, 1).reshape(2, world * batch, -1)
         columns = self.queue_ptr + torch.arange(world * batch, device=self.queue_ptr.device)
         step = world * batch

@@ -20,12 +20,9 @@ FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 RANK_FORMAT = "%(asctime)s [rank{rank}] %(name)s %(levelname)s %(message)s"
 _HANDLER_FLAG = "_blip_rank_handler"
 
-# Known harmless warnings, filtered once here rather than printed by every rank on every run.
-HARMLESS_WARNINGS = (
-    # torch >= 2.10 deprecates all_gather_into_tensor in favour of all_gather_single, which older
-    # torch (the project supports >= 2.6) does not have; the queue all-gather keeps the old name.
-    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
-)
+# Known harmless warnings, filtered once here rather than printed by every rank on every run
+# (none at present: fix a warning at its source when possible, list it here with why otherwise).
+HARMLESS_WARNINGS: tuple[tuple[type[Warning], str], ...] = ()
 
 
 def env_rank() -> int:
