@@ -12,9 +12,18 @@ weights and the queues have no HF slot. Exported configs must set the vision Lay
 
 from __future__ import annotations
 
+import json
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from blip_recipes.interop._names import (
     LM_HEAD,
@@ -140,13 +149,188 @@ def hf_blip_config(model: Any, **text_config_overrides: Any) -> Any:
     )
 
 
+# ------------------------------------------------------------------ model card
+MODEL_CARD_FILE = "README.md"
+
+_FRONT_MATTER = """---
+# license: a placeholder; set the license of the weights and of the training data
+license: other
+library_name: transformers
+pipeline_tag: image-to-text
+tags:
+- blip
+- image-text-retrieval
+- image-captioning
+---
+"""
+
+
+def _last_record(path: Path) -> dict[str, Any] | None:
+    """The last JSON object of a JSON-lines file (a torn last line is skipped)."""
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            last = record
+    return last
+
+
+def _metric_rows(record: dict[str, Any]) -> list[str]:
+    rows = ["| metric | value |", "|---|---|"]
+    for key, value in record.items():
+        if key in ("time", "step") or isinstance(value, (dict, list)):
+            continue
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        rows.append(f"| {key} | {text} |")
+    return rows
+
+
+def _source_text(source: dict[str, Any]) -> str:
+    kind = source.get("kind", "?")
+    rest = ", ".join(f"{k}={v}" for k, v in source.items() if k != "kind" and v not in (None, ""))
+    return f"- `{kind}`" + (f": {rest}" if rest else "")
+
+
+def model_card(
+    name: str,
+    *,
+    step: int | None = None,
+    source: str | None = None,
+    config_text: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    eval_metrics: dict[str, Any] | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> str:
+    """A Hugging Face model card (``README.md`` text with YAML front matter) for an export.
+
+    Args:
+        name: the model's title (the run's ``job.name`` or the folder name).
+        step: the training step of the exported weights.
+        source: the checkpoint the export was converted from.
+        config_text: the run's ``config.toml`` (shown in full; its ``[[data.sources]]`` are
+            listed under "Training data").
+        metrics: the last record of the run's ``metrics.jsonl``.
+        eval_metrics: the last record of the run's ``eval.jsonl``.
+        model_args: builder arguments of the model (preset name and sizes).
+    """
+    config: dict[str, Any] = {}
+    if config_text:
+        try:
+            config = tomllib.loads(config_text)
+        except tomllib.TOMLDecodeError:
+            config = {}
+    lines = [_FRONT_MATTER, f"# {name}", ""]
+    lines += [
+        "A BLIP vision-language model (ViT image encoder + BERT-style multimodal text "
+        "encoder-decoder) pretrained with image-text contrastive (ITC), image-text matching "
+        "(ITM) and captioning (LM) losses, exported from blip-recipes.",
+        "",
+        "- `retrieval/`: `BlipForImageTextRetrieval` (ITC features, ITM head)",
+        "- `captioning/`: `BlipForConditionalGeneration` (image captioning)",
+        "",
+        "```python",
+        "from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval",
+        "",
+        'captioner = BlipForConditionalGeneration.from_pretrained("THIS_FOLDER/captioning")',
+        'retriever = BlipForImageTextRetrieval.from_pretrained("THIS_FOLDER/retrieval")',
+        "```",
+        "",
+        "Captions start from the prompt `a picture of ` as in the reference BLIP; the same "
+        "folder also loads with `blip_recipes.load_model` and `blip caption`.",
+        "",
+        "## Training",
+        "",
+    ]
+    if step is not None:
+        lines.append(f"- step: {step}")
+    if source:
+        lines.append(f"- converted from: `{source}`")
+    model_cfg = config.get("model") or model_args or {}
+    if model_cfg.get("name"):
+        lines.append(f"- model preset: `{model_cfg['name']}`")
+    training = config.get("training", {})
+    for key in ("steps", "epochs", "mixed_precision"):
+        if key in training:
+            lines.append(f"- training.{key}: {training[key]}")
+    if "batch_size" in config.get("data", {}):
+        lines.append(f"- per-device batch size: {config['data']['batch_size']}")
+    if lines[-1] == "":
+        lines.append("Not recorded with the checkpoint.")
+    sources = config.get("data", {}).get("sources") or []
+    lines += ["", "## Training data", ""]
+    lines += [_source_text(src) for src in sources] or [
+        "Not recorded with the checkpoint: describe the image-text data the model saw."
+    ]
+    if metrics or eval_metrics:
+        lines += ["", "## Metrics", ""]
+        if metrics:
+            lines += [f"Last training record (step {metrics.get('step', '?')}):", ""]
+            lines += _metric_rows(metrics) + [""]
+        if eval_metrics:
+            lines += [f"Last evaluation (step {eval_metrics.get('step', '?')}):", ""]
+            lines += _metric_rows(eval_metrics) + [""]
+    if config_text:
+        lines += ["", "## Training config", "", "```toml", config_text.strip(), "```"]
+    lines += ["", "## License", "", "Set the `license` above before publishing."]
+    return "\n".join(lines).replace("\n\n\n", "\n\n").rstrip() + "\n"
+
+
+def write_model_card(out_dir: str | Path, source: str | Path, **extra: Any) -> Path:
+    """Write ``out_dir/README.md`` for an HF export of ``source``.
+
+    For a DCP source (a ``step-N`` folder, a checkpoints folder or a run folder), the step and the
+    run's ``config.toml`` (beside the step or in the run folder), ``metrics.jsonl`` and
+    ``eval.jsonl`` are read; other sources give a card with placeholders. ``extra`` goes to
+    :func:`model_card` (e.g. ``model_args``).
+
+    Returns:
+        The written path.
+    """
+    from blip_recipes.interop.files import latest_dcp_step
+
+    out_dir, source = Path(out_dir), Path(source)
+    step_dir = latest_dcp_step(source) if source.is_dir() else None
+    step = config_text = metrics = eval_metrics = None
+    name = source.stem
+    if step_dir is not None:
+        run_dir = step_dir.parent.parent
+        match = re.fullmatch(r"step-(\d+)", step_dir.name)
+        step = int(match.group(1)) if match else None
+        name = run_dir.name if match else step_dir.name
+        for config_file in (step_dir / "config.toml", run_dir / "config.toml"):
+            if config_file.is_file():
+                config_text = config_file.read_text()
+                break
+        metrics = _last_record(run_dir / "metrics.jsonl")
+        eval_metrics = _last_record(run_dir / "eval.jsonl")
+    if config_text:
+        try:
+            name = tomllib.loads(config_text).get("job", {}).get("name") or name
+        except tomllib.TOMLDecodeError:
+            pass
+    text = model_card(name, step=step, source=str(source), config_text=config_text,
+                      metrics=metrics, eval_metrics=eval_metrics, **extra)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MODEL_CARD_FILE
+    path.write_text(text)
+    return path
+
+
 __all__ = [
+    "MODEL_CARD_FILE",
     "TEXT_EMBEDDINGS",
     "TEXT_FFN",
     "hf_blip_config",
     "hf_text_model_to_med",
     "hf_to_ours",
     "hf_vision_model_to_vit",
+    "model_card",
     "ours_to_hf_captioning",
     "ours_to_hf_retrieval",
+    "write_model_card",
 ]
