@@ -49,7 +49,8 @@ commands:
   blip ls
         List recipes and their configs.
   blip cp NAME DEST [--force]
-        Copy a recipe or config out to edit it.
+        Copy a recipe or config out to edit it. DEST is a file name, or a folder (existing,
+        or ending with /) that gets NAME.toml / NAME.py; never overwrites without --force.
   blip checkpoint verify PATH
         Check checkpoints against their checksums.json: PATH is one step-N folder, a
         checkpoints folder or a run's output folder (all of its checkpoints). Prints OK or
