@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from blip_recipes.data import build_tokenizer
     from blip_recipes.interop.convert import convert_checkpoint, output_format
     from blip_recipes.interop.files import CheckpointLayoutError
-    from blip_recipes.interop.hf import write_model_card
 
     overrides = {}
     for item in args.set:
@@ -95,8 +94,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if output_format(args.dest, args.to) == "hf":
-        card = write_model_card(out, args.source)
-        print(f"wrote {card} (model card: set its license before publishing)")
+        print(f"wrote {Path(out) / 'README.md'} (model card: set its license before publishing)")
     print(f"wrote {out}")
     return 0
 

@@ -624,7 +624,10 @@ def convert_checkpoint(
     if fmt == "dcp":
         return save_training_checkpoint(model, state, dest, tokenizer_section or weights.tokenizer)
     if fmt == "hf":
+        from blip_recipes.interop.hf import write_model_card
+
         export_hf(model, dest, tokenizer)
+        write_model_card(dest, source)  # README.md: config, data, step, last metrics
         return dest
     if fmt == "reference":
         return save_reference(model, dest, state)
