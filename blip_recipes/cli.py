@@ -14,7 +14,9 @@ blip --version
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +93,14 @@ torchrun flags: every flag of `python -m torch.distributed.run`, e.g. --nproc-pe
 --nnodes, --node-rank, --rdzv-backend, --rdzv-endpoint, --rdzv-id, --master-addr,
 --master-port, --standalone, --max-restarts.
 
+stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 (Slurm's --signal=USR1@120 early warning), to
+this process or its whole process group, makes every rank save a checkpoint at the next stop
+check (checkpoint.signal_check_every steps) and exit; `blip run` then exits 0 and
+checkpoint.resume=auto continues from it. A second signal to the launcher stops the ranks
+without waiting for the checkpoint (torchrun's shutdown: the signal, then SIGKILL after
+--shutdown-timeout seconds). With --max-restarts N, a failed worker group is restarted from the
+newest complete checkpoint. Ranks whose launcher was killed save and exit by themselves.
+
 Config keys (section.key (type, default) and meaning):
 """
 
@@ -154,6 +164,121 @@ def _launch_world_size(launcher: list[str]) -> int | None:
         return None  # "auto", "gpu" or an elastic range: checked again inside the recipe
 
 
+#: Signals that ask a run to save a checkpoint at the next stop check and exit 0: SIGTERM (Slurm's
+#: preemption and time limit, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's early warning,
+#: ``--signal=USR1@120``). The recipe handles the same three; its loader workers ignore them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+#: Set in the launcher's environment once it was asked to stop: ranks it starts after that (a
+#: restarted worker group) inherit it and stop at their first check instead of training on.
+STOP_REQUEST_ENV = "BLIP_STOP_REQUESTED"
+
+#: torchrun's own default for --signals-to-handle.
+_TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+def _flag_value(launcher: list[str], *names: str) -> str | None:
+    """The value of the first of ``names`` among the launcher flags (``--flag v`` or
+    ``--flag=v``), or None."""
+    for j, arg in enumerate(launcher):
+        key, eq, inline = arg.partition("=")
+        if key in names:
+            return inline if eq else (launcher[j + 1] if j + 1 < len(launcher) else None)
+    return None
+
+
+def _stop_signals_for(launcher: list[str]) -> tuple[list[str], tuple[signal.Signals, ...]]:
+    """The launcher flags to pass to torchrun, and the stop signals `blip run` handles itself.
+
+    torchrun's agent turns every signal in its ``--signals-to-handle`` into a shutdown: it sends
+    the signal on to the ranks, SIGKILLs them after ``--shutdown-timeout`` (30 s) and exits 1,
+    whether or not they saved; a signal outside the list (SIGUSR1 by default) kills the agent and
+    leaves the ranks running. So the stop signals are taken out of torchrun's list and handled
+    by :class:`StopForwarder`. A list the user gives (flag or ``PET_SIGNALS_TO_HANDLE``) wins:
+    signals named in it stay torchrun's.
+    """
+    names = ("--signals-to-handle", "--signals_to_handle")
+    given = _flag_value(launcher, *names) or os.environ.get("PET_SIGNALS_TO_HANDLE")
+    if given is not None:
+        theirs = {name.strip().upper() for name in given.split(",")}
+        return launcher, tuple(s for s in STOP_SIGNALS if s.name not in theirs)
+    stop_names = {s.name for s in STOP_SIGNALS}
+    keep = ",".join(name for name in _TORCHRUN_SIGNALS if name not in stop_names)
+    return [*launcher, "--signals-to-handle", keep], STOP_SIGNALS
+
+
+def _child_process_groups() -> list[int]:
+    """Children of this process that lead their own process group (Linux ``/proc``).
+
+    torchrun starts every rank with ``start_new_session=True``, so a signal to the launcher's
+    process group does not reach the ranks; signalling each rank's group also reaches its loader
+    workers (as torchrun itself does), which ignore stop signals.
+    """
+    me, found = os.getpid(), []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[1]) == me and int(fields[2]) == int(entry):
+            found.append(int(entry))
+    return found
+
+
+class StopForwarder:
+    """Stop signals in `blip run`'s launcher (the torchrun agent's process), while it runs.
+
+    The first one is sent on to every rank (their process groups), which save a checkpoint at
+    their next stop check and exit 0; the agent keeps monitoring them as usual and returns
+    normally once all have exited 0, so `blip run` exits 0. It also sets ``STOP_REQUEST_ENV``,
+    so that a worker group torchrun restarts after this point stops at its first check. A second
+    stop signal raises torchrun's ``SignalException``: the agent sends it to the ranks and
+    SIGKILLs them after ``--shutdown-timeout`` seconds (stop now, without the checkpoint).
+    """
+
+    def __init__(self, signals: Sequence[signal.Signals] = STOP_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> StopForwarder:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+        os.environ.pop(STOP_REQUEST_ENV, None)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        sig = signal.Signals(signum)
+        if self.received is not None:
+            from torch.distributed.elastic.multiprocessing.api import SignalException
+
+            raise SignalException(f"Process {os.getpid()} got signal: {sig} again", sigval=sig)
+        self.received = sig
+        os.environ[STOP_REQUEST_ENV] = str(int(sig))
+        os.write(  # not print(): a handler may interrupt a write to sys.stderr
+            2,
+            f"blip run: {sig.name}: every rank saves a checkpoint at its next stop check and "
+            f"exits (send a second signal to stop them now, without it)\n".encode(),
+        )
+        for pgid in _child_process_groups():
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def run_recipe_in_process(recipe: Path, argv: list[str]) -> int:
     """Import a recipe file and call its ``main(argv)``."""
     spec = importlib.util.spec_from_file_location(f"blip_recipe_{recipe.stem}", recipe)
@@ -183,14 +308,38 @@ def cmd_run(args: list[str]) -> int:
     recipe_argv = ["--config", str(config), *overrides]
     if not launcher:
         return run_recipe_in_process(recipe, recipe_argv)
+    return run_through_torchrun(launcher, recipe, recipe_argv)
+
+
+def run_through_torchrun(launcher: list[str], recipe: Path, recipe_argv: list[str]) -> int:
+    """Launch ``recipe`` with torchrun in this process (which becomes torchrun's agent).
+
+    Exit status: 0 when every rank exited 0, including after a stop signal (the ranks saved a
+    checkpoint); 2 when every failed rank exited 2 (a refused configuration); 128 + N when
+    torchrun shut the ranks down on signal N (a second stop signal, or SIGHUP/SIGQUIT); else 1.
+
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (unless set): with the c10d rendezvous
+    (``--standalone``, ``--rdzv-backend c10d``) each rendezvous round, restarts included, gets a
+    fresh TCPStore. The shared store torchrun uses otherwise keeps the previous attempt's keys,
+    and restarted gloo ranks can read a dead peer's address from them and fail to connect.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    launcher, stop_signals = _stop_signals_for(launcher)
     try:
-        torchrun_main([*launcher, str(recipe), *recipe_argv])
+        with StopForwarder(stop_signals) as stop:
+            torchrun_main([*launcher, str(recipe), *recipe_argv])
     except ChildFailedError as e:  # torchrun already printed each failed rank's error
         codes = [f.exitcode for f in e.failures.values()]
         return 2 if codes and all(c == 2 for c in codes) else 1
+    except SignalException as e:
+        print(f"blip run: {e.sigval.name}: torchrun stopped the ranks", file=sys.stderr)
+        return 128 + int(e.sigval)
+    if stop.received is not None:
+        print(f"blip run: stopped on {stop.received.name}; every rank exited 0", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,7 @@ enqueue) -> metrics -> checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -41,8 +42,10 @@ from blip_recipes.checkpoint import (
     load_states,
     top_level_keys,
 )
+from blip_recipes.cli import STOP_REQUEST_ENV
 from blip_recipes.config import Config, parse_recipe_args, to_toml
 from blip_recipes.data import TrainLoader, build_tokenizer, build_train_loader, normalize_images
+from blip_recipes.data.loader import STOP_SIGNALS
 from blip_recipes.evaluation.periodic import PeriodicEvaluator
 from blip_recipes.metrics import (
     MetricsLogger,
@@ -114,11 +117,13 @@ class BlipPretrainRecipe:
         self.step = 0
         self.nonfinite_steps = 0
         self._stop_signal: int | None = None
+        self._launcher_pid: int | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         par = cfg.parallel
+        self._install_signal_handlers()  # first: a stop during a long set-up is not lost
         self.dist = init_distributed(par.device, par.data_parallel, par.dp_replicate)
         self.device = self.dist.device
         self.output_dir = Path(cfg.job.output_dir)
@@ -214,7 +219,6 @@ class BlipPretrainRecipe:
                 resumed_from=str(self.resume_from) if self.resume_from is not None else None,
             )  # fmt: skip
             write_run_info(self.output_dir, info)
-        self._install_signal_handlers()
         logger.info(
             "setup done: %s, %d rank(s) on %s, %s, %d steps (%d per epoch), %s",
             cfg.model.name,
@@ -332,8 +336,9 @@ class BlipPretrainRecipe:
         while self.step < self.total_steps:
             if self.step % cfg.checkpoint.signal_check_every == 0 and self._agreed_stop():
                 logger.warning(
-                    "signal %s: saving at step %d, then exiting", self._stop_signal, self.step
-                )
+                    "%s: saving a checkpoint at step %d, then exiting", self._stop_reason(),
+                    self.step,
+                )  # fmt: skip
                 break
             t0 = time.perf_counter()
             batches = [next(self.loader) for _ in range(cfg.training.grad_accum_steps)]
@@ -421,15 +426,54 @@ class BlipPretrainRecipe:
 
     # ------------------------------------------------------------------ signals and cleanup
     def _install_signal_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self._stop_signal = signum
+        """SIGTERM, SIGINT and SIGUSR1 ask for a stop: the step loop saves a checkpoint at its next
+        stop check and ends; a second SIGINT on this rank raises KeyboardInterrupt (stop now).
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        Slurm signals every process of the job, torchrun each rank's process group, `blip run`'s
+        launcher forwards the first signal it gets: a rank usually hears of a stop once or
+        twice, and its loader workers ignore all three. A stop the launcher got before this rank
+        started (a restarted worker group) arrives as ``STOP_REQUEST_ENV``. Under a launcher
+        (``RANK`` in the environment) the parent process is remembered: if it is gone at a stop
+        check (the launcher was SIGKILLed, so nothing will forward a signal or reap this rank),
+        that counts as a stop request too.
+        """
+        received: list[int] = []
+
+        def request_stop(signum, _frame):
+            if received and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            received.append(signum)
+            if self._stop_signal is None:
+                self._stop_signal = signum
+
+        for sig in STOP_SIGNALS:
             signal.signal(sig, request_stop)
+        inherited = os.environ.get(STOP_REQUEST_ENV, "")
+        if inherited.isdigit() and self._stop_signal is None:
+            self._stop_signal = int(inherited)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            self._launcher_pid = os.getppid()
+
+    def _launcher_gone(self) -> bool:
+        """True when this rank's launcher (its parent at start-up) is no longer its parent."""
+        return self._launcher_pid is not None and os.getppid() != self._launcher_pid
+
+    def _stop_reason(self) -> str:
+        if self._stop_signal == -1:
+            return "stop requested on another rank"
+        if self._stop_signal == signal.SIGHUP and self._launcher_gone():
+            return f"launcher (pid {self._launcher_pid}) is gone"
+        try:
+            return signal.Signals(self._stop_signal).name
+        except ValueError:
+            return f"signal {self._stop_signal}"
 
     def _agreed_stop(self) -> bool:
-        """True on every rank once any rank got SIGTERM/SIGINT: a CPU MAX all-reduce over the
-        data-parallel group, every `checkpoint.signal_check_every` steps (no GPU sync)."""
+        """True on every rank once any rank got a stop signal (SIGTERM, SIGINT, SIGUSR1) or lost
+        its launcher: a CPU MAX all-reduce over the data-parallel group, every
+        `checkpoint.signal_check_every` steps (no GPU sync)."""
+        if self._stop_signal is None and self._launcher_gone():
+            self._stop_signal = int(signal.SIGHUP)  # the launcher hung up
         flag = torch.tensor([1 if self._stop_signal is not None else 0])
         if self.dist.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.dp_group)

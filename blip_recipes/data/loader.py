@@ -39,8 +39,9 @@ import json
 import logging
 import os
 import random
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,8 +211,38 @@ class MapBatches(IterableDataset):
         }
 
 
-def _worker_init(_: int) -> None:
+#: Signals that ask a run to save and stop. The rank handles them; its loader workers ignore them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class IgnoreStopSignals:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM, SIGINT and SIGUSR1, then runs
+    ``inner`` (another ``worker_init_fn``) if given.
+
+    Slurm (``scancel``, the time limit, ``--signal``) signals every process of a job step and
+    torchrun signals each rank's whole process group, so loader workers receive the same stop
+    signal as their rank. Left alone, a worker dies of it (SIGTERM, SIGUSR1) or raises
+    KeyboardInterrupt (SIGINT), the rank's next batch fails and no checkpoint is written. Ignoring
+    them leaves shutdown to the rank, which saves and then closes its loader; a worker whose rank
+    is gone exits by itself (the DataLoader's parent watchdog), and SIGKILL still ends it.
+    Picklable, so it also works with the spawn and forkserver start methods.
+    """
+
+    def __init__(self, inner: Callable[[int], None] | None = None) -> None:
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def _single_thread(_: int) -> None:
     torch.set_num_threads(1)
+
+
+_worker_init = IgnoreStopSignals(_single_thread)
 
 
 class BadSampleLog:

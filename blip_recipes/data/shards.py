@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from blip_recipes.config.sections import DataConfig
 from blip_recipes.data._seeding import derive_seed, private_generator
 from blip_recipes.data.captions import pre_caption
-from blip_recipes.data.loader import SampleCounters, bad_record
+from blip_recipes.data.loader import IgnoreStopSignals, SampleCounters, bad_record
 from blip_recipes.data.transforms import BadImage, open_image
 
 logger = logging.getLogger("blip_recipes.data")
@@ -310,6 +310,7 @@ class ShardLoader(SampleCounters):
                     num_workers=nw,
                     prefetch_factor=self.cfg.prefetch_factor if nw > 0 else None,
                     pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                    worker_init_fn=IgnoreStopSignals() if nw > 0 else None,
                     generator=private_generator(),
                 )
             )

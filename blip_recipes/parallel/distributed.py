@@ -67,6 +67,32 @@ def _launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def restart_scoped_store() -> dist.Store | None:
+    """The ``env://`` store under a per-attempt prefix, when torchrun reuses one store across
+    restarts of the worker group; else None (plain ``env://`` initialisation is right).
+
+    torchrun's workers share its agent's TCPStore when ``TORCHELASTIC_USE_AGENT_STORE=True``:
+    always with the static rendezvous (``--master-addr/--master-port``, the default without
+    ``--rdzv-backend``/``--standalone``), and with the c10d rendezvous unless
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``. That store outlives a restart (``--max-restarts``),
+    so the restarted ranks find the previous attempt's keys, gloo's peer addresses among them,
+    and connect to ports of dead processes ("Gloo connectFullMesh failed ... Connection
+    refused"), or not, depending on who writes first. Prefixing every key with
+    ``TORCHELASTIC_RESTART_COUNT`` gives each attempt its own names. The count is per agent: it
+    agrees across nodes when every node's group fails and restarts together (static
+    rendezvous); ``blip run`` sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` so that the c10d
+    rendezvous hands out a fresh store each round instead, and this function is not used there.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store, _, _ = next(dist.rendezvous("env://", timeout=default_pg_timeout))
+    store.set_timeout(default_pg_timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"restart-{attempt}/default_pg", store)
+
+
 def resolve_device_type(device_kind: Literal["auto", "cuda", "cpu"]) -> str:
     """Map the config's device choice to ``"cuda"`` or ``"cpu"``; ``cuda`` without CUDA is an error."""
     if device_kind == "auto":
@@ -119,7 +145,13 @@ def init_distributed(
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device_type == "cuda" else {}
         if _launched_by_torchrun():
-            dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+            store = restart_scoped_store()
+            if store is None:
+                dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+            else:
+                dist.init_process_group(
+                    backend=backend, store=store, rank=rank, world_size=world_size, **kwargs
+                )
         else:
             dist.init_process_group(
                 backend=backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs
