@@ -1,7 +1,10 @@
 """Tar shards in the webdataset layout, streamed without extracting, with an exact resumable state.
 
 A shard holds samples as consecutive members sharing a key: ``KEY.jpg|jpeg|png|webp`` and
-``KEY.txt`` (the caption) or ``KEY.json`` (with a ``caption`` string or list).
+``KEY.txt`` (the caption) or ``KEY.json`` (with a ``caption`` string or list), which is also the
+layout of img2dataset's ``--output_format webdataset`` output. Shards are local paths or remote
+URLs (``s3://``, ``gs://``, ``https://``, ``pipe:CMD``; see :mod:`.remote`). The dataset size
+comes from ``sizes.json`` or img2dataset's ``NNNNN_stats.json`` beside them (:func:`shard_sizes`).
 
 **Streams.** Each rank runs ``max(1, num_workers)`` streams; there are ``S = world_size x streams``
 in all. Every epoch the shard list is permuted by ``(seed, epoch)``; with at least ``S`` shards,
@@ -40,6 +43,7 @@ from blip_recipes.config.sections import DataConfig
 from blip_recipes.data._seeding import derive_seed, private_generator
 from blip_recipes.data.captions import pre_caption
 from blip_recipes.data.loader import IgnoreStopSignals, SampleCounters, bad_record
+from blip_recipes.data.remote import is_remote, local_path, open_shard, read_small
 from blip_recipes.data.transforms import BadImage, open_image
 
 logger = logging.getLogger("blip_recipes.data")
@@ -70,9 +74,9 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def list_shards(paths: list[str]) -> list[str]:
-    """Shard files of a source: brace patterns expanded, existence checked."""
+    """Shard files or URLs of a source: brace patterns expanded, local files checked to exist."""
     shards = [p for pattern in paths for p in expand_braces(pattern)]
-    missing = [p for p in shards if not os.path.exists(p)]
+    missing = [p for p in shards if not is_remote(p) and not os.path.exists(local_path(p))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[:3]}")
     if not shards:
@@ -91,13 +95,19 @@ def _split_key(name: str) -> tuple[str, str]:
 def iter_tar_samples(path: str, offset: int = 0) -> Iterator[tuple[str, dict, int, int]]:
     """Yield ``(key, {ext: bytes}, start_offset, next_offset)`` for each sample from ``offset``.
 
+    ``path`` is a local file or a remote URL (:mod:`.remote`, read as a forward stream).
     ``offset`` must be a member header offset (0 or a previous ``next_offset``). A truncated or
-    corrupt tail ends the shard with a warning.
+    corrupt tail ends the shard with a warning; a remote shard that cannot be read raises
+    :class:`~blip_recipes.data.remote.RemoteShardError`.
     """
-    with open(path, "rb") as f:
+    if is_remote(path):
+        f, mode, base = open_shard(path, offset), "r|", offset  # stream offsets start at 0
+    else:
+        f, mode, base = open(local_path(path), "rb"), "r:", 0
         f.seek(offset)
+    with f:
         try:
-            tar = tarfile.open(fileobj=f, mode="r:")
+            tar = tarfile.open(fileobj=f, mode=mode)
         except tarfile.ReadError as e:
             if offset == 0:
                 logger.warning("cannot read shard %s: %s", path, e)
@@ -110,8 +120,8 @@ def iter_tar_samples(path: str, offset: int = 0) -> Iterator[tuple[str, dict, in
                 k, ext = _split_key(info.name)
                 if k != key:
                     if key is not None:
-                        yield key, files, start, info.offset
-                    key, files, start = k, {}, info.offset
+                        yield key, files, start, base + info.offset
+                    key, files, start = k, {}, base + info.offset
                 files[ext] = tar.extractfile(info).read()
         except (tarfile.TarError, OSError) as e:
             logger.warning("shard %s is damaged after offset %d: %s", path, start, e)
@@ -121,7 +131,9 @@ def iter_tar_samples(path: str, offset: int = 0) -> Iterator[tuple[str, dict, in
 
 
 def decode_caption(files: dict) -> object:
-    """Caption text (or list) of a shard sample from its ``txt`` or ``json`` member."""
+    """Caption text (or list) of a shard sample from its ``txt`` member, else the ``caption``
+    field of its ``json`` member (img2dataset's ``json`` is per-sample metadata: url, status,
+    sizes... only its ``caption`` is used)."""
     if "txt" in files:
         return files["txt"].decode("utf-8", errors="replace")
     if "json" in files:
@@ -264,15 +276,72 @@ def _pick(caption, rng):
     return caption if isinstance(caption, str) else ""
 
 
-class ShardLoader(SampleCounters):
-    """Infinite, resumable iterator over tar shards; the same surface as :class:`TrainLoader`
-    except ``steps_per_epoch`` (None: streamed data has no known length)."""
+def _parent(url: str) -> tuple[str, str]:
+    head, sep, name = url.rpartition("/")
+    return (head + sep, name)
 
-    steps_per_epoch = None
+
+def shard_sizes(shards: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Samples per shard from the files beside the shards: ``sizes.json`` (open_clip's
+    ``{"shard-00000.tar": 1000, ...}``), else img2dataset's ``NNNNN_stats.json`` (``successes``).
+
+    Returns ``({shard: size}, [shards of unknown size])``; ``pipe:`` shards are always unknown.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    folders: dict[str, dict | None] = {}
+
+    def sizes_file(folder: str) -> dict | None:
+        if folder not in folders:
+            raw = read_small(folder + "sizes.json")
+            folders[folder] = json.loads(raw) if raw is not None else None
+        return folders[folder]
+
+    def one(shard: str) -> int | None:
+        if shard.startswith("pipe:"):
+            return None
+        folder, name = _parent(shard)
+        table = sizes_file(folder)
+        if isinstance(table, dict) and name in table:
+            return int(table[name])
+        stem = name[: -len(".tar")] if name.endswith(".tar") else name
+        raw = read_small(f"{folder}{stem}_stats.json")
+        if raw is None:
+            return None
+        stats = json.loads(raw)
+        return int(stats["successes"]) if isinstance(stats, dict) and "successes" in stats else None
+
+    for folder in {_parent(s)[0] for s in shards if not s.startswith("pipe:")}:
+        sizes_file(folder)
+    remote = any(is_remote(s) for s in shards)
+    with ThreadPoolExecutor(16 if remote else 1) as pool:
+        found = list(pool.map(one, shards))
+    known = {s: n for s, n in zip(shards, found) if n is not None}
+    return known, [s for s, n in zip(shards, found) if n is None]
+
+
+def dataset_size(shards: list[str]) -> int | None:
+    """Total samples of the shards (see :func:`shard_sizes`); None if any shard's size is unknown."""
+    known, unknown = shard_sizes(shards)
+    return None if unknown else sum(known.values())
+
+
+class ShardLoader(SampleCounters):
+    """Infinite, resumable iterator over tar shards; the same surface as :class:`TrainLoader`.
+
+    ``num_samples`` and ``steps_per_epoch`` (``num_samples // global batch``) come from
+    ``sizes.json`` or img2dataset's ``*_stats.json`` beside the shards (:func:`shard_sizes`);
+    both are None when some shard's size is unknown (then ``training.steps_per_epoch`` is needed).
+    """
 
     def __init__(self, data_cfg: DataConfig, ctx) -> None:
         self.cfg, self.ctx = data_cfg, ctx
         self.shards = [p for s in data_cfg.sources for p in list_shards(s.paths)]
+        self.num_samples = dataset_size(self.shards)
+        global_batch = ctx.batch_size * ctx.world_size
+        self.steps_per_epoch = (
+            None if self.num_samples is None else self.num_samples // global_batch
+        )
         self.streams_per_rank = max(1, data_cfg.num_workers)
         self.states: dict[int, dict] = {}
         self.consumed = 0
@@ -382,9 +451,11 @@ def write_shard(path: str, samples: list[tuple[str, bytes, str, str]]) -> None:
 
 __all__ = [
     "ShardLoader",
+    "dataset_size",
     "decode_caption",
     "expand_braces",
     "iter_tar_samples",
     "list_shards",
+    "shard_sizes",
     "write_shard",
 ]
