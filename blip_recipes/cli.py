@@ -480,7 +480,11 @@ def cmd_convert(args: list[str]) -> int:
     return _subcommand("convert_checkpoint", args, "blip convert")
 
 
-DATA_COMMANDS = {"synthetic": "make_synthetic_dataset", "build-shards": "build_shards"}
+DATA_COMMANDS = {
+    "synthetic": "make_synthetic_dataset",
+    "build-shards": "build_shards",
+    "img2dataset-input": "img2dataset_input",
+}
 BENCHMARK_COMMANDS = {
     "data": "benchmark_data",
     "float8-layers": "benchmark_float8_layers",
