@@ -438,11 +438,14 @@ def _source_files(i: int, src: Any, cfg: Config) -> Iterable[str]:
         if src.image_root and not Path(src.image_root).is_dir():
             yield f"'{key}.image_root' {src.image_root} is not a folder (it does not exist)"
     elif src.kind == "shards":
+        from blip_recipes.data.remote import is_remote, local_path
         from blip_recipes.data.shards import expand_braces
 
         for pattern in src.paths:
-            files = expand_braces(pattern)
-            missing = [f for f in files if not Path(f).is_file()]
+            files = [f for f in expand_braces(pattern) if not is_remote(f)]
+            if not files:
+                continue  # remote URLs are read (and reported) when streamed
+            missing = [f for f in files if not Path(local_path(f)).is_file()]
             if len(missing) == len(files):
                 yield f"'{key}.paths': no file matches {pattern}"
             elif missing:
@@ -451,10 +454,28 @@ def _source_files(i: int, src: Any, cfg: Config) -> Iterable[str]:
                     f"found: {_examples(missing)}"
                 )
         if cfg.training.steps_per_epoch is None:
-            yield (
-                f"'{key}' streams tar shards, whose number of samples is not known before "
-                "reading them: set 'training.steps_per_epoch' (samples per epoch / global batch)"
-            )
+            yield from _shard_size_problem(key, src.paths)
+
+
+def _shard_size_problem(key: str, patterns: list[str]) -> Iterable[str]:
+    """Without training.steps_per_epoch, every shard's size must be found beside it."""
+    from blip_recipes.data.shards import expand_braces, shard_sizes
+
+    shards = [f for p in patterns for f in expand_braces(p)]
+    try:
+        unknown = shard_sizes(shards)[1]
+    except Exception as e:  # noqa: BLE001 - unreadable size files are reported, not raised
+        unknown, reason = shards, f" ({e})"
+    else:
+        reason = ""
+    if unknown:
+        yield (
+            f"'{key}': the number of samples of {len(unknown)} of {len(shards)} shard(s) is "
+            f"unknown, e.g. {_examples(unknown)}{reason}: write a sizes.json "
+            '({"shard-00000.tar": 1000, ...}) beside the shards, keep img2dataset\'s '
+            "NNNNN_stats.json files beside them, or set 'training.steps_per_epoch' "
+            "(samples per epoch / global batch)"
+        )
 
 
 def _checkpoint_paths(cfg: Config, ctx: LaunchContext) -> Iterable[str]:

@@ -139,3 +139,26 @@ def test_loader_reads_img2dataset_output_with_its_size(tmp_path, synthetic_token
     assert loader.stats()["bad_samples"] == 0
     (tmp_path / "00001_stats.json").unlink()
     assert build_train_loader(cfg, synthetic_tokenizer, 16, 0, 0, 1).steps_per_epoch is None
+
+
+def test_validation_takes_size_from_stats_or_asks_for_it(tmp_path):
+    from pathlib import Path
+
+    from blip_recipes.config import ConfigError, LaunchContext, load_config, validate
+
+    debug = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "debug.toml"
+
+    for s in range(2):
+        _write_img2dataset_shard(tmp_path, s, 2)
+    paths = f"data.sources.0.paths={tmp_path}/{{00000..00001}}.tar"
+    overrides = [f"job.output_dir={tmp_path / 'run'}", "data.sources.0.kind=shards", paths]
+    validate(load_config(debug, overrides), LaunchContext())
+    (tmp_path / "00001_stats.json").unlink()
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(debug, overrides), LaunchContext())
+    message = str(info.value)
+    assert "1 of 2 shard(s) is unknown" in message and "00001.tar" in message
+    assert "sizes.json" in message and "training.steps_per_epoch" in message
+    remote = [*overrides[:2], "data.sources.0.paths=https://127.0.0.1:9/{0..1}.tar",
+              "training.steps_per_epoch=5"]  # fmt: skip
+    validate(load_config(debug, remote), LaunchContext())  # remote shards: not checked here
