@@ -4,7 +4,6 @@ import functools
 import http.server
 import io
 import os
-import tarfile
 import threading
 
 import pytest
@@ -165,10 +164,9 @@ def test_missing_fsspec_names_url_and_extra(monkeypatch):
         list(iter_tar_samples("s3://bucket/a.tar"))
 
 
-def test_tarfile_stream_of_truncated_remote_shard_warns(served, caplog):
+def test_truncated_remote_shard_ends_like_a_local_one(served):
     base, folder = served
     data = (folder / "shard-0.tar").read_bytes()
     (folder / "cut.tar").write_bytes(data[: len(data) // 2])
     keys = _keys(iter_tar_samples(f"{base}/cut.tar"))
     assert 0 < len(keys) < 5
-    assert tarfile  # stream mode reports the damaged tail like local shards
