@@ -260,7 +260,9 @@ class BlipPretrainRecipe:
             return configured
         if known is None:
             raise ValueError(
-                "the data size is unknown (streamed shards): set training.steps_per_epoch"
+                "the data size is unknown (streamed shards without sizes): put a sizes.json "
+                "beside the shards, keep img2dataset's *_stats.json files, or set "
+                "training.steps_per_epoch"
             )
         return max(known // self.cfg.training.grad_accum_steps, 1)
 
