@@ -96,10 +96,11 @@ torchrun flags: every flag of `python -m torch.distributed.run`, e.g. --nproc-pe
 stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 (Slurm's --signal=USR1@120 early warning), to
 this process or its whole process group, makes every rank save a checkpoint at the next stop
 check (checkpoint.signal_check_every steps) and exit; `blip run` then exits 0 and
-checkpoint.resume=auto continues from it. A second signal to the launcher stops the ranks
-without waiting for the checkpoint (torchrun's shutdown: the signal, then SIGKILL after
---shutdown-timeout seconds). With --max-restarts N, a failed worker group is restarted from the
-newest complete checkpoint. Ranks whose launcher was killed save and exit by themselves.
+checkpoint.resume=auto continues from it. Repeats of a stop signal are ignored (Slurm and srun
+may deliver one twice), except SIGINT: a second Ctrl-C stops the ranks without waiting for the
+checkpoint (torchrun's shutdown: SIGINT, then SIGKILL after --shutdown-timeout seconds). With
+--max-restarts N, a failed worker group is restarted from the newest complete checkpoint. Ranks
+whose launcher was killed save and exit by themselves.
 
 Config keys (section.key (type, default) and meaning):
 """
@@ -238,9 +239,13 @@ class StopForwarder:
     The first one is sent on to every rank (their process groups), which save a checkpoint at
     their next stop check and exit 0; the agent keeps monitoring them as usual and returns
     normally once all have exited 0, so `blip run` exits 0. It also sets ``STOP_REQUEST_ENV``,
-    so that a worker group torchrun restarts after this point stops at its first check. A second
-    stop signal raises torchrun's ``SignalException``: the agent sends it to the ranks and
-    SIGKILLs them after ``--shutdown-timeout`` seconds (stop now, without the checkpoint).
+    so that a worker group torchrun restarts after this point stops at its first check.
+
+    Later SIGTERM/SIGUSR1 are ignored: under Slurm one stop often arrives twice (slurmstepd
+    signals every process of the step and srun forwards the signal it got as well), which must
+    not cut the save short. A later SIGINT (a second Ctrl-C) raises torchrun's
+    ``SignalException``: the agent sends SIGINT to the ranks and SIGKILLs them after
+    ``--shutdown-timeout`` seconds (stop now, without the checkpoint).
     """
 
     def __init__(self, signals: Sequence[signal.Signals] = STOP_SIGNALS) -> None:
@@ -262,6 +267,8 @@ class StopForwarder:
     def _handle(self, signum: int, _frame: object) -> None:
         sig = signal.Signals(signum)
         if self.received is not None:
+            if sig != signal.SIGINT:
+                return
             from torch.distributed.elastic.multiprocessing.api import SignalException
 
             raise SignalException(f"Process {os.getpid()} got signal: {sig} again", sigval=sig)
@@ -270,7 +277,7 @@ class StopForwarder:
         os.write(  # not print(): a handler may interrupt a write to sys.stderr
             2,
             f"blip run: {sig.name}: every rank saves a checkpoint at its next stop check and "
-            f"exits (send a second signal to stop them now, without it)\n".encode(),
+            f"exits (a second Ctrl-C stops them now, without it)\n".encode(),
         )
         for pgid in _child_process_groups():
             try:
@@ -316,7 +323,7 @@ def run_through_torchrun(launcher: list[str], recipe: Path, recipe_argv: list[st
 
     Exit status: 0 when every rank exited 0, including after a stop signal (the ranks saved a
     checkpoint); 2 when every failed rank exited 2 (a refused configuration); 128 + N when
-    torchrun shut the ranks down on signal N (a second stop signal, or SIGHUP/SIGQUIT); else 1.
+    torchrun shut the ranks down on signal N (a second Ctrl-C, or SIGHUP/SIGQUIT); else 1.
 
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (unless set): with the c10d rendezvous
     (``--standalone``, ``--rdzv-backend c10d``) each rendezvous round, restarts included, gets a
