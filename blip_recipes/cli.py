@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -254,8 +255,9 @@ class StopForwarder:
         self._previous: dict[signal.Signals, object] = {}
 
     def __enter__(self) -> StopForwarder:
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # else signal.signal raises
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
