@@ -324,7 +324,7 @@ def run_through_torchrun(launcher: list[str], recipe: Path, recipe_argv: list[st
     """Launch ``recipe`` with torchrun in this process (which becomes torchrun's agent).
 
     Exit status: 0 when every rank exited 0, including after a stop signal (the ranks saved a
-    checkpoint); 2 when every failed rank exited 2 (a refused configuration); 128 + N when
+    checkpoint); 2 when a rank exited 2 (it refused the configuration or folder); 128 + N when
     torchrun shut the ranks down on signal N (a second Ctrl-C, or SIGHUP/SIGQUIT); else 1.
 
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (unless set): with the c10d rendezvous
@@ -342,8 +342,10 @@ def run_through_torchrun(launcher: list[str], recipe: Path, recipe_argv: list[st
         with StopForwarder(stop_signals) as stop:
             torchrun_main([*launcher, str(recipe), *recipe_argv])
     except ChildFailedError as e:  # torchrun already printed each failed rank's error
+        # A rank that refused the run (exit 2) is the cause; the others then fail after it
+        # (torchrun's SIGTERM, or a collective whose peer is gone), so any 2 makes it 2.
         codes = [f.exitcode for f in e.failures.values()]
-        return 2 if codes and all(c == 2 for c in codes) else 1
+        return 2 if 2 in codes else 1
     except SignalException as e:
         print(f"blip run: {e.sigval.name}: torchrun stopped the ranks", file=sys.stderr)
         return 128 + int(e.sigval)
