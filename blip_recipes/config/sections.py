@@ -202,7 +202,7 @@ class CheckpointConfig:
     async_save: bool = False
     """Save in the background on a dedicated gloo group."""
     signal_check_every: int = 10
-    """Optimizer steps between the checks whether any rank received SIGTERM/SIGINT (one small host collective per check); the run then saves and exits at that step."""
+    """Optimizer steps between the checks whether any rank received SIGTERM, SIGINT or SIGUSR1, or lost its launcher (one small host collective per check); the run then saves and exits at that step."""
 
 
 @dataclass
