@@ -491,7 +491,8 @@ class BlipPretrainRecipe:
                 obj.close()
         if hasattr(self, "loader"):
             self.loader.close_bad_sample_log()
-        for name in ("step_fn", "model", "momentum", "optimizer", "lr_scheduler", "loader"):
+        for name in ("step_fn", "evaluator", "model", "momentum", "optimizer", "lr_scheduler",
+                     "loader", "checkpointer", "plan", "dist"):  # fmt: skip
             if hasattr(self, name):
                 delattr(self, name)
         try:

@@ -648,10 +648,13 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
     def close(self) -> None:
-        """Finish the pending async save; call before shutting down the process group."""
+        """Finish the pending async save and release this manager's gloo groups; call before
+        shutting down the process group (a group still referenced keeps its gloo threads alive,
+        and a later fork of this process, e.g. a DataLoader worker, can deadlock on them)."""
         try:
             self.wait()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            self._ctrl = self._pg = None
