@@ -23,17 +23,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from blip_recipes.generation import caption_images
+from blip_recipes import _API
 
-__all__ = [
-    "LoadedModel",
-    "PairScores",
-    "caption_images",
-    "image_features",
-    "load_model",
-    "score_pairs",
-    "text_features",
-]
+__all__ = list(_API)  # the names `blip_recipes` re-exports lazily (one list for both)
 
 
 class LoadedModel(NamedTuple):

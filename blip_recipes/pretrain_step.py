@@ -179,7 +179,8 @@ class PretrainStep:
         optimizer: AdamW over the model's parameters.
         lr_scheduler: stepped once per call (also on skipped steps: the schedule is a function
             of the step count).
-        seed: run seed; hard negatives of rank r at step s use `derive_seed(seed, r, s)`.
+        seed: run seed; micro-batch i of step s on rank r draws its hard negatives from
+            `derive_seed(seed, r, s * grad_accum_steps + i)`.
         rank: this rank's index in the data-parallel group.
         group: data-parallel process group for the agreed flag; None with one process.
         grad_clip: clip the global gradient norm to this value; None = no clipping (reference).

@@ -387,8 +387,7 @@ class BlipPretrainRecipe:
                 else None,
                 "logs": self.output_dir / "logs",
             },
-            stopped_by=None if self._stop_signal is None else "a signal on another rank"
-            if self._stop_signal == -1 else f"signal {self._stop_signal}",
+            stopped_by=None if self._stop_signal is None else self._stop_reason(),
         )  # fmt: skip
         for line in summary_lines(summary):
             logger.info("%s", line)
@@ -461,6 +460,7 @@ class BlipPretrainRecipe:
         return self._launcher_pid is not None and os.getppid() != self._launcher_pid
 
     def _stop_reason(self) -> str:
+        """Why the run stops, in words (logs and the end-of-run summary)."""
         if self._stop_signal == -1:
             return "stop requested on another rank"
         if self._stop_signal == signal.SIGHUP and self._launcher_gone():
