@@ -121,6 +121,7 @@ class EpochPlan:
         self.seed = seed
         self.length = int(sum(self.counts))
         self._cached: tuple[int, np.ndarray] | None = None
+        self._image_id_offsets: np.ndarray | None = None
 
     def order(self, epoch: int) -> np.ndarray:
         """Global sample ids (concatenated-source numbering) of epoch ``epoch``, in order."""
@@ -141,6 +142,20 @@ class EpochPlan:
     def locate(self, sample_id: int) -> tuple[MapSource, int]:
         k = int(np.searchsorted(self.offsets, sample_id, side="right") - 1)
         return self.sources[k], int(sample_id - self.offsets[k])
+
+    @property
+    def image_id_offsets(self) -> np.ndarray:
+        """First image id of each source: source ``k``'s dense ids are shifted by the images of
+        the sources before it, so ids never collide across sources (the same on every rank)."""
+        if self._image_id_offsets is None:
+            self._image_id_offsets = np.cumsum([0, *(s.num_images for s in self.sources)])
+        return self._image_id_offsets
+
+    def image_id(self, sample_id: int) -> int:
+        """The image id of a global sample id (equal iff same image of the same source)."""
+        k = int(np.searchsorted(self.offsets, sample_id, side="right") - 1)
+        local = self.sources[k].image_id(int(sample_id - self.offsets[k]))
+        return int(self.image_id_offsets[k]) + local
 
     def advance(self, epoch: int, position: int, global_batch: int, steps: int = 1):
         """(epoch, position) after ``steps`` steps of ``global_batch`` from ``(epoch, position)``."""
@@ -178,7 +193,7 @@ class MapBatches(IterableDataset):
         """The batch of this rank for the step starting at global ``position`` of ``epoch``."""
         ctx, plan = self.ctx, self.plan
         order = plan.order(epoch)
-        images, captions, bad = [], [], []
+        images, captions, image_ids, bad = [], [], [], []
         start = position + ctx.rank * ctx.batch_size
         for pos in range(start, start + ctx.batch_size):
             sample_pos = pos
@@ -199,11 +214,13 @@ class MapBatches(IterableDataset):
                 )
             images.append(image)
             captions.append(caption)
+            image_ids.append(plan.image_id(int(order[sample_pos])))
         input_ids, attention_mask = ctx.tokenizer(captions)
         return {
             "images": torch.stack(images),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
+            "image_ids": torch.tensor(image_ids, dtype=torch.int64),
             "_epoch": epoch,
             "_position": position,
             "_bad": len(bad),
@@ -395,11 +412,13 @@ class SampleCounters:
 
 
 class TrainLoader(SampleCounters):
-    """Infinite, resumable iterator of ``{"images", "input_ids", "attention_mask"}`` batches.
+    """Infinite, resumable iterator of ``{"images", "input_ids", "attention_mask", "image_ids"}``
+    batches.
 
-    ``images`` is uint8 (B, 3, s, s), ``input_ids``/``attention_mask`` int64 (B, L), with B =
-    ``data.batch_size`` always. A ``Stateful`` (``state_dict``/``load_state_dict``) for the
-    checkpoint manager; ``stats()`` gives the per-rank counters.
+    ``images`` is uint8 (B, 3, s, s), ``input_ids``/``attention_mask`` int64 (B, L),
+    ``image_ids`` int64 (B,), with B = ``data.batch_size`` always. A ``Stateful``
+    (``state_dict``/``load_state_dict``) for the checkpoint manager; ``stats()`` gives the
+    per-rank counters.
     """
 
     def __init__(
@@ -516,8 +535,17 @@ def build_train_loader(
 
     Returns:
         An infinite iterator of ``{"images": uint8 (B, 3, s, s), "input_ids": int64 (B, L),
-        "attention_mask": int64 (B, L)}`` with ``state_dict``/``load_state_dict``,
-        ``steps_per_epoch`` (None for streamed shards) and ``stats()``.
+        "attention_mask": int64 (B, L), "image_ids": int64 (B,)}`` with
+        ``state_dict``/``load_state_dict``, ``steps_per_epoch`` (None for streamed shards) and
+        ``stats()``.
+
+        ``image_ids[i] == image_ids[j]`` iff samples ``i`` and ``j`` show the same image of the
+        same source (e.g. two captions of one COCO image), on every rank alike, so a contrastive
+        loss can mask such pairs as positives. JSON/JSONL: the record's ``image_id`` field when
+        present, else its image path, numbered densely in order of first appearance over the
+        source's files and offset by the images of the sources before it; synthetic: the sample
+        index (offset likewise); tar shards: a stable 63-bit hash (BLAKE2b) of ``"<shard
+        basename>/<key>"``. Pretraining ignores the field.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transform = TrainTransform(

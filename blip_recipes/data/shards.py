@@ -25,6 +25,7 @@ Augmentation seeds come from ``(seed, epoch, crc32(shard name / key))``, indepen
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -130,6 +131,13 @@ def iter_tar_samples(path: str, offset: int = 0) -> Iterator[tuple[str, dict, in
             yield key, files, start, -1  # -1: end of shard
 
 
+def shard_image_id(shard: str, key: str) -> int:
+    """Image id of a shard sample: a stable 63-bit hash of ``"<shard basename>/<key>"`` (BLAKE2b,
+    the same in every process and Python version, unlike the salted builtin ``hash``)."""
+    text = f"{os.path.basename(shard)}/{key}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
 def decode_caption(files: dict) -> object:
     """Caption text (or list) of a shard sample from its ``txt`` member, else the ``caption``
     field of its ``json`` member (img2dataset's ``json`` is per-sample metadata: url, status,
@@ -228,7 +236,7 @@ class ShardBatches(IterableDataset):
         )
         samples = iter(stream)
         while True:
-            images, captions, bad = [], [], []
+            images, captions, image_ids, bad = [], [], [], []
             while len(images) < ctx.batch_size:
                 epoch, (shard, key, files) = next(samples)
                 origin = f"{shard}/{key}"
@@ -246,11 +254,13 @@ class ShardBatches(IterableDataset):
                     continue
                 images.append(image)
                 captions.append(caption)
+                image_ids.append(shard_image_id(shard, key))
             ids, mask = ctx.tokenizer(captions)
             yield {
                 "images": torch.stack(images),
                 "input_ids": ids,
                 "attention_mask": mask,
+                "image_ids": torch.tensor(image_ids, dtype=torch.int64),
                 "_stream": local,
                 "_state": dict(stream.state),
                 "_epoch": stream.state["epoch"],
@@ -456,6 +466,7 @@ __all__ = [
     "expand_braces",
     "iter_tar_samples",
     "list_shards",
+    "shard_image_id",
     "shard_sizes",
     "write_shard",
 ]

@@ -3,7 +3,10 @@
 A map-style source has ``len(source)`` and ``source.get(index, rng) -> (image_ref, caption,
 origin)``, where ``image_ref`` is a path, bytes or a PIL image (opened lazily by the transform),
 ``caption`` the raw text (one drawn with ``rng`` when the annotation holds a list) and ``origin``
-names the sample in warnings.
+names the sample in warnings. ``source.image_id(index)`` is the sample's image as a dense int in
+``[0, source.num_images)``: two samples share it iff they show the same image (JSON/JSONL: the
+record's ``image_id`` field when present, else its image path, numbered in order of first
+appearance over the source's files; synthetic: the sample index).
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ class MapSource(Protocol):
 
     def __len__(self) -> int: ...
 
+    @property
+    def num_images(self) -> int: ...
+
     def get(self, index: int, rng: random.Random) -> tuple[object, str, str]: ...
+
+    def image_id(self, index: int) -> int: ...
 
 
 class AnnotationError(ValueError):
@@ -54,10 +62,24 @@ def _pick_caption(caption, rng: random.Random) -> str:
     return caption if isinstance(caption, str) else ""
 
 
-def iter_annotations(path: str) -> Iterator[tuple[str, object]]:
-    """(image path, caption or captions) of every record of a BLIP annotation file.
+def _image_key(record: dict, image: object, where: str) -> object:
+    """What identifies the record's image: its ``image_id`` field when present, else its path."""
+    if "image_id" not in record:
+        return ("image", image)
+    key = record["image_id"]
+    if not isinstance(key, (int, str)) or isinstance(key, bool):
+        raise AnnotationError(
+            f"{where}: 'image_id' must be an integer or a string, got {type(key).__name__}"
+        )
+    return key
 
-    ``.jsonl`` files are read a line at a time, anything else as one JSON list.
+
+def iter_records(path: str) -> Iterator[tuple[str, object, object]]:
+    """(image path, caption or captions, image key) of every record of a BLIP annotation file.
+
+    The image key is the record's ``image_id`` (int or str) when present, else ``("image",
+    path)``: equal keys mean the same image. ``.jsonl`` files are read a line at a time, anything
+    else as one JSON list.
 
     Raises:
         AnnotationError: naming the file and the record or line that is not an annotation.
@@ -67,11 +89,13 @@ def iter_annotations(path: str) -> Iterator[tuple[str, object]]:
         if path.endswith(".jsonl"):
             for number, line in enumerate(f, start=1):
                 if line.strip():
+                    where = f"{path} line {number}"
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise AnnotationError(f"{path} line {number}: not JSON ({e})") from None
-                    yield _image_and_caption(record, f"{path} line {number}")
+                        raise AnnotationError(f"{where}: not JSON ({e})") from None
+                    image, caption = _image_and_caption(record, where)
+                    yield image, caption, _image_key(record, image, where)
             return
         try:
             records = json.load(f)
@@ -81,7 +105,29 @@ def iter_annotations(path: str) -> Iterator[tuple[str, object]]:
     if not isinstance(records, list):
         raise AnnotationError(f"{path}: expected a JSON list of annotations")
     for i, record in enumerate(records):
-        yield _image_and_caption(record, f"{path} record {i}")
+        where = f"{path} record {i}"
+        image, caption = _image_and_caption(record, where)
+        yield image, caption, _image_key(record, image, where)
+
+
+def iter_annotations(path: str) -> Iterator[tuple[str, object]]:
+    """(image path, caption or captions) of every record of a BLIP annotation file (see
+    :func:`iter_records`)."""
+    for image, caption, _ in iter_records(path):
+        yield image, caption
+
+
+class DenseIds:
+    """Numbers hashable keys 0, 1, 2, ... in order of first appearance."""
+
+    def __init__(self) -> None:
+        self._ids: dict[object, int] = {}
+
+    def __call__(self, key: object) -> int:
+        return self._ids.setdefault(key, len(self._ids))
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 class JsonSource:
@@ -96,49 +142,74 @@ class JsonSource:
         self.image_root = image_root
         self.images: list[str] = []
         self.captions: list[object] = []
+        dense, ids = DenseIds(), []
         for path in paths:
-            for image, caption in iter_annotations(path):
+            for image, caption, key in iter_records(path):
                 self.images.append(image)
                 self.captions.append(caption)
+                ids.append(dense(key))
+        self.image_ids = np.asarray(ids, dtype=np.int64)
+        self.num_images = len(dense)
         self.name = f"json[{', '.join(os.path.basename(p) for p in paths)}]"
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def image_id(self, index: int) -> int:
+        return int(self.image_ids[index])
 
     def get(self, index: int, rng: random.Random) -> tuple[object, str, str]:
         path = os.path.join(self.image_root, self.images[index])
         return path, _pick_caption(self.captions[index], rng), path
 
 
+def _line_image_key(line: bytes, where: str) -> object:
+    """The image key of one JSONL line; a line that is not an annotation is its own image."""
+    try:
+        record = json.loads(line)
+        image, _ = _image_and_caption(record, where)
+        return _image_key(record, image, where)
+    except (AnnotationError, json.JSONDecodeError, UnicodeDecodeError):
+        return ("line", where)
+
+
 class JsonlSource:
     """JSON Lines annotations (one object per line), indexed by byte offsets and parsed on access.
 
-    Only the line offsets stay in memory (8 bytes a sample), so annotation files far larger than
-    what ``json.load`` could hold work. The first line of each file is checked up front.
+    Only the line offsets and image ids stay in memory (16 bytes a sample), so annotation files
+    far larger than what ``json.load`` could hold work. Every line is parsed once up front for its
+    image id; the first line of each file is checked to be an annotation. Other lines that are not
+    annotations become bad samples when read (each with an image id of its own).
     """
 
     def __init__(self, paths: list[str], image_root: str = "") -> None:
         self.image_root = image_root
         self.paths = list(paths)
-        file_ids, offsets = [], []
+        file_ids, offsets, ids, dense = [], [], [], DenseIds()
         for file_id, path in enumerate(self.paths):
             with open(path, "rb") as f:
                 pos = 0
                 first = True
-                for line in f:
+                for number, line in enumerate(f, start=1):
                     if line.strip():
                         if first:
-                            _image_and_caption(json.loads(line), f"{path} line 1")
+                            _image_and_caption(json.loads(line), f"{path} line {number}")
                             first = False
                         offsets.append(pos)
                         file_ids.append(file_id)
+                        ids.append(dense(_line_image_key(line, f"{path} line {number}")))
                     pos += len(line)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.file_ids = np.asarray(file_ids, dtype=np.int32)
+        self.image_ids = np.asarray(ids, dtype=np.int64)
+        self.num_images = len(dense)
         self.name = f"jsonl[{', '.join(os.path.basename(p) for p in paths)}]"
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+    def image_id(self, index: int) -> int:
+        return int(self.image_ids[index])
 
     def get(self, index: int, rng: random.Random) -> tuple[object, str, str]:
         path = self.paths[int(self.file_ids[index])]

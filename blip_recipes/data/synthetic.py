@@ -109,6 +109,14 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def num_images(self) -> int:
+        return self.num_samples
+
+    def image_id(self, index: int) -> int:
+        """Every synthetic sample is an image of its own: the id is the index."""
+        return index
+
     def get(self, index: int, rng: random.Random):
         """Return ``(image, caption, origin)`` for ``index``; ``rng`` is unused (captions are fixed)."""
         image, caption = synthetic_sample(self.seed, index, self.image_size)

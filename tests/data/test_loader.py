@@ -31,7 +31,8 @@ def test_batch_contract(synthetic_tokenizer):
     loader = build_train_loader(_cfg(), synthetic_tokenizer, 16, seed=0, rank=0, world_size=1)
     assert loader.steps_per_epoch == 10
     batch = next(loader)
-    assert set(batch) == {"images", "input_ids", "attention_mask"}
+    assert set(batch) == {"images", "input_ids", "attention_mask", "image_ids"}
+    assert batch["image_ids"].shape == (4,) and batch["image_ids"].dtype == torch.int64
     assert batch["images"].shape == (4, 3, 16, 16) and batch["images"].dtype == torch.uint8
     assert batch["input_ids"].shape == (4, 30) and batch["input_ids"].dtype == torch.long
     assert batch["attention_mask"].shape == (4, 30) and batch["attention_mask"].dtype == torch.long
@@ -122,3 +123,11 @@ def test_resume_with_another_global_batch_continues_at_same_sample(synthetic_tok
 def test_too_small_data_is_clear(synthetic_tokenizer):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         build_train_loader(_cfg(batch_size=8, num_samples=10), synthetic_tokenizer, 16, 0, 0, 2)
+
+
+def test_synthetic_image_ids_are_sample_indices(synthetic_tokenizer):
+    loader = build_train_loader(_cfg(), synthetic_tokenizer, 16, seed=0, rank=0, world_size=1)
+    ids = torch.cat([next(loader)["image_ids"] for _ in range(10)])  # one epoch
+    assert sorted(ids.tolist()) == list(range(40))
+    plan_order = loader.plan.order(0)[:40].tolist()
+    assert ids.tolist() == plan_order

@@ -140,3 +140,19 @@ def test_shard_tiny_image_and_broken_caption_are_bad(tmp_path, synthetic_tokeniz
     batch = next(loader)
     assert batch["images"].shape[0] == batch["input_ids"].shape[0] == 5
     assert loader.stats()["bad_samples"] == 2
+
+
+def test_shard_image_ids_hash_shard_and_key(shard_dir, synthetic_tokenizer):
+    import hashlib
+
+    from blip_recipes.data.shards import shard_image_id
+
+    digest = hashlib.blake2b(b"shards-001.tar/s1_3", digest_size=8).digest()
+    assert shard_image_id("/any/folder/shards-001.tar", "s1_3") == (
+        int.from_bytes(digest, "little") >> 1
+    )
+    every = {shard_image_id(f"shards-{s:03d}.tar", f"s{s}_{i}") for s in range(5) for i in range(7)}
+    assert len(every) == 35 and all(0 <= x < 2**63 for x in every)
+    loader = build_train_loader(_cfg(shard_dir, 0, batch_size=5), synthetic_tokenizer, 16, 7, 0, 1)
+    seen = torch.cat([next(loader)["image_ids"] for _ in range(7)]).tolist()  # one epoch
+    assert sorted(seen) == sorted(every)

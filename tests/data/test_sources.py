@@ -75,6 +75,63 @@ def _tok():
     return build_tokenizer(TokenizerConfig(kind="synthetic"))
 
 
+def _karpathy_records():
+    """COCO-Karpathy-train-like: one record per caption, ids as strings or ints, one without."""
+    return [
+        {"image": "a.jpg", "caption": "a one", "image_id": "coco_7"},
+        {"image": "b.jpg", "caption": "b one", "image_id": 3},
+        {"image": "a.jpg", "caption": "a two", "image_id": "coco_7"},
+        {"image": "c.jpg", "caption": "c one"},
+        {"image": "b.jpg", "caption": "b two", "image_id": 3},
+        {"image": "c.jpg", "caption": "c two"},
+        {"image": "a2.jpg", "caption": "a2", "image_id": "coco_7"},  # the id decides, not the path
+    ]
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl"])
+def test_image_ids_dense_in_first_appearance_order(tmp_path, kind):
+    records = _karpathy_records()
+    first, second = tmp_path / f"one.{kind}", tmp_path / f"two.{kind}"
+    for path, part in ((first, records[:4]), (second, records[4:])):
+        if kind == "json":
+            path.write_text(json.dumps(part))
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    src = (JsonSource if kind == "json" else JsonlSource)([str(first), str(second)])
+    assert [src.image_id(i) for i in range(len(src))] == [0, 1, 0, 2, 1, 2, 0]
+    assert src.num_images == 3
+
+
+def test_image_id_of_wrong_type_is_named(tmp_path):
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps([{"image": "x.jpg", "caption": "c", "image_id": [1]}]))
+    with pytest.raises(AnnotationError, match="a.json record 0: 'image_id' must be"):
+        JsonSource([str(ann)])
+
+
+def test_batches_carry_image_ids_offset_per_source(tmp_path, make_image):
+    root = tmp_path / "img"
+    root.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "a2.jpg"):
+        make_image(root / name)
+    ann = tmp_path / "karpathy.json"
+    ann.write_text(json.dumps(_karpathy_records()))
+    sources = [
+        DataSourceConfig(kind="json", paths=[str(ann)], image_root=str(root)),
+        DataSourceConfig(kind="synthetic", num_samples=5, image_size=32),
+    ]
+    loader = build_train_loader(_cfg(sources, batch_size=4), _tok(), 16, 0)
+    assert loader.steps_per_epoch == 3
+    seen = []
+    for _ in range(3):  # one epoch: every sample once
+        batch = next(loader)
+        assert batch["image_ids"].dtype == torch.int64 and batch["image_ids"].shape == (4,)
+        seen += batch["image_ids"].tolist()
+    # 3 COCO images (ids 0..2: 3, 2 and 2 captions), then the 5 synthetic samples (ids 3..7)
+    counts = {i: seen.count(i) for i in set(seen)}
+    assert counts == {0: 3, 1: 2, 2: 2, 3: 1, 4: 1, 5: 1, 6: 1, 7: 1}
+
+
 def test_mixed_sources_by_weight(json_dataset):
     ann, root, _ = json_dataset
     sources = [
