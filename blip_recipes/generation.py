@@ -79,6 +79,19 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
     return logits
 
 
+def _sample(
+    probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
+) -> torch.Tensor:
+    """One token per row of probs (R, V): from one generator for all rows, or from each row's
+    own generator (a sequence of R), so that a row's draws do not depend on the other rows."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+    return torch.cat([torch.multinomial(row[None], 1, generator=g)[0]
+                      for row, g in zip(probs, generator)])  # fmt: skip
+
+
 def _greedy_or_sample(decoder, prompt, batch, max_length, min_length, eos, pad, penalty,
                       sample, top_k, top_p, temperature, generator, stop_early):  # fmt: skip
     seq = prompt.expand(batch, -1).clone()
@@ -89,7 +102,7 @@ def _greedy_or_sample(decoder, prompt, batch, max_length, min_length, eos, pad, 
         if sample:
             scores = _top_k_top_p(scores / temperature, top_k, top_p)
             probs = scores.softmax(dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            token = _sample(probs, generator)
         else:
             token = scores.argmax(dim=-1)
         token = torch.where(finished, torch.full_like(token, pad), token)
@@ -181,7 +194,7 @@ def generate(
     temperature: float = 1.0,
     repetition_penalty: float = 1.0,
     length_penalty: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> list[torch.Tensor]:
     """Decode captions for a batch of images.
 
@@ -200,7 +213,8 @@ def generate(
         repetition_penalty: CTRL penalty on tokens already generated (reference: 1.0 for beam,
             1.1 for nucleus).
         length_penalty: exponent of the length normalisation of finished beams.
-        generator: RNG for sampling.
+        generator: RNG for sampling: one for the batch, or one per image (B generators), which
+            makes each image's caption independent of the batch it is decoded in.
 
     Returns:
         B tensors of generated token ids (prompt and `[SEP]` excluded).

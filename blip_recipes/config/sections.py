@@ -248,6 +248,44 @@ class EvalConfig:
 
 
 @dataclass
+class CapfiltConfig:
+    captioner: Optional[str] = None
+    """Captioning model (blip_capfilt): a DCP checkpoint or run folder, HF BLIP folder, reference .pth, .pt or .safetensors."""
+    filter: Optional[str] = None
+    """Filtering model whose ITM head scores every caption (blip_capfilt); any checkpoint format, may equal captioner."""
+    inputs: list[str] = field(default_factory=list)
+    """Web image-text pairs: BLIP JSON / JSONL annotation files, or tar shards (paths, brace patterns, remote URLs)."""
+    input_kind: Literal["auto", "json", "jsonl", "shards"] = "auto"
+    """Kind of capfilt.inputs; auto: from the suffix (.json, .jsonl, .tar)."""
+    image_root: str = ""
+    """Folder the image paths of JSON/JSONL inputs are relative to; the output's paths are relative to it too."""
+    unit_size: int = 1000
+    """Records per work unit of JSON/JSONL inputs (a shard is one unit); units are the grain of distribution and resume."""
+    num_captions: int = 1
+    """Synthetic captions sampled per image."""
+    top_p: float = 0.9
+    """Nucleus sampling mass of the captioner."""
+    sampling_top_k: int = 50
+    """Only the k most likely tokens are sampled from (Hugging Face generate's default, as the reference); 0 = no limit."""
+    repetition_penalty: float = 1.1
+    """Penalty on tokens already generated (the reference's nucleus sampling uses 1.1)."""
+    max_length: int = 20
+    """Longest caption in tokens, [DEC] and prompt included."""
+    min_length: int = 5
+    """[SEP] is forbidden before this length, [DEC] and prompt included."""
+    prompt: str = "a picture of "
+    """Decoder prompt; stripped from the synthetic captions."""
+    threshold: float = 0.5
+    """A caption is kept when its ITM match probability is at least this (0.5: ITM predicts matched)."""
+    synthetic_top_k: Optional[int] = None
+    """Keep at most this many synthetic captions per image (those passing the threshold, highest ITC similarity first); None keeps all."""
+    batch_size: int = 32
+    """Images per captioning and scoring batch (part of the run's identity: a resume needs the same)."""
+    text_max_length: int = 35
+    """Token length of the captions scored by the filter (35 as in the reference's retrieval)."""
+
+
+@dataclass
 class Config:
     """The whole run configuration: one attribute per TOML section."""
 
@@ -262,3 +300,4 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
