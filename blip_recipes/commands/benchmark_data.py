@@ -1,7 +1,8 @@
 """Data throughput: the train transform vs a plain Pillow pipeline, and the loader per source.
 
     blip benchmark data [--images DIR] [--num 200] [--short-side 384] [--image-size 224]
-        [--repeats 5] [--workers 2] [--skip-loader] [--draft-snap] [--json out.json]
+        [--repeats 5] [--workers 2] [--skip-loader] [--draft-snap] [--target 1130]
+        [--max-workers 14] [--json out.json]
 
 Without ``--images`` it writes ``--num`` JPEGs pre-resized to short side ``--short-side`` (384,
 textured so they decode like photos) into a temporary folder. It reports, on one core (one torch
@@ -17,7 +18,10 @@ less than wall time, which is reported too):
 - with ``--draft-snap``, ours with ``draft_snap=True`` (matters only where JPEGs get drafted);
 - the speedups, and how far ours is from the plain pipeline on the same seeds;
 
-and, for each source (synthetic, json, shards), the loader's images/s in total and per worker.
+and, for each source (synthetic, json, shards), the loader's images/s in total and per worker
+with ``--workers`` workers, and per core (``--workers 0``: the loader in the timing thread, CPU
+seconds). With ``--target R`` it sizes the host: workers needed to feed R samples/s at the
+per-core shard rate, and the data wait ``--max-workers`` would leave if they scaled linearly.
 The pipelines run interleaved image by image; each pass over the images is a round and the median
 round is reported with the range.
 """
@@ -25,7 +29,6 @@ round is reported with the range.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -36,24 +39,9 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
-
-def photo_like_jpeg(seed: int, size: tuple[int, int], quality: int = 90) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(
-        size, Image.Resampling.BICUBIC
-    )
-    draw = ImageDraw.Draw(img)
-    for _ in range(20):
-        x, y, r = rng.integers(0, size[0]), rng.integers(0, size[1]), rng.integers(5, 60)
-        draw.ellipse(
-            (x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3))
-        )
-    arr = np.asarray(img).astype(np.float32) + rng.normal(0, 10, (size[1], size[0], 3))
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+from blip_recipes.benchmarking.photo_like import photo_like_jpeg, photo_like_size
 
 
 def plain_pillow(image_size: int, fast_paths: bool = False):
@@ -154,7 +142,13 @@ def output_agreement(ours, plain, paths: list[str], n: int = 50) -> dict[str, fl
     }
 
 
-def time_loader(name, data_cfg, image_size, steps, tqdm) -> float:
+def time_loader(name, data_cfg, image_size, steps, tqdm) -> tuple[float, float]:
+    """(images/s wall, images per CPU second of the calling thread) of the training loader.
+
+    With ``data_cfg.num_workers == 0`` the loader runs in this thread, so the second figure is
+    what one loader core delivers (read, decode, augment, tokenize, collate): the number that
+    sizes a host's worker count. With workers, it only counts the main process's share.
+    """
     from blip_recipes.config import TokenizerConfig
     from blip_recipes.data import build_tokenizer, build_train_loader
 
@@ -162,10 +156,25 @@ def time_loader(name, data_cfg, image_size, steps, tqdm) -> float:
         data_cfg, build_tokenizer(TokenizerConfig(kind="synthetic")), image_size, 0, 0, 1
     )
     next(loader)  # start workers
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.thread_time()
     for _ in tqdm(range(steps), desc=name, unit="batch", leave=False, disable=None):
         next(loader)
-    return steps * data_cfg.batch_size / (time.perf_counter() - start)
+    images = steps * data_cfg.batch_size
+    wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+    return images / wall, images / max(cpu, 1e-9)
+
+
+def feed_budget(per_core: float, target: float, max_workers: int) -> dict[str, float]:
+    """Loader workers a step rate of ``target`` samples/s needs at ``per_core`` images/s per
+    worker, and the data wait (fraction of the step) ``max_workers`` workers would leave if
+    workers scaled linearly: ``max(0, 1 - max_workers * per_core / target)``."""
+    supply = max_workers * per_core
+    return {
+        "feed_target_samples_per_s": target,
+        "feed_workers_needed": target / per_core,
+        "feed_supply_over_target": supply / target,
+        "feed_predicted_data_wait_frac": max(0.0, 1.0 - supply / target),
+    }
 
 
 def report(results: dict[str, float], args) -> None:
@@ -177,7 +186,7 @@ def report(results: dict[str, float], args) -> None:
     for key, value in results.items():
         if key.endswith(("_min", "_max")):
             continue
-        if key.startswith("speedup"):
+        if key.startswith(("speedup", "feed_supply")):
             print(f"{key:36s} {value:8.2f}x")
         elif key in ("mean_abs_diff", "frac_pixels_off_by_more_than_1"):
             print(f"ours vs plain {key:22s} {value:8.4f}")
@@ -203,6 +212,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="loader batches per source")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=0.0,
+        help="step rate to feed in samples/s (e.g. 1130, ViT-B on an H200): report the workers "
+        "it needs at the measured per-core shard-loader rate",
+    )
+    parser.add_argument("--max-workers", type=int, default=14, help="workers the host can give")
     parser.add_argument("--skip-loader", action="store_true", help="time the transforms only")
     parser.add_argument("--draft-snap", action="store_true", help="also time draft_snap=True")
     args = parser.parse_args(argv)
@@ -219,11 +236,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if root is None:
         root = os.path.join(tmp.name, "images")
         os.makedirs(root)
-        w = args.short_side * 4 // 3
         for i in tqdm(range(args.num), desc="writing JPEGs", disable=None):
-            size = (w, args.short_side) if i % 4 else (args.short_side, w)
             with open(os.path.join(root, f"{i:05d}.jpg"), "wb") as f:
-                f.write(photo_like_jpeg(i, size))
+                f.write(photo_like_jpeg(i, photo_like_size(i, args.short_side)))
     args.images_dir = root
     names = sorted(n for n in os.listdir(root) if n.lower().endswith((".jpg", ".jpeg")))
     paths = [os.path.join(root, n) for n in names]
@@ -281,9 +296,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         cfg = DataConfig(
             sources=[src], batch_size=args.batch_size, num_workers=args.workers, pin_memory=False
         )
-        total = time_loader(name, cfg, args.image_size, args.steps, tqdm)
+        total, _ = time_loader(name, cfg, args.image_size, args.steps, tqdm)
         results[f"loader_{name}_total"] = total
         results[f"loader_{name}_per_worker"] = total / max(1, args.workers)
+        cfg.num_workers = 0
+        _, per_core = time_loader(f"{name} in-thread", cfg, args.image_size, args.steps, tqdm)
+        results[f"loader_{name}_per_core"] = per_core
+    if args.target:
+        results.update(
+            feed_budget(results["loader_shards_per_core"], args.target, args.max_workers)
+        )
 
     report(results, args)
     tmp.cleanup()

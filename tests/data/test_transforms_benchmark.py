@@ -45,3 +45,12 @@ def test_plain_pipeline_is_the_same_transform(tmp_path):
         # Differences are resampling rounding (Pillow runs the vertical pass first on tall
         # crops), which AutoContrast/Equalize can amplify through their lookup tables.
         assert max(means) < 1.0 and sum(means) / len(means) < 0.2
+
+
+def test_feed_budget_sizes_the_worker_pool():
+    budget = _load_tool().feed_budget(per_core=100.0, target=1130.0, max_workers=14)
+    assert budget["feed_workers_needed"] == 11.3
+    assert abs(budget["feed_supply_over_target"] - 1400 / 1130) < 1e-12
+    assert budget["feed_predicted_data_wait_frac"] == 0.0
+    short = _load_tool().feed_budget(per_core=50.0, target=1000.0, max_workers=10)
+    assert short["feed_predicted_data_wait_frac"] == 0.5  # half the step waits for data

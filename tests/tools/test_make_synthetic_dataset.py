@@ -23,7 +23,10 @@ def test_writes_json_jsonl_and_shards_that_load(tmp_path):
         "shards-00000.tar",
         "shards-00001.tar",
         "shards-00002.tar",
+        "sizes.json",
     ]
+    sizes = json.loads((out / "shards" / "sizes.json").read_text())
+    assert sizes == {"shards-00000.tar": 10, "shards-00001.tar": 10, "shards-00002.tar": 4}
     tok = build_tokenizer(TokenizerConfig(kind="synthetic"))
     for source in (
         DataSourceConfig(
@@ -52,3 +55,27 @@ def test_refuses_a_non_empty_output_folder(tmp_path):
     subprocess.run([*cmd, "--force"], check=True)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
     assert (tmp_path / "annotations.json").is_file()
+
+
+def test_photo_like_images_are_photo_sized_and_heavy(tmp_path):
+    """--photo-like writes 4:3 JPEGs of the asked short side that cost what photos cost (tens of
+    KB at 384 px, against ~2 KB for the flat synthetic images), and the shards size themselves."""
+    out = tmp_path / "photo"
+    cmd = [sys.executable, str(TOOL), "--out", str(out), "--num", "5", "--shards", "5"]
+    subprocess.run([*cmd, "--photo-like", "--short-side", "96", "--quality", "90"], check=True)
+    from PIL import Image
+
+    sizes = [Image.open(out / "images" / f"{i:06d}.jpg").size for i in range(5)]
+    assert sizes == [(96, 128), (128, 96), (128, 96), (128, 96), (96, 128)]
+    flat = tmp_path / "flat"
+    subprocess.run([*cmd[:3], str(flat), *cmd[4:], "--image-size", "96"], check=True)
+    photo_bytes = (out / "images" / "000001.jpg").stat().st_size
+    assert photo_bytes > 3 * (flat / "images" / "000001.jpg").stat().st_size
+    cfg = DataConfig(
+        sources=[DataSourceConfig(kind="shards", paths=[str(out / "shards" / "shards-00000.tar")])],
+        batch_size=5,
+        num_workers=0,
+        pin_memory=False,
+    )
+    loader = build_train_loader(cfg, build_tokenizer(TokenizerConfig(kind="synthetic")), 32, 0)
+    assert loader.steps_per_epoch == 1  # from sizes.json
