@@ -5,6 +5,12 @@ Per step (reference order): `update(online)` (EMA, shard-local, no communication
 then `enqueue(targets)` (one all-gather over the data-parallel group it was given). Queues are
 replicated fp32 tensors, seeded identically on every rank, never broadcast.
 
+Optionally (`track_ids=True`, retrieval fine-tuning) an int64 id queue (Q,) stores the image id
+of every queued pair, enqueued with the features, so that queued captions of the same image
+count as positives. It starts at `UNKNOWN_ID` (matches no real id), is checkpointed under
+`id_queue`, and may be absent from a checkpoint written without it (then it keeps its value).
+Without `track_ids` nothing changes: same queues, same collectives, same checkpoint keys.
+
 The momentum modules (`encoders`, also reachable as `.visual_encoder`, `.text_encoder`, ...) are
 sharded by the recipe exactly like the online ones; the EMA then pairs local shards directly.
 """
@@ -27,6 +33,9 @@ from blip_recipes.models.blip import MomentumTargets
 from blip_recipes.models.builders import build_momentum_encoders, preset_queue_size
 from blip_recipes.models.momentum_encoders import ONLINE_PREFIX_OF, MomentumEncoders
 from blip_recipes.parallel.fsdp import reshard_all
+
+UNKNOWN_ID = -100
+"""Id of queue entries that carry no image id (fresh or pretraining queues): never a real id."""
 
 _WRAPPER_TOKENS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -95,6 +104,8 @@ class MomentumState(Stateful):
         device: device of the queues.
         group: every data-parallel rank (`DistInfo.dp_group`): the queues gather the momentum
             features of all of them each step. None = one process.
+        track_ids: also keep an int64 image-id queue `id_queue` (Q,), filled by
+            `enqueue(..., ids=...)` (retrieval fine-tuning); None of this exists otherwise.
     """
 
     def __init__(
@@ -107,6 +118,7 @@ class MomentumState(Stateful):
         seed: int = 0,
         device: torch.device | str | None = None,
         group: dist.ProcessGroup | None = None,
+        track_ids: bool = False,
     ) -> None:
         self.encoders = encoders
         self.group = group
@@ -119,6 +131,9 @@ class MomentumState(Stateful):
         self.image_queue = queues[0].clone()
         self.text_queue = queues[1].clone()
         self.queue_ptr = torch.zeros(1, dtype=torch.long, device=device)
+        self.id_queue: torch.Tensor | None = None
+        if track_ids:
+            self.id_queue = torch.full((queue_size,), UNKNOWN_ID, dtype=torch.long, device=device)
 
     @classmethod
     def build(
@@ -129,6 +144,7 @@ class MomentumState(Stateful):
         seed: int = 0,
         device: torch.device | str | None = None,
         group: dist.ProcessGroup | None = None,
+        track_ids: bool = False,
         **model_overrides: Any,
     ) -> MomentumState:
         """Momentum state for `build_model(name, **model_overrides)` (queue_size included)."""
@@ -143,6 +159,7 @@ class MomentumState(Stateful):
             seed=seed,
             device=device,
             group=group,
+            track_ids=track_ids,
         )
 
     @property
@@ -167,6 +184,8 @@ class MomentumState(Stateful):
         self.image_queue = self.image_queue.to(device)
         self.text_queue = self.text_queue.to(device)
         self.queue_ptr = self.queue_ptr.to(device)
+        if self.id_queue is not None:
+            self.id_queue = self.id_queue.to(device)
         return self
 
     @torch.no_grad()
@@ -219,6 +238,7 @@ class MomentumState(Stateful):
         image_feat_m: torch.Tensor,
         text_feat_m: torch.Tensor,
         valid: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> None:
         """Write the global batch's momentum features at the pointer and advance it.
 
@@ -227,10 +247,18 @@ class MomentumState(Stateful):
                 group of W > 1 ranks they are all-gathered (rank order) into (B * W, E) first.
             valid: optional 0-d bool tensor; when False the queues and pointer stay as they are
                 (a skipped step), decided on the device without a host sync.
+            ids: (B,) int64 image ids of the local batch, gathered in the same rank order into
+                `id_queue`; required exactly when the state tracks ids.
 
         Raises:
-            ValueError: when B * W does not divide Q.
+            ValueError: when B * W does not divide Q, or `ids` is given without `track_ids`
+                (or missing with it).
         """
+        if (ids is None) != (self.id_queue is None):
+            raise ValueError(
+                "enqueue: ids are needed exactly when the momentum state tracks ids "
+                f"(track_ids={self.id_queue is not None}, ids given: {ids is not None})"
+            )
         world = dist.get_world_size(self.group) if self.group is not None else 1
         batch = image_feat_m.shape[0]
         check_queue_batch(self.queue_size, batch, world)
@@ -251,19 +279,48 @@ class MomentumState(Stateful):
             step = step * valid.to(self.queue_ptr.dtype)
         self.image_queue.index_copy_(1, columns, feats[0].t())
         self.text_queue.index_copy_(1, columns, feats[1].t())
+        if ids is not None:
+            self._enqueue_ids(ids, columns, world, valid)
         self.queue_ptr.copy_((self.queue_ptr + step) % self.queue_size)
 
+    def _enqueue_ids(
+        self,
+        ids: torch.Tensor,
+        columns: torch.Tensor,
+        world: int,
+        valid: torch.Tensor | None,
+    ) -> None:
+        """Write the global batch's ids (rank order, as the features) at `columns`."""
+        assert self.id_queue is not None
+        ids = ids.reshape(-1).to(device=self.id_queue.device, dtype=torch.long)
+        if world > 1:
+            gathered = ids.new_empty(world * ids.shape[0])
+            _all_gather_single(gathered, ids.contiguous(), group=self.group)
+            ids = gathered
+        if valid is not None:
+            ids = torch.where(valid.to(torch.bool), ids, self.id_queue[columns])
+        self.id_queue.index_copy_(0, columns, ids)
+
     def state_dict(self) -> dict[str, Any]:
-        """Momentum weights (DCP model state dict, sharded if FSDP2), queues and pointer."""
-        return {
+        """Momentum weights (DCP model state dict, sharded if FSDP2), queues and pointer (and
+        the id queue when the state tracks ids)."""
+        state = {
             "encoders": get_model_state_dict(self.encoders),
             "image_queue": self.image_queue,
             "text_queue": self.text_queue,
             "queue_ptr": self.queue_ptr,
         }
+        if self.id_queue is not None:
+            state["id_queue"] = self.id_queue
+        return state
+
+    def optional_keys(self) -> list[str]:
+        """Keys a checkpoint may lack: the id queue (checkpoints written without ids)."""
+        return ["id_queue"] if self.id_queue is not None else []
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore weights, queues and pointer (in place; shapes must match)."""
+        """Restore weights, queues and pointer (in place; shapes must match). A missing
+        `id_queue` leaves the id queue as it is."""
         set_model_state_dict(
             self.encoders, state_dict["encoders"], options=StateDictOptions(strict=True)
         )
@@ -271,3 +328,5 @@ class MomentumState(Stateful):
             self.image_queue.copy_(state_dict["image_queue"])
             self.text_queue.copy_(state_dict["text_queue"])
             self.queue_ptr.copy_(state_dict["queue_ptr"])
+            if self.id_queue is not None and "id_queue" in state_dict:
+                self.id_queue.copy_(state_dict["id_queue"])
