@@ -29,6 +29,7 @@ RECIPES: dict[str, RecipeEntry] = {
     for entry in (
         RecipeEntry("blip_pretrain", "blip_pretrain.py", ("debug", "base", "large")),
         RecipeEntry("blip_eval_retrieval", "blip_eval_retrieval.py", ("eval_retrieval",)),
+        RecipeEntry("blip_capfilt", "blip_capfilt.py", ("capfilt",)),
     )
 }
 
