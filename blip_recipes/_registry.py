@@ -30,6 +30,11 @@ RECIPES: dict[str, RecipeEntry] = {
         RecipeEntry("blip_pretrain", "blip_pretrain.py", ("debug", "base", "large")),
         RecipeEntry("blip_eval_retrieval", "blip_eval_retrieval.py", ("eval_retrieval",)),
         RecipeEntry("blip_capfilt", "blip_capfilt.py", ("capfilt",)),
+        RecipeEntry(
+            "blip_finetune_retrieval",
+            "blip_finetune_retrieval.py",
+            ("finetune_retrieval_coco", "finetune_retrieval_flickr"),
+        ),
     )
 }
 

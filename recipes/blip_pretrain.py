@@ -86,15 +86,16 @@ class _Window:
 
     KEYS = ("loss", "loss_ita", "loss_itm", "loss_lm", "itm_acc", "itm_pos_prob", "itm_neg_prob")
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, keys: tuple[str, ...] = KEYS) -> None:
+        self.keys = keys
         self.start = time.perf_counter()
         self.steps = 0
         self.data_wait = 0.0
-        self.sums = torch.zeros(len(self.KEYS), device=device)
+        self.sums = torch.zeros(len(keys), device=device)
         self.applied = torch.zeros((), device=device)
 
     def add(self, result: StepResult) -> None:
-        values = torch.stack([getattr(result.output, k).detach().float() for k in self.KEYS])
+        values = torch.stack([getattr(result.output, k).detach().float() for k in self.keys])
         self.sums += torch.where(result.ok, values, torch.zeros_like(values))
         self.applied += result.ok
         self.steps += 1
@@ -102,15 +103,23 @@ class _Window:
     def means(self) -> dict[str, float]:
         """Means over the applied steps; NaN when every step of the window was skipped."""
         if int(self.applied) == 0:
-            return dict.fromkeys(self.KEYS, float("nan"))
-        return dict(zip(self.KEYS, (self.sums / self.applied).tolist()))
+            return dict.fromkeys(self.keys, float("nan"))
+        return dict(zip(self.keys, (self.sums / self.applied).tolist()))
 
     def skipped(self) -> int:
         return self.steps - int(self.applied)
 
 
 class BlipPretrainRecipe:
-    """Pretrain a BLIP model. See the module docstring for the order of things."""
+    """Pretrain a BLIP model. See the module docstring for the order of things.
+
+    Other recipes (retrieval fine-tuning) subclass it and override the set-up hooks
+    (`_build_model_and_momentum`, `_build_lr_scheduler`, `_build_step`, `_build_evaluator`),
+    `_to_device`, `_checkpoint_states`, `METRIC_KEYS` and `_flops_per_sample`.
+    """
+
+    METRIC_KEYS: tuple[str, ...] = _Window.KEYS
+    """Step outputs averaged over each log window into metrics.jsonl."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -166,18 +175,9 @@ class BlipPretrainRecipe:
 
         self._build_model_and_momentum()
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
-        self.lr_scheduler = build_lr_scheduler(
-            self.optimizer,
-            cfg.lr_scheduler,
-            peak_lr=cfg.optimizer.lr,
-            steps_per_epoch=self.steps_per_epoch,
-            total_steps=self.total_steps,
-        )
+        self.lr_scheduler = self._build_lr_scheduler()
         self.train_state = TrainState()
-        self.step_fn = PretrainStep.from_config(
-            cfg, self.model, self.momentum, self.optimizer, self.lr_scheduler, self.dist,
-            self.compute_dtype,
-        )  # fmt: skip
+        self.step_fn = self._build_step()
         if cfg.parallel.compile:  # the first step compiles: say so, and how long it took
             self.step_fn = FirstCallTimer(self.step_fn, "first step")
         if self.resume_from is not None:
@@ -206,9 +206,7 @@ class BlipPretrainRecipe:
             resume_step=self.step if self.resume_from is not None else None,
             batches_per_step=cfg.training.grad_accum_steps,
         )
-        self.evaluator = PeriodicEvaluator(
-            cfg.eval, self.tokenizer, self.metrics, cfg.model.image_size, cfg.data.max_words
-        )
+        self.evaluator = self._build_evaluator()
         hosts = gather_hostnames()  # collective
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -277,6 +275,34 @@ class BlipPretrainRecipe:
             load_states(init_from, {MOMENTUM: self.momentum})
             logger.info("momentum encoders and queues initialised from %s", init_from)
 
+    def _build_lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """The `[lr_scheduler]` schedule over the optimizer."""
+        return build_lr_scheduler(
+            self.optimizer,
+            self.cfg.lr_scheduler,
+            peak_lr=self.cfg.optimizer.lr,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+        )
+
+    def _build_step(self) -> PretrainStep:
+        """The library's optimizer step for this run's config."""
+        return PretrainStep.from_config(
+            self.cfg, self.model, self.momentum, self.optimizer, self.lr_scheduler, self.dist,
+            self.compute_dtype,
+        )  # fmt: skip
+
+    def _build_evaluator(self) -> Any:
+        """What `train` calls as `evaluator.maybe_run(step, model)` after every step."""
+        cfg = self.cfg
+        return PeriodicEvaluator(
+            cfg.eval, self.tokenizer, self.metrics, cfg.model.image_size, cfg.data.max_words
+        )
+
+    def _flops_per_sample(self) -> float | None:
+        """FLOPs of one training sample for MFU (None: not tabulated, MFU logged as null)."""
+        return flops_per_sample(self.cfg.model.name)
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_states(self) -> dict[str, Any]:
         self.train_state.step = self.step
@@ -333,7 +359,7 @@ class BlipPretrainRecipe:
     def train(self) -> None:
         """Step until `training.steps` (or `epochs`), a stop signal, or too many bad steps."""
         cfg = self.cfg
-        window = _Window(self.device)
+        window = _Window(self.device, self.METRIC_KEYS)
         nonfinite_run = torch.zeros((), dtype=torch.long, device=self.device)
         while self.step < self.total_steps:
             if self.step % cfg.checkpoint.signal_check_every == 0 and self._agreed_stop():
@@ -352,7 +378,7 @@ class BlipPretrainRecipe:
             last = self.step == self.total_steps
             if self.step % cfg.metrics.log_every == 0 or last:
                 self._log(window, result)
-                window = _Window(self.device)
+                window = _Window(self.device, self.METRIC_KEYS)
                 if int(nonfinite_run) >= cfg.training.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{int(nonfinite_run)} consecutive steps had a non-finite loss or "
@@ -414,7 +440,7 @@ class BlipPretrainRecipe:
             samples_per_sec=samples_per_sec,
             mfu=effective_mfu(
                 samples_per_sec / self.dist.world_size,
-                flops_per_sample(self.cfg.model.name),
+                self._flops_per_sample(),
                 peak_flops(self.device),
             ),
             max_memory_gib=max_memory_gib(self.device),

@@ -286,6 +286,16 @@ class CapfiltConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    negatives_all_ranks: bool = True
+    """Draw ITM hard negatives from the global batch (image embeddings, texts and ids gathered from every rank; COCO in the reference) instead of within each rank's batch (Flickr30k)."""
+    test_annotation: Optional[str] = None
+    """Test split (same format as eval.annotation, images under eval.image_root) scored with the best epoch's weights at the end of blip_finetune_retrieval; None skips it."""
+    eval_every_epochs: int = 1
+    """blip_finetune_retrieval evaluates eval.annotation (the validation split) every this many epochs and at the last step, and keeps the weights with the best r_mean."""
+
+
+@dataclass
 class Config:
     """The whole run configuration: one attribute per TOML section."""
 
@@ -301,3 +311,4 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
