@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim.lr_scheduler import LRScheduler
 
+from blip_recipes.config import Config, LaunchContext, register_validator
 from blip_recipes.models.vit import interpolate_pos_embed
 from blip_recipes.momentum import MomentumState
 from blip_recipes.parallel.distributed import DistInfo
@@ -38,6 +41,21 @@ logger = logging.getLogger(__name__)
 POS_EMBED = "visual_encoder.pos_embed"
 DECODER_ONLY = ("causal_self_attn.", "lm_head.")
 """Name parts of the parameters only the captioning decoder uses."""
+
+
+@register_validator
+def _retrieval_section(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    """`[retrieval]` checks (registered when the fine-tuning recipe imports this module)."""
+    section = cfg.retrieval
+    if section.eval_every_epochs < 1:
+        yield f"'retrieval.eval_every_epochs' must be >= 1, got {section.eval_every_epochs}"
+    if section.test_annotation and not Path(section.test_annotation).is_file():
+        yield f"'retrieval.test_annotation' {section.test_annotation} does not exist (or is not a file)"
+    if section.test_annotation and not cfg.eval.annotation:
+        yield (
+            "'retrieval.test_annotation' is set but 'eval.annotation' (the validation split that "
+            "chooses the weights to test) is not"
+        )
 
 
 def freeze_decoder(model: nn.Module) -> list[str]:

@@ -1,0 +1,93 @@
+"""Set-up pieces of retrieval fine-tuning: weights at another resolution, the frozen decoder,
+the per-epoch cosine, the best-result state and the [retrieval] checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from blip_recipes.checkpoint import load_states
+from blip_recipes.config import Config, ConfigError, validate
+from blip_recipes.models.vit import interpolate_pos_embed
+from blip_recipes.retrieval_finetune import (
+    BestRetrieval,
+    EpochCosineLR,
+    fit_state_dict,
+    freeze_decoder,
+)
+from tests.models.tiny_blip import make_model
+
+
+def test_fit_state_dict_interpolates_the_position_embedding():
+    source = make_model(image_size=32).state_dict()  # 2 x 2 patches
+    target = make_model(seed=1, image_size=64).state_dict()  # 4 x 4 patches
+    source["temp"] = torch.tensor(0.05)  # 0-d, as in reference checkpoints
+    del source["itm_head.bias"]
+    fitted = fit_state_dict(source, target, "test")
+    pos = fitted["visual_encoder.pos_embed"]
+    assert pos.shape == target["visual_encoder.pos_embed"].shape == (1, 17, 48)
+    assert torch.equal(pos, interpolate_pos_embed(source["visual_encoder.pos_embed"], 16))
+    assert fitted["temp"].shape == (1,) and fitted["temp"].item() == pytest.approx(0.05)
+    assert torch.equal(fitted["itm_head.bias"], target["itm_head.bias"])  # missing: kept
+    assert torch.equal(fitted["itm_head.weight"], source["itm_head.weight"])
+
+
+def test_fit_state_dict_names_what_does_not_fit():
+    target = make_model().state_dict()
+    with pytest.raises(ValueError, match="no place for: \\['extra.weight'\\]"):
+        fit_state_dict({"extra.weight": torch.zeros(1)}, target, "ckpt")
+    with pytest.raises(ValueError, match="vision_proj.weight"):
+        fit_state_dict({"vision_proj.weight": torch.zeros(3, 3)}, target, "ckpt")
+
+
+def test_freeze_decoder_leaves_the_retrieval_parameters_trainable():
+    model = make_model()
+    frozen = freeze_decoder(model)
+    assert frozen and all("causal_self_attn." in n or n.startswith("lm_head.") for n in frozen)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "text.embeddings.word_embeddings.weight" in trainable  # shared with the encoder
+    assert "text.layers.0.cross_attn.query.weight" in trainable and "temp" in trainable
+
+
+def test_epoch_cosine_is_constant_within_an_epoch_and_resumes():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1e-5)
+    schedule = EpochCosineLR(optimizer, peak_lr=1e-5, min_lr=0.0, steps_per_epoch=3, epochs=6)
+    lrs = []
+    for _ in range(18):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    expected = [0.5 * 1e-5 * (1 + math.cos(math.pi * (i // 3) / 6)) for i in range(18)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[0] == 1e-5 and lrs[3] < 1e-5
+    resumed = EpochCosineLR(torch.optim.AdamW([param], lr=1e-5), 1e-5, 0.0, 3, 6)
+    resumed.load_state_dict({"step": 7})
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected[7], rel=1e-12)
+
+
+def test_best_result_is_strictly_better_and_survives_a_checkpoint(tmp_path):
+    best = BestRetrieval()
+    assert best.offer(10, 0, {"r_mean": 50.0, "txt_r1": 20.0})
+    assert not best.offer(20, 1, {"r_mean": 50.0})  # a tie keeps the earlier epoch
+    assert best.offer(30, 2, {"r_mean": 51.5, "txt_r1": 25.0})
+    dcp.save({"best": best}, checkpoint_id=str(tmp_path / "ckpt"))
+    loaded = BestRetrieval()
+    load_states(tmp_path / "ckpt", {"best": loaded})
+    assert (loaded.step, loaded.epoch, loaded.metrics) == (30, 2, {"r_mean": 51.5, "txt_r1": 25.0})
+
+
+def test_retrieval_section_checks(tmp_path):
+    cfg = Config()
+    cfg.retrieval = replace(cfg.retrieval, eval_every_epochs=0,
+                            test_annotation=str(tmp_path / "missing.json"))  # fmt: skip
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    message = str(error.value)
+    assert "'retrieval.eval_every_epochs' must be >= 1, got 0" in message
+    assert "missing.json does not exist" in message
+    assert "'eval.annotation'" in message
