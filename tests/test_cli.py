@@ -55,8 +55,8 @@ def _files_of_reference_configs(root: Path) -> None:
     (root / "pretrained" / "bert-base-uncased" / "vocab.txt").write_text("[PAD]\n" * 30522)
     (root / "data" / "images").mkdir(parents=True)
     for name in ("coco_karpathy_train", "vg", "cc3m", "cc12m", "sbu"):
-        (root / "data" / "annotations" / f"{name}.json").parent.mkdir(exist_ok=True)
-        (root / "data" / "annotations" / f"{name}.json").write_text("[]")
+        (root / "data" / "annotations" / f"{name}.jsonl").parent.mkdir(exist_ok=True)
+        (root / "data" / "annotations" / f"{name}.jsonl").write_text("")
 
 
 @pytest.mark.parametrize("name", ["debug", "base", "large", "configs/base.toml"])

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from array import array
 from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
 
 from blip_recipes.config.sections import DataSourceConfig
+from blip_recipes.data.packed import PackedStrings
 
 
 class MapSource(Protocol):
@@ -130,8 +132,20 @@ class DenseIds:
         return len(self._ids)
 
 
+def _compact_ids(ids) -> np.ndarray:
+    """Dense ids as int32 (4 bytes a sample) when they fit, else int64."""
+    dtype = np.int32 if len(ids) < 2**31 else np.int64
+    return np.asarray(ids, dtype=dtype)
+
+
 class JsonSource:
     """BLIP JSON annotations: lists of ``{"image": path, "caption": text | [texts]}`` from files.
+
+    Records are kept compactly (:class:`~blip_recipes.data.packed.PackedStrings`: each record as
+    the JSON text of ``[image, caption]``, zlib-compressed in blocks) with int32 image ids, a few
+    dozen bytes a COCO-like record instead of several hundred as Python objects (measurements in
+    ``docs/data.md``). Loading still parses each file whole (``json.load``), so the peak while
+    loading is that of the file's objects; JSON Lines files avoid it.
 
     Args:
         paths: annotation files, concatenated in order.
@@ -140,27 +154,32 @@ class JsonSource:
 
     def __init__(self, paths: list[str], image_root: str = "") -> None:
         self.image_root = image_root
-        self.images: list[str] = []
-        self.captions: list[object] = []
-        dense, ids = DenseIds(), []
+        records = PackedStrings()
+        dense, ids = DenseIds(), array("q")
         for path in paths:
             for image, caption, key in iter_records(path):
-                self.images.append(image)
-                self.captions.append(caption)
+                records.append(json.dumps([image, caption], ensure_ascii=False))
                 ids.append(dense(key))
-        self.image_ids = np.asarray(ids, dtype=np.int64)
+        self.records = records.finish()
+        self.image_ids = _compact_ids(ids)
         self.num_images = len(dense)
         self.name = f"json[{', '.join(os.path.basename(p) for p in paths)}]"
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.records)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of annotation data held (records and image ids)."""
+        return self.records.nbytes + self.image_ids.nbytes
 
     def image_id(self, index: int) -> int:
         return int(self.image_ids[index])
 
     def get(self, index: int, rng: random.Random) -> tuple[object, str, str]:
-        path = os.path.join(self.image_root, self.images[index])
-        return path, _pick_caption(self.captions[index], rng), path
+        image, caption = json.loads(self.records[index])
+        path = os.path.join(self.image_root, image)
+        return path, _pick_caption(caption, rng), path
 
 
 def _line_image_key(line: bytes, where: str) -> object:
@@ -176,17 +195,18 @@ def _line_image_key(line: bytes, where: str) -> object:
 class JsonlSource:
     """JSON Lines annotations (one object per line), indexed by byte offsets and parsed on access.
 
-    Only the line offsets and image ids stay in memory (16 bytes a sample), so annotation files
-    far larger than what ``json.load`` could hold work. Every line is parsed once up front for its
-    image id; the first line of each file is checked to be an annotation. Other lines that are not
-    annotations become bad samples when read (each with an image id of its own).
+    Only the line offsets (int64) and image ids (int32) stay in memory, 12 bytes a sample, so
+    annotation files far larger than what ``json.load`` could hold work. Every line is parsed
+    once up front for its image id; the first line of each file is checked to be an annotation.
+    Other lines that are not annotations become bad samples when read (each its own image).
     """
 
     def __init__(self, paths: list[str], image_root: str = "") -> None:
         self.image_root = image_root
         self.paths = list(paths)
-        file_ids, offsets, ids, dense = [], [], [], DenseIds()
-        for file_id, path in enumerate(self.paths):
+        offsets, ids, dense = array("q"), array("q"), DenseIds()
+        file_starts = [0]
+        for path in self.paths:
             with open(path, "rb") as f:
                 pos = 0
                 first = True
@@ -196,23 +216,29 @@ class JsonlSource:
                             _image_and_caption(json.loads(line), f"{path} line {number}")
                             first = False
                         offsets.append(pos)
-                        file_ids.append(file_id)
                         ids.append(dense(_line_image_key(line, f"{path} line {number}")))
                     pos += len(line)
+            file_starts.append(len(offsets))
         self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.file_ids = np.asarray(file_ids, dtype=np.int32)
-        self.image_ids = np.asarray(ids, dtype=np.int64)
+        self.file_starts = np.asarray(file_starts, dtype=np.int64)
+        self.image_ids = _compact_ids(ids)
         self.num_images = len(dense)
         self.name = f"jsonl[{', '.join(os.path.basename(p) for p in paths)}]"
 
     def __len__(self) -> int:
         return len(self.offsets)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of index held (line offsets and image ids)."""
+        return self.offsets.nbytes + self.file_starts.nbytes + self.image_ids.nbytes
+
     def image_id(self, index: int) -> int:
         return int(self.image_ids[index])
 
     def get(self, index: int, rng: random.Random) -> tuple[object, str, str]:
-        path = self.paths[int(self.file_ids[index])]
+        file_id = int(np.searchsorted(self.file_starts, index, side="right")) - 1
+        path = self.paths[file_id]
         with open(path, "rb") as f:
             f.seek(int(self.offsets[index]))
             line = f.readline()
