@@ -68,3 +68,16 @@ def test_shard_pairs_read_images_and_caption_lists(tmp_path):
         ("c", b"png", "png", ()),
     ]
     assert pairs[1].origin == "s.tar/b"
+
+
+def test_shard_urls_stream_through_the_shard_reader(tmp_path):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("k.jpg", b"img"), ("k.txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (unit,) = shard_units([f"pipe:cat {path}"])
+    assert [(p.key, p.image, p.captions) for p in shard_pairs(unit)] == [
+        ("k", b"img", ("a caption",))
+    ]
