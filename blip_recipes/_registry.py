@@ -31,6 +31,9 @@ RECIPES: dict[str, RecipeEntry] = {
         RecipeEntry("blip_eval_retrieval", "blip_eval_retrieval.py", ("eval_retrieval",)),
         RecipeEntry("blip_capfilt", "blip_capfilt.py", ("capfilt",)),
         RecipeEntry(
+            "blip_finetune_caption", "blip_finetune_caption.py", ("finetune_caption_coco",)
+        ),
+        RecipeEntry(
             "blip_finetune_retrieval",
             "blip_finetune_retrieval.py",
             ("finetune_retrieval_coco", "finetune_retrieval_flickr"),

@@ -113,13 +113,17 @@ class _Window:
 class BlipPretrainRecipe:
     """Pretrain a BLIP model. See the module docstring for the order of things.
 
-    Other recipes (retrieval fine-tuning) subclass it and override the set-up hooks
-    (`_build_model_and_momentum`, `_build_lr_scheduler`, `_build_step`, `_build_evaluator`),
-    `_to_device`, `_checkpoint_states`, `METRIC_KEYS` and `_flops_per_sample`.
+    Other recipes (retrieval and caption fine-tuning) subclass it and override the set-up hooks
+    (`_build_loader`, `_build_model_and_momentum`, `_build_lr_scheduler`, `_build_step`,
+    `_build_evaluator`), `_to_device`, `train_step`, `_checkpoint_states`, `METRIC_KEYS`,
+    `_step_log_fields`, `BEST_EVAL_KEY` and `_flops_per_sample`.
     """
 
     METRIC_KEYS: tuple[str, ...] = _Window.KEYS
     """Step outputs averaged over each log window into metrics.jsonl."""
+
+    BEST_EVAL_KEY = "r_mean"
+    """Eval-record key whose maximum the end-of-run summary reports as the best evaluation."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -162,14 +166,7 @@ class BlipPretrainRecipe:
         self.compute_dtype = compute_dtype(cfg.training.mixed_precision, self.device)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
-        self.loader = build_train_loader(
-            cfg.data,
-            self.tokenizer,
-            image_size=cfg.model.image_size,
-            seed=cfg.job.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
+        self.loader = self._build_loader()
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = cfg.training.steps or cfg.training.epochs * self.steps_per_epoch
 
@@ -263,6 +260,18 @@ class BlipPretrainRecipe:
                 "training.steps_per_epoch"
             )
         return max(known // self.cfg.training.grad_accum_steps, 1)
+
+    def _build_loader(self) -> Any:
+        """This rank's training loader (captions tokenized with `self.tokenizer`)."""
+        cfg = self.cfg
+        return build_train_loader(
+            cfg.data,
+            self.tokenizer,
+            image_size=cfg.model.image_size,
+            seed=cfg.job.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
 
     def _build_model_and_momentum(self) -> None:
         """Model on meta -> parallel plan -> weights -> momentum state (library set-up), then
@@ -405,6 +414,7 @@ class BlipPretrainRecipe:
             samples_per_step=self._global_batch(),
             last_record=self.metrics.last_record,
             eval_records=self.metrics.eval_records,
+            best_key=self.BEST_EVAL_KEY,
             outputs={
                 "output_dir": self.output_dir,
                 "checkpoint": self.checkpointer.step_dir(self.step),
@@ -434,8 +444,7 @@ class BlipPretrainRecipe:
         samples_per_sec = self._global_batch() * window.steps / elapsed
         record.update(
             lr=self.optimizer.param_groups[0]["lr"],
-            alpha=self.alpha(self.step - 1),
-            temp=result.output.temp.item(),
+            **self._step_log_fields(result),
             grad_norm=result.grad_norm.item(),
             samples_per_sec=samples_per_sec,
             mfu=effective_mfu(
@@ -450,6 +459,10 @@ class BlipPretrainRecipe:
             epoch=self.step // self.steps_per_epoch,
         )
         self.metrics.log(self.step, record)
+
+    def _step_log_fields(self, result: StepResult) -> dict[str, Any]:
+        """Recipe-specific fields of a metrics record (pretraining: alpha and temperature)."""
+        return {"alpha": self.alpha(self.step - 1), "temp": result.output.temp.item()}
 
     # ------------------------------------------------------------------ signals and cleanup
     def _install_signal_handlers(self) -> None:

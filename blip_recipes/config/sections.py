@@ -296,6 +296,28 @@ class RetrievalConfig:
 
 
 @dataclass
+class CaptionConfig:
+    prompt: str = "a picture of "
+    """blip_finetune_caption: decoder prompt, put before every training caption (its tokens and [DEC] are excluded from the loss) and before generation (stripped from the captions)."""
+    test_annotation: Optional[str] = None
+    """Test split ({"image", "caption": [texts]} records, images under eval.image_root) captioned and scored with the kept weights at the end of blip_finetune_caption; None skips it."""
+    eval_every_epochs: int = 1
+    """blip_finetune_caption captions and scores eval.annotation (the validation split) every this many epochs (0: only at the last step) and at the last step, and keeps the weights with the best CIDEr + BLEU-4 in best/."""
+    min_lr: float = 0.0
+    """blip_finetune_caption's LR schedule: cosine over training.epochs from optimizer.lr down to this, constant within an epoch ([lr_scheduler] is not used)."""
+    method: Literal["beam", "greedy", "nucleus"] = "beam"
+    """Decoding of the evaluation captions."""
+    num_beams: int = 3
+    """Beams per image (method beam)."""
+    max_length: int = 20
+    """Longest generated sequence in tokens, [DEC] and the prompt included."""
+    min_length: int = 5
+    """[SEP] is not allowed before this many tokens ([DEC] and the prompt included)."""
+    repetition_penalty: float = 1.0
+    """CTRL repetition penalty of the evaluation decoding (1.0: none)."""
+
+
+@dataclass
 class Config:
     """The whole run configuration: one attribute per TOML section."""
 
@@ -312,3 +334,4 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
