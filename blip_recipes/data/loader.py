@@ -22,9 +22,12 @@ appends it to ``<output_dir>/bad_samples.rank<r>.jsonl`` (see :class:`BadSampleL
 
 **State.** A batch is a pure function of ``(epoch, position)``, so the loader's whole position is
 two integers that are identical on every rank: ``state_dict()`` returns them with the global batch
-and the per-rank counters. Workers are stateless: worker ``w`` produces steps ``w, w + nw, ...``
-after the resume point, and the default in-order ``DataLoader`` interleaves them, so the batches
-after ``load_state_dict`` are bitwise those of an uninterrupted run with any number of workers.
+and the per-rank counters. **Pipeline.** The batches come from a ``torchdata.nodes`` graph
+(:mod:`.nodes`): a source of this rank's sample positions, a batcher of one step's positions, a
+parallel map that makes the batch in ``data.num_workers`` worker processes (stateless, results in
+order), pin memory, a prefetcher. Since workers are stateless and the map keeps order, the
+batches after ``load_state_dict`` are bitwise those of an uninterrupted run with any number of
+workers.
 Resuming on another world size with the same global batch continues at the same global sample.
 If the global batch changes, the run continues at the same position of the same epoch (no sample
 of the epoch is repeated or skipped), with steps now ``G'`` samples wide; ``steps_per_epoch``
@@ -41,17 +44,23 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from blip_recipes.config.sections import DataConfig
-from blip_recipes.data._seeding import derive_seed, private_generator
+from blip_recipes.data._seeding import derive_seed
 from blip_recipes.data.captions import pre_caption
+from blip_recipes.data.nodes import (
+    STOP_SIGNALS,
+    Pipeline,
+    SamplePositions,
+    SampleTask,
+    build_pipeline,
+)
 from blip_recipes.data.sources import MapSource, build_map_source
 from blip_recipes.data.transforms import BadImage, TrainTransform, open_image
 
@@ -170,51 +179,25 @@ class EpochPlan:
         return epoch + 1 + steps // per_epoch, (steps % per_epoch) * global_batch
 
 
-class MapBatches(IterableDataset):
-    """Infinite stream of one rank's batches starting at ``(epoch, position)``; worker ``w`` of
-    ``nw`` makes steps ``w, w + nw, ...`` (the in-order DataLoader interleaves them)."""
+class MapBatchMaker:
+    """The map function of the loader's node graph (:mod:`.nodes`): one step's sample tasks
+    -> that rank's batch. Runs in the worker processes; a pure function of its input."""
 
-    def __init__(self, plan: EpochPlan, ctx: BatchContext, epoch: int, position: int) -> None:
+    def __init__(self, plan: EpochPlan, ctx: BatchContext) -> None:
         self.plan, self.ctx = plan, ctx
-        self.epoch, self.position = epoch, position
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+    def __call__(self, tasks: list[SampleTask]) -> dict:
+        epoch, position = tasks[0].epoch, tasks[0].step_position
+        return self.make_batch(epoch, position, [t.position for t in tasks])
+
+    def make_batch(self, epoch: int, position: int, positions: list[int] | None = None) -> dict:
+        """The batch of the samples at global ``positions`` of ``epoch`` (default: this rank's
+        share of the step starting at global ``position``)."""
         ctx = self.ctx
-        global_batch = ctx.batch_size * ctx.world_size
-        step = worker
-        while True:
-            epoch, position = self.plan.advance(self.epoch, self.position, global_batch, step)
-            yield self.make_batch(epoch, position)
-            step += num_workers
-
-    def make_batch(self, epoch: int, position: int) -> dict:
-        """The batch of this rank for the step starting at global ``position`` of ``epoch``."""
-        ctx, plan = self.ctx, self.plan
-        order = plan.order(epoch)
-        images, captions, image_ids, bad = [], [], [], []
-        start = position + ctx.rank * ctx.batch_size
-        for pos in range(start, start + ctx.batch_size):
-            sample_pos = pos
-            for attempt in range(MAX_REPLACEMENTS + 1):
-                rng = random.Random(derive_seed(ctx.seed, epoch, pos, attempt))
-                source, index = plan.locate(int(order[sample_pos]))
-                try:
-                    image, caption = load_sample(source, index, rng, ctx)
-                    break
-                except BadImage as e:
-                    where = f"{source.name}[{index}]"
-                    bad.append(bad_record(e, where, source.name, epoch, position=sample_pos))
-                    sample_pos = derive_seed(ctx.seed, epoch, pos, attempt, 0xBAD) % plan.length
-            else:
-                raise BadSampleError(
-                    f"{MAX_REPLACEMENTS} replacements in a row were bad samples; last: "
-                    f"{_describe(bad[-1])}"
-                )
-            images.append(image)
-            captions.append(caption)
-            image_ids.append(plan.image_id(int(order[sample_pos])))
+        if positions is None:
+            start = position + ctx.rank * ctx.batch_size
+            positions = list(range(start, start + ctx.batch_size))
+        images, captions, image_ids, bad = load_map_samples(self.plan, ctx, epoch, positions)
         input_ids, attention_mask = ctx.tokenizer(captions)
         return {
             "images": torch.stack(images),
@@ -228,8 +211,33 @@ class MapBatches(IterableDataset):
         }
 
 
-#: Signals that ask a run to save and stop. The rank handles them; its loader workers ignore them.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+def load_map_samples(plan: EpochPlan, ctx: BatchContext, epoch: int, positions: list[int]):
+    """(images, captions, image ids, bad-sample records) of the samples at global ``positions``
+    of ``epoch``; a bad sample is replaced by the one at a position drawn from ``(seed, epoch,
+    position, attempt)``."""
+    order = plan.order(epoch)
+    images, captions, image_ids, bad = [], [], [], []
+    for pos in positions:
+        sample_pos = pos
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            rng = random.Random(derive_seed(ctx.seed, epoch, pos, attempt))
+            source, index = plan.locate(int(order[sample_pos]))
+            try:
+                image, caption = load_sample(source, index, rng, ctx)
+                break
+            except BadImage as e:
+                where = f"{source.name}[{index}]"
+                bad.append(bad_record(e, where, source.name, epoch, position=sample_pos))
+                sample_pos = derive_seed(ctx.seed, epoch, pos, attempt, 0xBAD) % plan.length
+        else:
+            raise BadSampleError(
+                f"{MAX_REPLACEMENTS} replacements in a row were bad samples; last: "
+                f"{_describe(bad[-1])}"
+            )
+        images.append(image)
+        captions.append(caption)
+        image_ids.append(plan.image_id(int(order[sample_pos])))
+    return images, captions, image_ids, bad
 
 
 class IgnoreStopSignals:
@@ -436,7 +444,7 @@ class TrainLoader(SampleCounters):
             )
         self.epoch, self.position = 0, 0
         self._init_counters()
-        self._iterator: Iterator | None = None
+        self._iterator: Pipeline | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -448,20 +456,25 @@ class TrainLoader(SampleCounters):
         """Global samples in one epoch."""
         return self.plan.length
 
-    def _make_iterator(self) -> Iterator:
-        dataset = MapBatches(self.plan, self.ctx, self.epoch, self.position)
-        workers = self.cfg.num_workers
-        loader = DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
-            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-            worker_init_fn=_worker_init if workers > 0 else None,
-            persistent_workers=False,
-            generator=private_generator(),
+    def _make_iterator(self) -> Pipeline:
+        ctx = self.ctx
+        positions = SamplePositions(
+            self.plan.advance, ctx.batch_size, ctx.rank, ctx.world_size, self.epoch, self.position
         )
-        return iter(loader)
+        return build_pipeline(
+            positions,
+            MapBatchMaker(self.plan, ctx),
+            batch_size=ctx.batch_size,
+            num_workers=self.cfg.num_workers,
+            prefetch_factor=self.cfg.prefetch_factor,
+            pin_memory=self.cfg.pin_memory,
+        )
+
+    def close(self) -> None:
+        """Stop the worker processes and threads (a later ``next()`` starts them again)."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
 
     def __iter__(self) -> TrainLoader:
         return self
@@ -513,7 +526,7 @@ class TrainLoader(SampleCounters):
             self.epoch, self.position = self.epoch + 1, 0
         self.samples = int(state.get("samples", 0))
         self.bad_samples = int(state.get("bad_samples", 0))
-        self._iterator = None
+        self.close()
 
 
 def build_train_loader(
@@ -566,15 +579,15 @@ def build_train_loader(
         seed=seed,
     )
     kinds = {s.kind for s in data_cfg.sources}
-    if "shards" in kinds:
-        if kinds != {"shards"}:
-            raise ValueError(
-                "tar shards cannot be mixed with map-style sources (json/jsonl/synthetic) yet: "
-                "convert the annotations to shards with tools/build_shards.py"
-            )
+    if kinds == {"shards"}:
         from blip_recipes.data.shards import ShardLoader
 
         return ShardLoader(data_cfg, ctx)
-    sources = [build_map_source(s, seed) for s in data_cfg.sources]
-    plan = EpochPlan(sources, [s.weight for s in data_cfg.sources], seed)
+    map_cfgs = [s for s in data_cfg.sources if s.kind != "shards"]
+    sources = [build_map_source(s, seed) for s in map_cfgs]
+    plan = EpochPlan(sources, [s.weight for s in map_cfgs], seed)
+    if "shards" in kinds:
+        from blip_recipes.data.mixed import MixedLoader
+
+        return MixedLoader(plan, ctx, data_cfg)
     return TrainLoader(plan, ctx, data_cfg)

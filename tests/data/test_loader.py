@@ -131,3 +131,32 @@ def test_synthetic_image_ids_are_sample_indices(synthetic_tokenizer):
     assert sorted(ids.tolist()) == list(range(40))
     plan_order = loader.plan.order(0)[:40].tolist()
     assert ids.tolist() == plan_order
+
+
+def _worker_processes(loader):
+    inner = loader._iterator.mapper._it._it  # ParallelMapper -> its implementation -> iterator
+    return inner._workers
+
+
+def test_workers_ignore_stop_signals_and_close(synthetic_tokenizer):
+    import os
+    import signal
+
+    ref = _take(build_train_loader(_cfg(), synthetic_tokenizer, 16, 3, 0, 1), 6)
+    loader = build_train_loader(_cfg(num_workers=2), synthetic_tokenizer, 16, 3, 0, 1)
+    got = _take(loader, 2)
+    workers = _worker_processes(loader)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert signal.SIGTERM not in blocked and signal.SIGUSR1 not in blocked  # the rank gets them
+    for w in workers:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            os.kill(w.pid, sig)
+    got += _take(loader, 4)
+    assert all(w.is_alive() for w in workers)
+    assert _equal(got, ref)
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
+    assert _equal(
+        _take(loader, 1), _take(build_train_loader(_cfg(), synthetic_tokenizer, 16, 3, 0, 1), 7)[6:]
+    )

@@ -1,0 +1,221 @@
+"""The training loader's ``torchdata.nodes`` graph, and what its worker processes need.
+
+The graph of one rank (see :func:`build_pipeline`)::
+
+    SamplePositions            this rank's global sample positions, step by step (main process)
+      -> Batcher(B)            the B positions of one step
+      -> ParallelMapper        load, decode, augment, collate, tokenize one step's samples
+                               (data.num_workers processes, in order; inline with 0 workers)
+      -> PinMemory             (CUDA only, data.pin_memory)
+      -> Prefetcher            data.prefetch_factor batches ahead (only with workers)
+
+The map function receives a whole step's positions and returns the finished batch: one message
+and one shared-memory tensor per batch between processes, as with ``DataLoader``. Per-sample
+messages would cost an IPC round and a shared-memory segment for every image.
+
+Worker processes ignore the stop signals and exit when their rank is gone (see
+:class:`WorkerFunction`), as ``DataLoader`` workers did with ``IgnoreStopSignals`` and the
+parent watchdog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torchdata.nodes import (
+    BaseNode,
+    Batcher,
+    Loader,
+    ParallelMapper,
+    PinMemory,
+    Prefetcher,
+)
+
+#: Signals that ask a run to save and stop. The rank handles them; its loader workers ignore them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class SampleTask(NamedTuple):
+    """One sample of one step: the step starts at global ``step_position`` of ``epoch``; the
+    sample is at global ``position`` of the epoch's order."""
+
+    epoch: int
+    step_position: int
+    position: int
+
+
+class SamplePositions(BaseNode[SampleTask]):
+    """This rank's sample positions from ``(epoch, position)`` on, step after step, forever.
+
+    Step ``(e, p)`` gives positions ``p + rank*B ... p + rank*B + B - 1``, then the next step
+    starts at ``advance(e, p, G)`` (:meth:`EpochPlan.advance`, ``G = B x world size``). The state
+    is ``{"epoch", "position", "slot"}`` (the step and how many of its samples were given).
+    """
+
+    def __init__(self, advance: Callable, batch_size: int, rank: int, world_size: int,
+                 epoch: int = 0, position: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        self.advance = advance
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.start = {"epoch": epoch, "position": position, "slot": 0}
+        self.state = dict(self.start)
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.state = dict(initial_state if initial_state is not None else self.start)
+
+    def next(self) -> SampleTask:
+        st = self.state
+        if st["slot"] == self.batch_size:
+            epoch, position = self.advance(
+                st["epoch"], st["position"], self.batch_size * self.world_size
+            )
+            st = self.state = {"epoch": epoch, "position": position, "slot": 0}
+        first = st["position"] + self.rank * self.batch_size
+        task = SampleTask(st["epoch"], st["position"], first + st["slot"])
+        st["slot"] += 1
+        return task
+
+    def get_state(self) -> dict:
+        return dict(self.state)
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+class WorkerFunction:
+    """A map function that first prepares the worker process it runs in.
+
+    In a process other than the one that built it (a ``ParallelMapper`` process worker), the
+    first call ignores SIGTERM, SIGINT and SIGUSR1, unblocks them (the pipeline starts its
+    workers with them blocked, so one arriving before this call stays pending and is then
+    dropped) and starts a thread that exits the worker once its parent is gone.
+
+    Slurm (``scancel``, the time limit, ``--signal``) signals every process of a job step and
+    torchrun signals each rank's whole process group, so loader workers receive the same stop
+    signal as their rank. Left alone, a worker dies of it (SIGTERM, SIGUSR1) or raises
+    KeyboardInterrupt (SIGINT), the rank's next batch fails and no checkpoint is written.
+    Ignoring them leaves shutdown to the rank, which saves and then closes its loader; SIGKILL
+    still ends a worker.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.parent = os.getpid()
+        self._prepared: int | None = None
+
+    def __call__(self, item: Any) -> Any:
+        if self._prepared != os.getpid():
+            self._prepared = os.getpid()
+            if self._prepared != self.parent:
+                for sig in STOP_SIGNALS:
+                    signal.signal(sig, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+                torch.set_num_threads(1)
+                threading.Thread(target=_watch_parent, args=(self.parent,), daemon=True).start()
+        return self.fn(item)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals in this thread while the pipeline starts its threads and worker
+    processes, which inherit the mask: a stop signal then reaches the rank (once unblocked here)
+    and never a worker before it ignores it. A blocked signal waits; none is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Pipeline:
+    """A started node graph: ``next()`` gives batches; :meth:`close` stops its threads and
+    worker processes."""
+
+    def __init__(self, root: BaseNode, mapper: ParallelMapper, threaded: list[BaseNode]) -> None:
+        self.mapper, self.threaded = mapper, threaded
+        with stop_signals_blocked():  # iter() resets the graph: threads and workers start here
+            self._iterator = iter(Loader(root, restart_on_stop_iteration=False))
+
+    def __next__(self) -> Any:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop pulling, let the result threads finish while the workers still live (a batch in
+        transit fetches its shared memory from the worker that made it), then stop the workers."""
+        for node in self.threaded:  # the prefetch / pin-memory threads first: they pull
+            it = getattr(node, "_it", None)
+            if it is not None:
+                it._shutdown()
+        impl = getattr(self.mapper, "_it", None)
+        inner = getattr(impl, "_it", None)
+        if inner is None or not hasattr(inner, "_workers"):
+            return  # inline (no workers) or never started
+        inner._stop.set()
+        for thread in (inner._read_thread, inner._sort_thread):
+            if thread.is_alive():
+                thread.join(timeout=10)
+        inner._mp_stop.set()
+        for worker in inner._workers:
+            worker.join(timeout=1)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=5)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone
+            pass
+
+
+def build_pipeline(
+    source: BaseNode,
+    make_batch: Callable[[Any], dict],
+    batch_size: int | None,
+    num_workers: int,
+    prefetch_factor: int,
+    pin_memory: bool,
+) -> Pipeline:
+    """Start the graph of the module docstring over ``source``.
+
+    Args:
+        source: a node of per-sample tasks, ``batch_size`` per step (or, with ``batch_size``
+            None, of whole steps: no ``Batcher``).
+        make_batch: the step's tasks (or step) -> the batch (runs in the workers; picklable).
+        num_workers: process workers; 0 runs everything in the calling thread when it asks.
+        prefetch_factor: batches the prefetcher keeps ready (workers only).
+        pin_memory: pin batches in a thread (only where CUDA is available).
+    """
+    node: BaseNode = source
+    if batch_size is not None:
+        node = Batcher(source, batch_size=batch_size, drop_last=True)
+    mapper = ParallelMapper(
+        node,
+        WorkerFunction(make_batch),
+        num_workers=num_workers,
+        in_order=True,
+        method="process",
+    )
+    node, threaded = mapper, []
+    if pin_memory and torch.cuda.is_available():
+        node = PinMemory(node, pin_memory_device="cuda")
+        threaded.append(node)
+    if num_workers > 0:
+        node = Prefetcher(node, prefetch_factor=max(1, prefetch_factor))
+        threaded.append(node)
+    return Pipeline(node, mapper, threaded)
