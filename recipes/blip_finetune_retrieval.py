@@ -75,6 +75,7 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
         self.best = BestRetrieval()
         self.val_data: RetrievalData | None = None
         self.test_data: RetrievalData | None = None
+        self._last_val_record: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ set-up hooks
     def _build_model_and_momentum(self) -> None:
@@ -186,7 +187,11 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
                 self._save_best(step)
             return None
         results = self._score(self.val_data)
-        self.metrics.log_eval(step, {**results, "epoch": epoch})
+        record = {**results, "epoch": epoch}
+        if step == self.total_steps and self.test_data is not None:
+            self._last_val_record = record  # logged with the test metrics: one record a step
+        else:
+            self.metrics.log_eval(step, record)
         if self.best.offer(step, epoch, results):
             self._save_best(step)
         logger.info("epoch %d (step %d): val r_mean %.2f; best %.2f at epoch %d", epoch, step,
@@ -223,7 +228,11 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
                 load_states(best_dir, {MODEL: ModelWrapper(self.model)})
             test = self._score(self.test_data)
             report["test"] = test
-            self.metrics.log_eval(self.step, {f"test_{k}": v for k, v in test.items()})
+            last_val = self._last_val_record
+            if last_val is not None:  # (not when a finished run is started again)
+                self.metrics.log_eval(
+                    self.step, {**last_val, **{f"test_{k}": v for k, v in test.items()}}
+                )
         if self.dist.is_main:
             (self.output_dir / RESULT_FILE).write_text(json.dumps(report, indent=2) + "\n")
             for split in ("val", "test"):

@@ -166,6 +166,7 @@ def test_finetuning_beats_the_start_and_keeps_the_best(data, tmp_path):
     report = run.report
     assert report["best_step"] == best["step"] and report["val"]["r_mean"] == best["r_mean"]
     assert set(report["test"]) >= {"txt_r1", "img_r10", "r_mean", "itc_r_mean"}
+    assert val[-1]["test_r_mean"] == report["test"]["r_mean"]  # one record for the last step
     kept = [p.name for p in (run.output_dir / "best").iterdir() if p.name.startswith("step-")]
     assert kept == [f"step-{best['step']}"]
     start = start_recall(data)
@@ -202,22 +203,29 @@ def momentum_queues(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]
     return torch.load(target, weights_only=False)["momentum"]
 
 
+SHORT_EPOCH = 4
+"""`training.steps_per_epoch` of the resume and 2-rank runs (schedule, alpha, validation)."""
+
+
 def test_bitwise_resume(data, tmp_path):
     """2 epochs straight == stop after epoch 1 (`training.steps`, same cosine horizon) +
     resume: every loss, the best choice, the final weights and the id queue."""
-    straight = finetune(data, tmp_path / "straight", "training.epochs=2")
-    finetune(data, tmp_path / "resumed", "training.epochs=2", f"training.steps={STEPS_PER_EPOCH}")
-    resumed = finetune(data, tmp_path / "resumed", "training.epochs=2")
+    short = f"training.steps_per_epoch={SHORT_EPOCH}"
+    straight = finetune(data, tmp_path / "straight", "training.epochs=2", short)
+    finetune(data, tmp_path / "resumed", "training.epochs=2", short,
+             f"training.steps={SHORT_EPOCH}")  # fmt: skip
+    resumed = finetune(data, tmp_path / "resumed", "training.epochs=2", short)
     assert "resumed from" in resumed.proc.stderr
     losses = lambda run: {m["step"]: (m["loss_ita"], m["loss_itm"], m["lr"], m["alpha"])  # noqa: E731
                           for m in run.records("metrics.jsonl")}  # fmt: skip
     assert losses(resumed) == losses(straight)
-    assert len(losses(straight)) == 2 * STEPS_PER_EPOCH
+    assert len(losses(straight)) == 2 * SHORT_EPOCH
+    assert [e["step"] for e in resumed.records("eval.jsonl") if "r_mean" in e] == [4, 8]
     assert (resumed.report["best_step"], resumed.report["val"]) == (
         straight.report["best_step"], straight.report["val"]
     )  # fmt: skip
     assert resumed.report["test"] == straight.report["test"]
-    last = f"step-{2 * STEPS_PER_EPOCH}"
+    last = f"step-{2 * SHORT_EPOCH}"
     a = model_tensors(straight.output_dir / "checkpoints" / last, tmp_path)
     b = model_tensors(resumed.output_dir / "checkpoints" / last, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -233,16 +241,17 @@ def test_two_ranks_negatives_over_both_ranks(data, tmp_path):
     """2 gloo ranks x 4 (the global batch of the 1-rank tests), negatives drawn from both
     ranks' batches: runs, evaluates each epoch, keeps the best, scores the test split."""
     run = finetune(data, tmp_path / "two", "training.epochs=2", f"data.batch_size={BATCH // 2}",
+                   f"training.steps_per_epoch={SHORT_EPOCH}",
                    "retrieval.negatives_all_ranks=true", nproc=2)  # fmt: skip
     metrics = run.records("metrics.jsonl")
-    assert [m["step"] for m in metrics] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert [m["step"] for m in metrics] == list(range(1, 2 * SHORT_EPOCH + 1))
     assert all(math.isfinite(m["loss"]) for m in metrics)
     val = [e for e in run.records("eval.jsonl") if "r_mean" in e]
-    assert [e["step"] for e in val] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert [e["step"] for e in val] == [SHORT_EPOCH, 2 * SHORT_EPOCH]
     best = max(val, key=lambda e: e["r_mean"])
     assert run.report["best_step"] == best["step"] and run.report["test"] is not None
     assert (run.output_dir / "best" / f"step-{best['step']}").is_dir()
-    queues = momentum_queues(run.output_dir / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH}",
+    queues = momentum_queues(run.output_dir / "checkpoints" / f"step-{2 * SHORT_EPOCH}",
                              tmp_path)  # fmt: skip
     assert queues["id_queue"].min() >= 0 and queues["id_queue"].max() < TRAIN_IMAGES
 
