@@ -41,7 +41,7 @@ from blip_recipes.checkpoint import (
     is_complete,
     load_states,
 )
-from blip_recipes.config import parse_recipe_args, to_toml
+from blip_recipes.config import Config, parse_recipe_args, to_toml
 from blip_recipes.data import normalize_images
 from blip_recipes.evaluation.retrieval import RetrievalData, evaluate_retrieval, load_retrieval_data
 from blip_recipes.metrics.run_logging import configure_logging
@@ -70,7 +70,7 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
 
     METRIC_KEYS = ("loss", "loss_ita", "loss_itm", "itm_acc", "itm_pos_prob", "itm_neg_prob")
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.best = BestRetrieval()
         self.val_data: RetrievalData | None = None
