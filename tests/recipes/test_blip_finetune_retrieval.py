@@ -261,3 +261,34 @@ def test_blip_ls_lists_the_recipe_and_configs():
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     line = next(x for x in proc.stdout.splitlines() if x.startswith("blip_finetune_retrieval"))
     assert "finetune_retrieval_coco" in line and "finetune_retrieval_flickr" in line
+
+
+@pytest.mark.slow
+def test_sigterm_saves_without_a_final_report_and_resumes(data, tmp_path):
+    """A stop signal: checkpoint and exit 0 before the end, no test scoring; the resumed run
+    finishes and reports."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "blip_recipes.cli", "run", "blip_finetune_retrieval",
+            "--config", "finetune_retrieval_coco", *tiny_args(data, out), "training.epochs=100",
+            f"training.steps_per_epoch={SHORT_EPOCH}", "checkpoint.signal_check_every=1"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and 6 <= saved[0] < 100 * SHORT_EPOCH
+    assert not (out / "retrieval_finetune.json").exists()
+    resumed = finetune(data, out, "training.epochs=100", f"training.steps_per_epoch={SHORT_EPOCH}",
+                       f"training.steps={saved[0] + 2}")  # fmt: skip
+    assert "resumed from" in resumed.proc.stderr
+    assert resumed.report["test"] is not None and resumed.report["best_step"] >= SHORT_EPOCH
