@@ -7,9 +7,10 @@
 The pretraining recipe's loop, checkpoints (bitwise resume), stop signals, metrics and parallel
 set-up, with what fine-tuning changes (docs/finetune-retrieval.md):
 
-- weights: `checkpoint.init_from` (any layout `blip convert` reads; DCP checkpoints as
-  validated) at `model.image_size`, ViT position embeddings interpolated; its momentum encoders
-  and queues when it has them. The decoder-only parameters are left out of the optimizer.
+- weights: `checkpoint.init_from`, a DCP checkpoint (reference or Hugging Face weights:
+  `blip convert model_base.pth outputs/model_base --to dcp` first), at `model.image_size` with
+  the ViT position embeddings interpolated; its momentum encoders and queues when it has them.
+  The decoder-only parameters are left out of the optimizer.
 - step: `RetrievalStep` (ITC with momentum distillation and an image-id queue, ITM with
   same-image-masked hard negatives, optionally over every rank's batch); no captioning loss.
 - schedule: per-epoch cosine from `optimizer.lr` to `lr_scheduler.min_lr`; alpha ramps over
