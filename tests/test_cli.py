@@ -143,7 +143,10 @@ def test_run_rejects_bad_input_before_launching(tmp_path):
     out = blip("run", str(ECHO))
     assert out.returncode == 2 and "missing --config" in out.stderr
     out = blip("run", "no_such_recipe", "--config", "debug")
-    assert out.returncode == 2 and "registered: blip_eval_retrieval, blip_pretrain" in out.stderr
+    from blip_recipes._registry import RECIPES
+
+    assert out.returncode == 2 and f"registered: {', '.join(sorted(RECIPES))}" in out.stderr
+    assert "blip_pretrain" in RECIPES and "no_such_recipe" not in out.stderr.split("registered:")[1]
     out = blip("frobnicate")
     assert out.returncode == 2 and "unknown command" in out.stderr
 
