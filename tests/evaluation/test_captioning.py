@@ -78,32 +78,34 @@ def test_score_captions_and_results_file(tmp_path):
     ]
 
 
-def eval_worker(rank: int, world: int, out_dir: str, fsdp: bool, refs: list[list[str]]) -> None:
-    """One gloo rank: evaluate the split (replicated or FSDP2 model); every rank saves its result."""
+def eval_worker(rank: int, world: int, out_dir: str, refs: list[list[str]]) -> None:
+    """One gloo rank: evaluate the split with a replicated, then an FSDP2-sharded model; every
+    rank saves its results."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from blip_recipes.config.sections import ParallelConfig
+    from blip_recipes.parallel import parallelize_blip
+
     torch.set_num_threads(1)
-    model = tiny_model()
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from blip_recipes.config.sections import ParallelConfig
-        from blip_recipes.parallel import parallelize_blip
-
-        parallelize_blip(model, None, ParallelConfig(), init_device_mesh("cpu", (world,)))
-    result = evaluate_captions(model, tokenizer(), split(refs=refs), **GENERATE)
-    out = {"captions": result.captions, "metrics": result.metrics}
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
+    sharded = tiny_model()
+    parallelize_blip(sharded, None, ParallelConfig(), init_device_mesh("cpu", (world,)))
+    for name, model in (("replicated", tiny_model()), ("fsdp", sharded)):
+        result = evaluate_captions(model, tokenizer(), split(refs=refs), **GENERATE)
+        out = {"captions": result.captions, "metrics": result.metrics}
+        (Path(out_dir) / f"{name}_rank{rank}.json").write_text(json.dumps(out))
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_two_ranks_equal_one_process(tmp_path, fsdp):
-    """5 images over 2 ranks (3 + 2, batches of 2: rank 1 decodes a dummy batch under FSDP2)."""
+def test_two_ranks_equal_one_process(tmp_path):
+    """5 images over 2 ranks (3 + 2, batches of 2: rank 1 decodes a dummy batch under FSDP2),
+    replicated and FSDP2-sharded: the same captions and scores as one process, on every rank."""
     captions = generate_captions(tiny_model(), tokenizer(), split().images, **GENERATE)
     # references that share n-grams with the captions, so that the scores are not all zero
     refs = [[captions[i], f"{captions[(i + 1) % 5]} red"] for i in range(5)]
     single = evaluate_captions(tiny_model(), tokenizer(), split(refs=refs), **GENERATE)
     assert single.captions == captions and 0 < single.metrics["CIDEr"] < 10
-    spawn_ranks(eval_worker, 2, tmp_path, str(tmp_path), fsdp, refs)
-    for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got["captions"] == single.captions
-        assert got["metrics"] == pytest.approx(single.metrics, rel=1e-12)
+    spawn_ranks(eval_worker, 2, tmp_path, str(tmp_path), refs)
+    for name in ("replicated", "fsdp"):
+        for rank in range(2):
+            got = json.loads((tmp_path / f"{name}_rank{rank}.json").read_text())
+            assert got["captions"] == single.captions, (name, rank)
+            assert got["metrics"] == pytest.approx(single.metrics, rel=1e-12)
