@@ -251,10 +251,11 @@ class MixedLoader(SampleCounters):
         return batch
 
     def close(self) -> None:
-        """Stop the map-style workers (a later ``next()`` starts them again)."""
+        """Stop the workers (a later ``next()`` starts them again)."""
         if self._iterator is not None:
             self._iterator.close()
             self._iterator = None
+        self.shards.close()
 
     def stats(self) -> dict:
         """Per-rank counters, the step and the epoch (``step // steps_per_epoch``)."""

@@ -20,11 +20,14 @@ parent watchdog.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing.util  # noqa: F401 (its exit hook is registered before ours, runs after)
 import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -142,12 +145,33 @@ def stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def close_live_loaders() -> None:
+    """Stop the workers of loaders still open at interpreter exit. Registered after
+    ``multiprocessing``'s own exit hook, so it runs first: that hook SIGTERMs daemonic children
+    and then joins them, which would wait forever for workers that ignore SIGTERM."""
+    for loader in list(_LIVE):
+        try:
+            loader.close()
+        except Exception:
+            pass
+
+
+def close_at_exit(loader: object) -> None:
+    """Have ``loader.close()`` called at interpreter exit if it is still alive then."""
+    _LIVE.add(loader)
+
+
 class Pipeline:
     """A started node graph: ``next()`` gives batches; :meth:`close` stops its threads and
     worker processes."""
 
     def __init__(self, root: BaseNode, mapper: ParallelMapper, threaded: list[BaseNode]) -> None:
         self.mapper, self.threaded = mapper, threaded
+        close_at_exit(self)
         with stop_signals_blocked():  # iter() resets the graph: threads and workers start here
             self._iterator = iter(Loader(root, restart_on_stop_iteration=False))
 

@@ -44,6 +44,7 @@ from blip_recipes.config.sections import DataConfig
 from blip_recipes.data._seeding import derive_seed, private_generator
 from blip_recipes.data.captions import pre_caption
 from blip_recipes.data.loader import IgnoreStopSignals, SampleCounters, bad_record
+from blip_recipes.data.nodes import close_at_exit
 from blip_recipes.data.remote import is_remote, local_path, open_shard, read_small
 from blip_recipes.data.transforms import BadImage, open_image
 
@@ -357,6 +358,7 @@ class ShardLoader(SampleCounters):
         self.consumed = 0
         self._init_counters()
         self._iterator = None
+        close_at_exit(self)
         if len(self.shards) < ctx.world_size * self.streams_per_rank:
             logger.warning(
                 "%d shards for %d streams (world size x workers): every stream reads every shard",
@@ -401,6 +403,15 @@ class ShardLoader(SampleCounters):
         self._count_batch(bad, records)
         return batch
 
+    def close(self) -> None:
+        """Stop the worker processes (a later ``next()`` starts them again). Also done at
+        interpreter exit: the workers ignore SIGTERM, which ``multiprocessing`` would wait on."""
+        if self._iterator is not None:
+            shutdown = getattr(self._iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self._iterator = None
+
     def stats(self) -> dict:
         """Per-rank counters: samples delivered, bad samples replaced, epoch."""
         return {**self._counter_stats(), "epoch": self.epoch}
@@ -439,7 +450,7 @@ class ShardLoader(SampleCounters):
             self.consumed = 0
         self.samples = int(state.get("samples", 0))
         self.bad_samples = int(state.get("bad_samples", 0))
-        self._iterator = None
+        self.close()
 
 
 def write_shard(path: str, samples: list[tuple[str, bytes, str, str]]) -> None:

@@ -160,3 +160,32 @@ def test_workers_ignore_stop_signals_and_close(synthetic_tokenizer):
     assert _equal(
         _take(loader, 1), _take(build_train_loader(_cfg(), synthetic_tokenizer, 16, 3, 0, 1), 7)[6:]
     )
+
+
+EXIT_WITH_OPEN_LOADER = """
+import sys
+from blip_recipes.config import DataConfig, DataSourceConfig, TokenizerConfig
+from blip_recipes.data import build_tokenizer, build_train_loader
+source = DataSourceConfig(**eval(sys.argv[1]))
+cfg = DataConfig(sources=[source], batch_size=4, num_workers=2, pin_memory=False)
+loader = build_train_loader(cfg, build_tokenizer(TokenizerConfig(kind="synthetic")), 16, 0)
+next(loader)
+print("batch")
+"""
+
+
+def exit_with_open_loader(source: dict) -> None:
+    """A process that ends with its loader's workers alive (they ignore SIGTERM) still exits."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_OPEN_LOADER, repr(source)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "batch", out.stderr
+
+
+def test_process_exits_with_an_open_loader():
+    exit_with_open_loader({"kind": "synthetic", "num_samples": 40, "image_size": 32})

@@ -156,3 +156,9 @@ def test_shard_image_ids_hash_shard_and_key(shard_dir, synthetic_tokenizer):
     loader = build_train_loader(_cfg(shard_dir, 0, batch_size=5), synthetic_tokenizer, 16, 7, 0, 1)
     seen = torch.cat([next(loader)["image_ids"] for _ in range(7)]).tolist()  # one epoch
     assert sorted(seen) == sorted(every)
+
+
+def test_process_exits_with_an_open_shard_loader(shard_dir):
+    from tests.data.test_loader import exit_with_open_loader
+
+    exit_with_open_loader({"kind": "shards", "paths": [str(shard_dir / "shards-{000..004}.tar")]})
