@@ -81,6 +81,12 @@ def as_captioner(model: BlipPretrain) -> BlipCaptioner:
     return model  # type: ignore[return-value]
 
 
+def register_caption_entry_point(model: BlipCaptioner) -> None:
+    """Make `decoder_logits` an FSDP2 forward of the root unit (after `parallelize_blip`; a
+    no-op for an unsharded model)."""
+    register_fsdp_forward_method(model, CAPTION_ENTRY_POINT)
+
+
 def freeze_unused_parameters(model: BlipPretrain) -> list[str]:
     """Turn off gradients of what captioning never runs: the temperature, the ITC projections,
     the ITM head and the MED's bidirectional (encoder) self-attention. They stay in the model
@@ -296,8 +302,7 @@ def build_captioning(
     freeze_unused_parameters(model)
     mesh = dist_info.mesh if dist_info.sharded else None
     plan = parallelize_blip(model, None, cfg.parallel, mesh, param_dtype)
-    if mesh is not None:
-        register_fsdp_forward_method(model, CAPTION_ENTRY_POINT)
+    register_caption_entry_point(model)
     materialize(model, dist_info.device)
     weights = captioning_initial_weights(cfg, tokenizer) if dist_info.is_main else {}
     options = StateDictOptions(full_state_dict=True, strict=True,
@@ -332,4 +337,5 @@ __all__ = [
     "caption_loss",
     "captioning_initial_weights",
     "freeze_unused_parameters",
+    "register_caption_entry_point",
 ]

@@ -16,6 +16,7 @@ from blip_recipes.caption_step import (
     caption_loss,
     captioning_initial_weights,
     freeze_unused_parameters,
+    register_caption_entry_point,
 )
 from blip_recipes.config import Config
 from blip_recipes.data import build_tokenizer
@@ -23,6 +24,7 @@ from blip_recipes.interop.convert import save_training_checkpoint
 from blip_recipes.models import build_model
 from blip_recipes.models.med import DECODER_ROWS
 from blip_recipes.models.vit import interpolate_pos_embed
+from blip_recipes.parallel._testing import spawn_ranks
 from blip_recipes.pretrain_step import DeviceBatch
 from tests.models.tiny_blip import DEC_ID, PAD_ID, make_model
 
@@ -153,3 +155,38 @@ def test_initial_weights_of_another_shape_are_refused(tmp_path):
     path = save_training_checkpoint(source, None, tmp_path / "other")
     with pytest.raises(ValueError, match="vision_proj.weight"):
         captioning_initial_weights(tiny_config(tmp_path, 32, str(path)), tok)
+
+
+def fsdp_loss_worker(rank: int, world: int, out_dir: str) -> None:
+    """One gloo rank: the loss and gradient norm of an FSDP2-sharded captioner on the full batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from blip_recipes.config.sections import ParallelConfig
+    from blip_recipes.parallel import parallelize_blip
+    from blip_recipes.pretrain_step import global_grad_norm
+
+    torch.set_num_threads(1)
+    model = as_captioner(make_model())
+    freeze_unused_parameters(model)
+    parallelize_blip(model, None, ParallelConfig(), init_device_mesh("cpu", (world,)))
+    register_caption_entry_point(model)
+    loss = caption_loss(model, *captions_batch(), PROMPT_LENGTH)
+    loss.backward()
+    norm = global_grad_norm([p for p in model.parameters() if p.requires_grad])
+    torch.save({"loss": loss.detach(), "norm": norm}, f"{out_dir}/rank{rank}.pt")
+
+
+def test_loss_under_fsdp2_equals_one_process(tmp_path):
+    """`decoder_logits` as a registered FSDP2 entry point: the same loss and gradient norm on
+    2 gloo ranks as in one process (frozen parameters mixed into the sharded units)."""
+    model = as_captioner(make_model())
+    freeze_unused_parameters(model)
+    loss = caption_loss(model, *captions_batch(), PROMPT_LENGTH)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    spawn_ranks(fsdp_loss_worker, 2, tmp_path, str(tmp_path))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["norm"], norm, rtol=1e-4, atol=1e-6)
