@@ -17,9 +17,10 @@ LR scheduler step. No host sync except the skip decision of a non-fused optimize
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 
 from blip_recipes import objective
 from blip_recipes.build import initial_weights, model_kwargs
-from blip_recipes.config import Config
+from blip_recipes.config import Config, LaunchContext, register_validator
 from blip_recipes.models import build_model
 from blip_recipes.models.blip import BlipPretrain
 from blip_recipes.models.med import DECODER_ROWS
@@ -43,6 +44,30 @@ CAPTION_ENTRY_POINT = "decoder_logits"
 _CAPTIONING_PARTS = ("visual_encoder.", "lm_head.", "text.embeddings.")
 _UNUSED_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.")
 """Weights a captioning start point must provide (the MED layers are checked by shape)."""
+
+
+@register_validator
+def _caption_section(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    """`[caption]` checks (registered when the caption fine-tuning recipe imports this module)."""
+    cap = cfg.caption
+    if cap.eval_every_epochs < 0:
+        yield f"'caption.eval_every_epochs' must be >= 0, got {cap.eval_every_epochs}"
+    if cap.num_beams < 1:
+        yield f"'caption.num_beams' must be >= 1, got {cap.num_beams}"
+    if not 0 <= cap.min_length <= cap.max_length:
+        yield (
+            f"'caption.min_length' ({cap.min_length}) must be between 0 and 'caption.max_length' "
+            f"({cap.max_length})"
+        )
+    if cap.repetition_penalty <= 0:
+        yield f"'caption.repetition_penalty' must be positive, got {cap.repetition_penalty}"
+    if cap.min_lr < 0 or cap.min_lr > cfg.optimizer.lr:
+        yield (
+            f"'caption.min_lr' ({cap.min_lr}) must be between 0 and 'optimizer.lr' "
+            f"({cfg.optimizer.lr})"
+        )
+    if cap.test_annotation and not Path(cap.test_annotation).is_file():
+        yield f"'caption.test_annotation' {cap.test_annotation} does not exist (or is not a file)"
 
 
 class BlipCaptioner(BlipPretrain):

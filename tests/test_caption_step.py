@@ -18,7 +18,7 @@ from blip_recipes.caption_step import (
     freeze_unused_parameters,
     register_caption_entry_point,
 )
-from blip_recipes.config import Config
+from blip_recipes.config import Config, ConfigError, LaunchContext, validate
 from blip_recipes.data import build_tokenizer
 from blip_recipes.interop.convert import save_training_checkpoint
 from blip_recipes.models import build_model
@@ -190,3 +190,17 @@ def test_loss_under_fsdp2_equals_one_process(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["norm"], norm, rtol=1e-4, atol=1e-6)
+
+
+def test_caption_section_checks(tmp_path):
+    cfg = Config()
+    cfg.caption.num_beams, cfg.caption.min_length, cfg.caption.max_length = 0, 9, 8
+    cfg.caption.test_annotation = str(tmp_path / "missing.json")
+    cfg.caption.min_lr = 1.0
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, LaunchContext(checkpoints=False))
+    message = str(err.value)
+    assert "'caption.num_beams' must be >= 1, got 0" in message
+    assert "'caption.min_length' (9) must be between 0 and 'caption.max_length' (8)" in message
+    assert "'caption.min_lr' (1.0) must be between 0" in message
+    assert f"'caption.test_annotation' {tmp_path / 'missing.json'} does not exist" in message
