@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,8 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
             self.test_data = load_caption_data(cfg.caption.test_annotation, cfg.eval.image_root)
         self.best = BestScore()
         super().setup()
+        if self.resume_from is None and self.dist.is_main:
+            self._remove_stale_best()
         self.best_checkpointer = CheckpointManager(self.output_dir / BEST_DIR, keep_latest_k=1)
         logger.info(
             "caption fine-tuning: prompt %r (%d tokens excluded from the loss), validation %s, "
@@ -119,6 +122,18 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
             f"{len(self.val_data.images)} images" if self.val_data else "none",
             f"{len(self.test_data.images)} images" if self.test_data else "none",
         )  # fmt: skip
+
+    def _remove_stale_best(self) -> None:
+        """A fresh start owns best/ and caption_best.json: what an earlier run left there (one
+        that stopped before its first training checkpoint) is removed, with a warning."""
+        stale = [p for p in (self.output_dir / BEST_DIR, self.output_dir / "caption_best.json")
+                 if p.exists()]  # fmt: skip
+        for path in stale:
+            logger.warning("fresh start: removing %s of an earlier run", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def _build_loader(self) -> Any:
         """The training loader, tokenizing `caption.prompt + pre_caption(caption)`."""

@@ -126,8 +126,12 @@ def test_bitwise_resume(splits, tmp_path):
              "caption.method=greedy", "caption.max_length=24"]  # fmt: skip
     straight = finetune(splits, tmp_path / "straight", "training.steps=8", *extra)
     assert_ok(straight)
+    stale = tmp_path / "resumed" / "best" / "step-4" / "left-by-an-earlier-run"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
     first = finetune(splits, tmp_path / "resumed", "training.steps=4", *extra)
     assert_ok(first)
+    assert not stale.exists()  # a fresh start clears best/
     second = finetune(splits, tmp_path / "resumed", "training.steps=8", *extra)
     assert_ok(second)
     assert "resumed from" in second.proc.stderr
