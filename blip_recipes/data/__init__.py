@@ -4,7 +4,9 @@ Public surface (what recipes use):
 
 - :func:`build_tokenizer` (``[tokenizer]`` section) -> :class:`Tokenizer`
 - :func:`build_train_loader` (``[data]`` section) -> infinite, resumable iterator of
-  ``{"images": uint8 (B,3,s,s), "input_ids": int64 (B,L), "attention_mask": int64 (B,L)}``
+  ``{"images": uint8 (B,3,s,s), "input_ids": int64 (B,L), "attention_mask": int64 (B,L),
+  "image_ids": int64 (B,)}`` over map-style sources (:class:`TrainLoader`, a ``torchdata.nodes``
+  graph), tar shards (``ShardLoader``) or both mixed by weight (``MixedLoader``)
 - :data:`IMAGE_MEAN`, :data:`IMAGE_STD`, :func:`normalize_images` (on the device)
 - :func:`build_train_transform`, :func:`build_eval_transform`, :func:`load_retrieval_annotations`
 - :func:`pre_caption`, :func:`synthetic_sample`

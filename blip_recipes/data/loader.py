@@ -60,6 +60,7 @@ from blip_recipes.data.nodes import (
     SamplePositions,
     SampleTask,
     build_pipeline,
+    stack,
 )
 from blip_recipes.data.sources import MapSource, build_map_source
 from blip_recipes.data.transforms import BadImage, TrainTransform, open_image
@@ -200,7 +201,7 @@ class MapBatchMaker:
         images, captions, image_ids, bad = load_map_samples(self.plan, ctx, epoch, positions)
         input_ids, attention_mask = ctx.tokenizer(captions)
         return {
-            "images": torch.stack(images),
+            "images": stack(images),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "image_ids": torch.tensor(image_ids, dtype=torch.int64),

@@ -43,7 +43,7 @@ from blip_recipes.data.loader import (
     SampleCounters,
     load_map_samples,
 )
-from blip_recipes.data.nodes import Pipeline, build_pipeline
+from blip_recipes.data.nodes import Pipeline, build_pipeline, stack
 from blip_recipes.data.shards import ShardLoader, list_shards, shard_sizes
 
 logger = logging.getLogger("blip_recipes.data")
@@ -121,7 +121,7 @@ class MixedMapPart:
         if images:
             input_ids, attention_mask = self.ctx.tokenizer(captions)
             out.update(
-                images=torch.stack(images),
+                images=stack(images),
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 image_ids=torch.tensor(image_ids, dtype=torch.int64),
