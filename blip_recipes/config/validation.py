@@ -537,11 +537,11 @@ def _files(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
             )
             yield f"'{key}' {source} {problem}{hint}"
     kinds = {s.kind for s in cfg.data.sources}
-    if "shards" in kinds and kinds != {"shards"}:
-        yield (
-            "'data.sources' mixes tar shards with json/jsonl/synthetic sources, which the loader "
-            "cannot do: convert the annotations to shards with tools/build_shards.py"
-        )
+    if "shards" in kinds and kinds != {"shards"} and cfg.training.steps_per_epoch is not None:
+        for i, src in enumerate(cfg.data.sources):  # the mix's share needs the shard sizes
+            if src.kind == "shards":
+                for problem in _shard_size_problem(f"data.sources.{i}.paths", src.paths):
+                    yield f"{problem}; mixing shards with json/jsonl/synthetic sources needs them"
     for i, src in enumerate(cfg.data.sources):
         yield from _source_files(i, src, cfg)
     yield from _checkpoint_paths(cfg, ctx)
