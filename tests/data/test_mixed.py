@@ -122,3 +122,37 @@ def test_unknown_shard_sizes_are_named(shard_dir, synthetic_tokenizer):
     (shard_dir / "sizes.json").unlink()
     with pytest.raises(ValueError, match="needs every shard's size.*sizes.json"):
         build_train_loader(_cfg(shard_dir), synthetic_tokenizer, 16, 7, 0, 1)
+
+
+def test_bad_samples_of_both_kinds_are_replaced_and_logged(tmp_path, synthetic_tokenizer):
+    import io
+
+    img, caption = synthetic_sample(1, 0, 32)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    good = buf.getvalue()
+    samples = [(f"k{i}", good, "jpg", caption) for i in range(8)]
+    samples[3] = ("k3", good[:60], "jpg", caption)  # truncated
+    write_shard(str(tmp_path / "bad.tar"), samples)
+    (tmp_path / "sizes.json").write_text('{"bad.tar": 8}')
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"image": "missing.jpg", "caption": "gone"}]))
+    cfg = DataConfig(
+        sources=[
+            DataSourceConfig(kind="synthetic", num_samples=7, image_size=32),
+            DataSourceConfig(kind="json", paths=[str(ann)], image_root=str(tmp_path)),
+            DataSourceConfig(kind="shards", paths=[str(tmp_path / "bad.tar")]),
+        ],
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=1,
+        pin_memory=False,
+        max_bad_fraction=1.0,
+    )
+    loader = build_train_loader(cfg, synthetic_tokenizer, 16, 0, 0, 1)
+    loader.open_bad_sample_log(tmp_path / "run")
+    for _ in range(8):  # two epochs of 16 samples
+        assert next(loader)["images"].shape == (4, 3, 16, 16)
+    log = [json.loads(x) for x in (tmp_path / "run" / "bad_samples.rank0.jsonl").open()]
+    assert {r["sample"].rsplit("/", 1)[-1] for r in log} == {"missing.jpg", "k3.jpg"}
+    assert loader.stats()["bad_samples"] == len(log) and loader.stats()["samples"] == 32
