@@ -118,8 +118,8 @@ def lr_at_step(
     raise ValueError(f"unknown lr_scheduler.name {cfg.name!r}; expected 'step' or 'cosine'")
 
 
-class BlipLRScheduler(LRScheduler):
-    """Sets every param group's LR to :func:`lr_at_step` of the global step.
+class StepFunctionLR(LRScheduler):
+    """Sets every param group's LR to :meth:`lr_at` of the global step (subclasses define it).
 
     Usual PyTorch protocol: construct after the optimizer (step 0's LR is set at once), call
     ``step()`` after each ``optimizer.step()``. ``last_epoch`` counts optimizer steps (PyTorch's
@@ -127,6 +127,28 @@ class BlipLRScheduler(LRScheduler):
     with the formula. ``state_dict`` holds only the step: a resumed run with edited schedule
     settings follows the new settings from the resumed step on.
     """
+
+    def lr_at(self, step: int) -> float:
+        """LR of 0-based global ``step``."""
+        raise NotImplementedError
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        lr = self.lr_at(self.last_epoch)
+        return [lr for _ in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = int(state_dict["step"])
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
+class BlipLRScheduler(StepFunctionLR):
+    """The ``[lr_scheduler]`` schedule: :func:`lr_at_step` of the global step."""
 
     def __init__(
         self,
@@ -147,22 +169,45 @@ class BlipLRScheduler(LRScheduler):
         super().__init__(optimizer)
 
     def lr_at(self, step: int) -> float:
-        """LR of 0-based global ``step``."""
         return lr_at_step(step, self.cfg, self.peak_lr, self.steps_per_epoch, self.total_steps)
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        lr = self.lr_at(self.last_epoch)
-        return [lr for _ in self.optimizer.param_groups]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.last_epoch}
+def epoch_cosine_lr(epoch: int, peak_lr: float, min_lr: float, epochs: int) -> float:
+    """The reference fine-tuning schedule: ``min + (peak - min) * (1 + cos(pi * e / E)) / 2``
+    for 0-based epoch ``e`` of ``E``."""
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * epoch / epochs))
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_epoch = int(state_dict["step"])
-        lrs = self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self._last_lr = lrs
+
+class EpochCosineLR(StepFunctionLR):
+    """Per-epoch cosine decay (the fine-tuning recipes): every step of epoch e uses
+    :func:`epoch_cosine_lr`, so the LR is constant within an epoch.
+
+    Args:
+        optimizer: all its groups follow the schedule.
+        peak_lr: LR of epoch 0 (``optimizer.lr``).
+        min_lr: the floor the cosine approaches at ``epochs`` (0 in the reference).
+        steps_per_epoch: optimizer steps per epoch.
+        epochs: E, the length of the schedule in epochs.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        peak_lr: float,
+        min_lr: float,
+        steps_per_epoch: int,
+        epochs: int,
+    ) -> None:
+        if steps_per_epoch <= 0 or epochs <= 0:
+            raise ValueError(
+                f"steps_per_epoch and epochs must be positive, got {steps_per_epoch}, {epochs}"
+            )
+        self.peak_lr, self.min_lr = peak_lr, min_lr
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        super().__init__(optimizer)
+
+    def lr_at(self, step: int) -> float:
+        return epoch_cosine_lr(step // self.steps_per_epoch, self.peak_lr, self.min_lr, self.epochs)
 
 
 def build_lr_scheduler(

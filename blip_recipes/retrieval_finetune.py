@@ -7,18 +7,13 @@
   them (as the reference loads them), otherwise they are copies of the model / fresh queues.
 - `freeze_decoder`: the captioning decoder (causal self-attention, LM head) is never run by
   the retrieval losses; its parameters are left out of the optimizer.
-- `EpochCosineLR`: the reference's per-epoch cosine schedule.
-- `BestRetrieval`: which evaluation was best so far (a checkpoint `Stateful`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,8 +23,6 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.checkpoint.stateful import Stateful
-from torch.optim.lr_scheduler import LRScheduler
 
 from blip_recipes.config import Config, LaunchContext, register_validator
 from blip_recipes.models.vit import interpolate_pos_embed
@@ -171,94 +164,6 @@ def load_pretrained(
     return found
 
 
-def epoch_cosine_lr(epoch: int, peak_lr: float, min_lr: float, epochs: int) -> float:
-    """The reference's `cosine_lr_schedule`: `min + (peak - min) * (1 + cos(pi * e / E)) / 2`."""
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * epoch / epochs))
-
-
-class EpochCosineLR(LRScheduler):
-    """Per-epoch cosine decay: every step of epoch e uses `epoch_cosine_lr(e, ...)`.
-
-    Stepped once per optimizer step like every scheduler of this project; the LR is a pure
-    function of the step (`state_dict` is the step), so a resume sets the same LR.
-
-    Args:
-        optimizer: all its groups follow the schedule.
-        peak_lr: LR of epoch 0 (`optimizer.lr`).
-        min_lr: the floor the cosine approaches at `epochs` (0 in the reference).
-        steps_per_epoch: optimizer steps per epoch.
-        epochs: E, the length of the run in epochs (rounded up).
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        peak_lr: float,
-        min_lr: float,
-        steps_per_epoch: int,
-        epochs: int,
-    ) -> None:
-        if steps_per_epoch <= 0 or epochs <= 0:
-            raise ValueError(
-                f"steps_per_epoch and epochs must be positive, got {steps_per_epoch}, {epochs}"
-            )
-        self.peak_lr, self.min_lr = peak_lr, min_lr
-        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
-        super().__init__(optimizer)
-
-    def lr_at(self, step: int) -> float:
-        """LR of 0-based optimizer step `step`."""
-        epoch = step // self.steps_per_epoch
-        return epoch_cosine_lr(epoch, self.peak_lr, self.min_lr, self.epochs)
-
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        return [self.lr_at(self.last_epoch) for _ in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.last_epoch}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_epoch = int(state_dict["step"])
-        lrs = self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self._last_lr = lrs
-
-
 SELECTION_KEY = "r_mean"
 """The validation number the best weights are chosen by: the mean of R@1/5/10 over text and
 image retrieval (the reference's `r_mean`)."""
-
-
-class BestRetrieval(Stateful):
-    """The best validation result so far and when it was reached (checkpointed, so a resumed
-    run keeps comparing against it).
-
-    Attributes:
-        step: optimizer step of the best evaluation (-1: none yet).
-        epoch: its epoch (0-based).
-        metrics: its validation metrics.
-    """
-
-    def __init__(self) -> None:
-        self.step, self.epoch, self.metrics = -1, -1, {}
-
-    @property
-    def score(self) -> float:
-        return self.metrics.get(SELECTION_KEY, -math.inf)
-
-    def offer(self, step: int, epoch: int, metrics: dict[str, float]) -> bool:
-        """Record `metrics` if they beat the best so far (strictly); True when they do."""
-        if metrics[SELECTION_KEY] <= self.score:
-            return False
-        self.step, self.epoch, self.metrics = step, epoch, dict(metrics)
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        # metrics as one JSON string: DCP loads the keys the fresh object asks for, and a fresh
-        # object has no metric keys yet
-        return {"step": self.step, "epoch": self.epoch, "metrics": json.dumps(self.metrics)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step, self.epoch = int(state_dict["step"]), int(state_dict["epoch"])
-        self.metrics = {k: float(v) for k, v in json.loads(state_dict["metrics"]).items()}

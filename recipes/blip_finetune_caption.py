@@ -28,24 +28,17 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
 
+from blip_recipes.best_weights import BestWeights
 from blip_recipes.caption_step import CaptionStep, PromptedTokenizer, build_captioning
 from blip_recipes.checkpoint import (
-    MODEL,
     MOMENTUM,
-    CheckpointManager,
-    ModelWrapper,
-    NonFiniteCheckpointError,
-    load_states,
 )
-from blip_recipes.config import parse_recipe_args, to_toml
+from blip_recipes.config import to_toml
 from blip_recipes.data import build_train_loader
 from blip_recipes.evaluation.captioning import (
     SELECTION_KEY,
@@ -55,33 +48,16 @@ from blip_recipes.evaluation.captioning import (
     load_caption_data,
 )
 from blip_recipes.generation import prompt_ids
-from blip_recipes.metrics.run_logging import configure_logging
+from blip_recipes.optim import EpochCosineLR
 from blip_recipes.parallel.fsdp import reshard_all
 from blip_recipes.pretrain_step import StepResult
-from blip_recipes.retrieval_finetune import EpochCosineLR
-from recipes.blip_pretrain import BlipPretrainRecipe, NonFiniteLossError
+from recipes.blip_pretrain import BlipPretrainRecipe
 
 logger = logging.getLogger("blip_finetune_caption")
 
 BEST_STATE = "caption_best"
 """Checkpoint key of the best validation score so far (a resumed run keeps comparing to it)."""
-BEST_DIR = "best"
-"""Folder (in job.output_dir) of the kept weights: best/step-N, a model-only DCP checkpoint."""
-
-
-class BestScore(Stateful):
-    """The best validation selection score (CIDEr + BLEU-4) so far and the step it was reached."""
-
-    def __init__(self) -> None:
-        self.score = float("-inf")
-        self.step = -1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "step": self.step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.score = float(state_dict["score"])
-        self.step = int(state_dict["step"])
+BEST_RECORD = "caption_best.json"
 
 
 class _EpochEndEvaluation:
@@ -111,29 +87,13 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
             self.val_data = load_caption_data(cfg.eval.annotation, cfg.eval.image_root)
         if cfg.caption.test_annotation:
             self.test_data = load_caption_data(cfg.caption.test_annotation, cfg.eval.image_root)
-        self.best = BestScore()
         super().setup()
-        if self.resume_from is None and self.dist.is_main:
-            self._remove_stale_best()
-        self.best_checkpointer = CheckpointManager(self.output_dir / BEST_DIR, keep_latest_k=1)
         logger.info(
             "caption fine-tuning: prompt %r (%d tokens excluded from the loss), validation %s, "
             "test %s", cfg.caption.prompt, self.prompt_length,
             f"{len(self.val_data.images)} images" if self.val_data else "none",
             f"{len(self.test_data.images)} images" if self.test_data else "none",
         )  # fmt: skip
-
-    def _remove_stale_best(self) -> None:
-        """A fresh start owns best/ and caption_best.json: what an earlier run left there (one
-        that stopped before its first training checkpoint) is removed, with a warning."""
-        stale = [p for p in (self.output_dir / BEST_DIR, self.output_dir / "caption_best.json")
-                 if p.exists()]  # fmt: skip
-        for path in stale:
-            logger.warning("fresh start: removing %s of an earlier run", path)
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
 
     def _build_loader(self) -> Any:
         """The training loader, tokenizing `caption.prompt + pre_caption(caption)`."""
@@ -153,6 +113,11 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
             self.cfg, self.tokenizer, self.dist, self.compute_dtype
         )
         self.momentum = None
+        self.best = BestWeights(self.output_dir, SELECTION_KEY, to_toml(self.cfg))
+        if self.resume_from is None:  # a fresh start owns best/ and the best record
+            self.best.clear_stale(self.dist.is_main)
+            if self.dist.is_main:
+                (self.output_dir / BEST_RECORD).unlink(missing_ok=True)
 
     def _build_lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         """Cosine over `training.epochs` epochs, constant within an epoch."""
@@ -238,32 +203,17 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
             "(best so far %.4f)", self.step, epoch, m["Bleu_4"], m["CIDEr"], m[SELECTION_KEY],
             self.best.score,
         )  # fmt: skip
-        if m[SELECTION_KEY] > self.best.score:
-            self.best.score, self.best.step = m[SELECTION_KEY], self.step
-            self._save_best(values)
+        epoch_index = (self.step - 1) // self.steps_per_epoch
+        if self.best.offer(self.step, epoch_index, m, self.model) and self.dist.is_main:
+            record = {"step": self.step, **values, "checkpoint": str(self.best.path)}
+            (self.output_dir / BEST_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         return values
-
-    def _save_best(self, values: dict[str, float]) -> None:
-        path = self.best_checkpointer.save(
-            self.step, {MODEL: ModelWrapper(self.model)},
-            extra_files={"config.toml": to_toml(self.cfg)},
-        )  # fmt: skip
-        if self.dist.is_main:
-            record = {"step": self.step, **values, "checkpoint": str(path)}
-            (self.output_dir / "caption_best.json").write_text(json.dumps(record, indent=2) + "\n")
-        logger.info("new best CIDEr + BLEU-4 %.4f: weights kept in %s", self.best.score, path)
-
-    def best_checkpoint(self) -> Path | None:
-        """best/step-N of the kept weights, if any."""
-        return self.best_checkpointer.latest_complete()
 
     def test(self) -> dict[str, float]:
         """Caption and score the test split with the kept (best validation) weights, or the
         final ones when there was no validation; writes captions/test.json, caption_test.json."""
         assert self.test_data is not None
-        best = self.best_checkpoint()
-        if best is not None:
-            load_states(best, {MODEL: ModelWrapper(self.model)})
+        best = self.best.load_into(self.model)
         result = self.caption_split(self.test_data)
         record = {
             "step": int(best.name.split("-")[1]) if best is not None else self.step,
@@ -281,30 +231,19 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
         return record
 
     def cleanup(self) -> None:
-        checkpointer = getattr(self, "best_checkpointer", None)
-        if checkpointer is not None:
-            checkpointer.close()
-            del self.best_checkpointer
+        best = getattr(self, "best", None)
+        if best is not None:
+            best.close()
+            del self.best
         super().cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_recipe_args(argv, description=__doc__ or "")
-    configure_logging()
-    recipe = BlipFinetuneCaptionRecipe(cfg)
-    try:
-        recipe.setup()
-        recipe.train()
-    except (NonFiniteLossError, NonFiniteCheckpointError) as e:
-        logger.error("%s", e)
-        return 1
-    finally:
-        recipe.cleanup()
-    return 0
+    return BlipFinetuneCaptionRecipe.run(argv, __doc__ or "")
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__: list[Any] = ["BlipFinetuneCaptionRecipe", "BestScore", "main"]
+__all__: list[Any] = ["BlipFinetuneCaptionRecipe", "main"]

@@ -33,31 +33,18 @@ from typing import Any
 
 import torch
 
+from blip_recipes.best_weights import BestWeights
 from blip_recipes.build import build_pretraining
-from blip_recipes.checkpoint import (
-    MODEL,
-    CheckpointManager,
-    ModelWrapper,
-    NonFiniteCheckpointError,
-    is_complete,
-    load_states,
-)
-from blip_recipes.config import Config, parse_recipe_args, to_toml
+from blip_recipes.config import Config, to_toml
 from blip_recipes.data import normalize_images
 from blip_recipes.evaluation.retrieval import RetrievalData, evaluate_retrieval, load_retrieval_data
-from blip_recipes.metrics.run_logging import configure_logging
 from blip_recipes.momentum import MomentumState
+from blip_recipes.optim import EpochCosineLR
 from blip_recipes.parallel.fsdp import reshard_all
-from blip_recipes.retrieval_finetune import (
-    SELECTION_KEY,
-    BestRetrieval,
-    EpochCosineLR,
-    freeze_decoder,
-    load_pretrained,
-)
+from blip_recipes.retrieval_finetune import SELECTION_KEY, freeze_decoder, load_pretrained
 from blip_recipes.retrieval_step import RetrievalBatch, RetrievalStep
 from recipes.blip_eval_retrieval import format_table
-from recipes.blip_pretrain import BlipPretrainRecipe, NonFiniteLossError
+from recipes.blip_pretrain import BlipPretrainRecipe
 
 logger = logging.getLogger("blip_finetune_retrieval")
 
@@ -73,7 +60,6 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.best = BestRetrieval()
         self.val_data: RetrievalData | None = None
         self.test_data: RetrievalData | None = None
         self._last_val_record: dict[str, float] | None = None
@@ -107,6 +93,9 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
             logger.warning("no checkpoint.init_from: fine-tuning from the config's initial weights")
         frozen = freeze_decoder(self.model)
         logger.info("decoder-only parameters left out of the optimizer: %d tensors", len(frozen))
+        self.best = BestWeights(self.output_dir, SELECTION_KEY, to_toml(cfg))
+        if self.resume_from is None:
+            self.best.clear_stale(self.dist.is_main)
 
     def _build_lr_scheduler(self) -> EpochCosineLR:
         """Per-epoch cosine over `training.epochs` (or more, when `training.steps` asks for
@@ -135,9 +124,6 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
             self.test_data = load_retrieval_data(
                 cfg.retrieval.test_annotation, ev.image_root, cfg.data.max_words
             )
-        self.best_checkpointer = CheckpointManager(
-            self.output_dir / "best", keep_latest_k=1, finite_keys=(MODEL,)
-        )
         return self
 
     def _flops_per_sample(self) -> None:
@@ -184,8 +170,7 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
         epoch = (step - 1) // self.steps_per_epoch
         if self.val_data is None:
             if step == self.total_steps:
-                self.best.offer(step, epoch, {SELECTION_KEY: 0.0})
-                self._save_best(step)
+                self.best.offer(step, epoch, {SELECTION_KEY: 0.0}, self.model)
             return None
         results = self._score(self.val_data)
         record = {**results, "epoch": epoch}
@@ -193,19 +178,10 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
             self._last_val_record = record  # logged with the test metrics: one record a step
         else:
             self.metrics.log_eval(step, record)
-        if self.best.offer(step, epoch, results):
-            self._save_best(step)
+        self.best.offer(step, epoch, results, self.model)
         logger.info("epoch %d (step %d): val r_mean %.2f; best %.2f at epoch %d", epoch, step,
                     results[SELECTION_KEY], self.best.score, self.best.epoch)  # fmt: skip
         return results
-
-    def _save_best(self, step: int) -> None:
-        """The model weights into best/step-N (the previous best is pruned). A best saved
-        before an interruption and recomputed after the resume is the same: kept as it is."""
-        if is_complete(self.best_checkpointer.step_dir(step)):
-            return
-        self.best_checkpointer.save(step, {MODEL: ModelWrapper(self.model)},
-                                    extra_files={"config.toml": to_toml(self.cfg)})  # fmt: skip
 
     # ------------------------------------------------------------------ end of run
     def train(self) -> None:
@@ -219,14 +195,13 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
         report: dict[str, Any] = {
             "best_step": self.best.step,
             "best_epoch": self.best.epoch,
-            "best_dir": str(self.best_checkpointer.step_dir(self.best.step)),
+            "best_dir": str(self.best.path) if self.best.path is not None else None,
             "val": self.best.metrics if self.val_data is not None else None,
             "test": None,
         }
         if self.test_data is not None:
-            best_dir = self.best_checkpointer.step_dir(self.best.step)
-            if self.best.step != self.step and is_complete(best_dir):
-                load_states(best_dir, {MODEL: ModelWrapper(self.model)})
+            if self.best.step != self.step:
+                self.best.load_into(self.model)
             test = self._score(self.test_data)
             report["test"] = test
             last_val = self._last_val_record
@@ -243,26 +218,15 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
         return report
 
     def cleanup(self) -> None:
-        checkpointer = getattr(self, "best_checkpointer", None)
-        if checkpointer is not None:
-            checkpointer.close()
-            del self.best_checkpointer
+        best = getattr(self, "best", None)
+        if best is not None:
+            best.close()
+            del self.best
         super().cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_recipe_args(argv, description=__doc__ or "")
-    configure_logging()
-    recipe = BlipFinetuneRetrievalRecipe(cfg)
-    try:
-        recipe.setup()
-        recipe.train()
-    except (NonFiniteLossError, NonFiniteCheckpointError) as e:
-        logger.error("%s", e)
-        return 1
-    finally:
-        recipe.cleanup()
-    return 0
+    return BlipFinetuneRetrievalRecipe.run(argv, __doc__ or "")
 
 
 if __name__ == "__main__":

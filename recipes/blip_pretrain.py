@@ -132,6 +132,26 @@ class BlipPretrainRecipe:
         self._stop_signal: int | None = None
         self._launcher_pid: int | None = None
 
+    @classmethod
+    def run(cls, argv: list[str] | None, description: str) -> int:
+        """The recipe's command line: config from ``argv`` -> setup -> train -> cleanup.
+
+        Returns the exit status: 0, or 1 when the run diverged (too many non-finite steps, or a
+        checkpoint that would hold NaN/Inf), said in one line without a traceback.
+        """
+        cfg = parse_recipe_args(argv, description=description)
+        configure_logging()  # rank 0 on the console; every rank in <output_dir>/logs/rank<r>.log
+        recipe = cls(cfg)
+        try:
+            recipe.setup()
+            recipe.train()
+        except (NonFiniteLossError, NonFiniteCheckpointError) as e:
+            logger.error("%s", e)
+            return 1
+        finally:
+            recipe.cleanup()
+        return 0
+
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
@@ -542,18 +562,7 @@ class BlipPretrainRecipe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_recipe_args(argv, description=__doc__ or "")
-    configure_logging()  # rank 0 on the console; every rank in <output_dir>/logs/rank<r>.log
-    recipe = BlipPretrainRecipe(cfg)
-    try:
-        recipe.setup()
-        recipe.train()
-    except (NonFiniteLossError, NonFiniteCheckpointError) as e:  # diverged: say why, no traceback
-        logger.error("%s", e)
-        return 1
-    finally:
-        recipe.cleanup()
-    return 0
+    return BlipPretrainRecipe.run(argv, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -134,3 +134,22 @@ def test_bad_names():
     opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))])
     with pytest.raises(ValueError, match="lr_scheduler.name"):
         build_lr_scheduler(opt, LRSchedulerConfig(name="linear"), 1e-3, 10, 10)  # type: ignore[arg-type]
+
+
+def test_epoch_cosine_is_constant_within_an_epoch_and_resumes():
+    from blip_recipes.optim import EpochCosineLR
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1e-5)
+    schedule = EpochCosineLR(optimizer, peak_lr=1e-5, min_lr=0.0, steps_per_epoch=3, epochs=6)
+    lrs = []
+    for _ in range(18):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    expected = [0.5 * 1e-5 * (1 + math.cos(math.pi * (i // 3) / 6)) for i in range(18)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[0] == 1e-5 and lrs[3] < 1e-5
+    resumed = EpochCosineLR(torch.optim.AdamW([param], lr=1e-5), 1e-5, 0.0, 3, 6)
+    resumed.load_state_dict({"step": 7})
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected[7], rel=1e-12)

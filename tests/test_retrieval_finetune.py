@@ -3,22 +3,14 @@ the per-epoch cosine, the best-result state and the [retrieval] checks."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
-from blip_recipes.checkpoint import load_states
 from blip_recipes.config import Config, ConfigError, validate
 from blip_recipes.models.vit import interpolate_pos_embed
-from blip_recipes.retrieval_finetune import (
-    BestRetrieval,
-    EpochCosineLR,
-    fit_state_dict,
-    freeze_decoder,
-)
+from blip_recipes.retrieval_finetune import fit_state_dict, freeze_decoder
 from tests.models.tiny_blip import make_model
 
 
@@ -51,34 +43,6 @@ def test_freeze_decoder_leaves_the_retrieval_parameters_trainable():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "text.embeddings.word_embeddings.weight" in trainable  # shared with the encoder
     assert "text.layers.0.cross_attn.query.weight" in trainable and "temp" in trainable
-
-
-def test_epoch_cosine_is_constant_within_an_epoch_and_resumes():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([param], lr=1e-5)
-    schedule = EpochCosineLR(optimizer, peak_lr=1e-5, min_lr=0.0, steps_per_epoch=3, epochs=6)
-    lrs = []
-    for _ in range(18):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    expected = [0.5 * 1e-5 * (1 + math.cos(math.pi * (i // 3) / 6)) for i in range(18)]
-    assert lrs == pytest.approx(expected, rel=1e-12)
-    assert lrs[0] == 1e-5 and lrs[3] < 1e-5
-    resumed = EpochCosineLR(torch.optim.AdamW([param], lr=1e-5), 1e-5, 0.0, 3, 6)
-    resumed.load_state_dict({"step": 7})
-    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected[7], rel=1e-12)
-
-
-def test_best_result_is_strictly_better_and_survives_a_checkpoint(tmp_path):
-    best = BestRetrieval()
-    assert best.offer(10, 0, {"r_mean": 50.0, "txt_r1": 20.0})
-    assert not best.offer(20, 1, {"r_mean": 50.0})  # a tie keeps the earlier epoch
-    assert best.offer(30, 2, {"r_mean": 51.5, "txt_r1": 25.0})
-    dcp.save({"best": best}, checkpoint_id=str(tmp_path / "ckpt"))
-    loaded = BestRetrieval()
-    load_states(tmp_path / "ckpt", {"best": loaded})
-    assert (loaded.step, loaded.epoch, loaded.metrics) == (30, 2, {"r_mean": 51.5, "txt_r1": 25.0})
 
 
 def test_retrieval_section_checks(tmp_path):
