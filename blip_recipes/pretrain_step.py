@@ -280,15 +280,16 @@ class PretrainStep:
             if accum > 1 and hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(last)
             with self._autocast(device_type):
-                targets = self.momentum.targets(*batch)
+                targets = self.momentum.targets(batch.images, batch.input_ids,
+                                                batch.attention_mask)  # fmt: skip
                 self.generator.manual_seed(derive_seed(self.seed, self.rank, step * accum + index))
-                out = pretrain_losses(self.model, *batch, targets, alpha, self.generator)
+                out = self._losses(batch, targets, alpha)
             (out.loss if accum == 1 else out.loss / accum).backward()
             outputs.append(out)
             if not last:  # its features enter the queue before the next micro-batch's ITC
                 finite = agree_ok(out.loss, None, self.group)
                 all_finite = finite if all_finite is None else all_finite & finite
-                self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=finite)
+                self._enqueue(targets, batch, finite)
         grad_norm = global_grad_norm(self.parameters, self.grad_clip)
         ok = agree_ok(out.loss, grad_norm, self.group)
         if all_finite is not None:
@@ -296,10 +297,18 @@ class PretrainStep:
         self._optimizer_step(ok)
         if self.after_optimizer_step is not None:
             self.after_optimizer_step()
-        self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=ok)
+        self._enqueue(targets, batches[-1], ok)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         return StepResult(_mean_output(outputs), ok, grad_norm)
+
+    def _losses(self, batch: DeviceBatch, targets: MomentumTargets, alpha: float) -> BlipOutput:
+        """The objective of one micro-batch (``self.generator`` is seeded for it)."""
+        return pretrain_losses(self.model, *batch, targets, alpha, self.generator)
+
+    def _enqueue(self, targets: MomentumTargets, batch: DeviceBatch, valid: torch.Tensor) -> None:
+        """Put a micro-batch's momentum features into the queues (when ``valid``)."""
+        self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=valid)
 
     def _optimizer_step(self, ok: torch.Tensor) -> None:
         """Apply the update when `ok`. Fused AdamW skips on the device through its `found_inf`

@@ -14,7 +14,6 @@ these losses and an id-carrying enqueue.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -22,16 +21,11 @@ import torch.distributed as dist
 
 from blip_recipes import objective
 from blip_recipes.config import Config
-from blip_recipes.data._seeding import derive_seed
 from blip_recipes.models.blip import BlipOutput, BlipPretrain, MomentumTargets
 from blip_recipes.momentum import MomentumState
 from blip_recipes.parallel.distributed import DistInfo
 from blip_recipes.pretrain_step import (
     PretrainStep,
-    StepResult,
-    _mean_output,
-    agree_ok,
-    global_grad_norm,
 )
 from blip_recipes.retrieval_objective import itc_loss_with_ids, sample_negatives_by_id
 
@@ -181,49 +175,16 @@ class RetrievalStep(PretrainStep):
             step.negatives_group = dist_info.dp_group
         return step
 
-    def __call__(  # type: ignore[override]
-        self, batches: Sequence[RetrievalBatch], step: int, alpha: float
-    ) -> StepResult:
-        """One optimizer step over `grad_accum_steps` micro-batches already on the device.
+    def _losses(  # type: ignore[override]
+        self, batch: RetrievalBatch, targets: MomentumTargets, alpha: float
+    ) -> BlipOutput:
+        """`retrieval_losses`: the id queue as it stands before this micro-batch enqueues."""
+        return retrieval_losses(self.model, batch, targets, self.momentum.id_queue, alpha,
+                                self.generator, self.negatives_group)  # fmt: skip
 
-        Micro-batch i of step s draws its negatives from `derive_seed(seed, rank, s * accum
-        + i)`, as in pretraining.
-        """
-        accum = self.grad_accum_steps
-        if len(batches) != accum:
-            raise ValueError(f"expected {accum} micro-batches, got {len(batches)}")
-        self.model.clamp_temperature_()
-        device_type = batches[0].images.device.type
-        with self._autocast(device_type):
-            self.momentum.update(self.model)
-        outputs: list[BlipOutput] = []
-        all_finite = None
-        for index, batch in enumerate(batches):
-            last = index == accum - 1
-            if accum > 1 and hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(last)
-            with self._autocast(device_type):
-                targets = self.momentum.targets(batch.images, batch.input_ids,
-                                                batch.attention_mask)  # fmt: skip
-                self.generator.manual_seed(derive_seed(self.seed, self.rank, step * accum + index))
-                out = retrieval_losses(self.model, batch, targets, self.momentum.id_queue, alpha,
-                                       self.generator, self.negatives_group)  # fmt: skip
-            (out.loss if accum == 1 else out.loss / accum).backward()
-            outputs.append(out)
-            if not last:
-                finite = agree_ok(out.loss, None, self.group)
-                all_finite = finite if all_finite is None else all_finite & finite
-                self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=finite,
-                                      ids=batch.image_ids)  # fmt: skip
-        grad_norm = global_grad_norm(self.parameters, self.grad_clip)
-        ok = agree_ok(out.loss, grad_norm, self.group)
-        if all_finite is not None:
-            ok = ok & all_finite
-        self._optimizer_step(ok)
-        if self.after_optimizer_step is not None:
-            self.after_optimizer_step()
-        self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=ok,
-                              ids=batches[-1].image_ids)  # fmt: skip
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
-        return StepResult(_mean_output(outputs), ok, grad_norm)
+    def _enqueue(  # type: ignore[override]
+        self, targets: MomentumTargets, batch: RetrievalBatch, valid: torch.Tensor
+    ) -> None:
+        """The momentum features with the micro-batch's image ids."""
+        self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=valid,
+                              ids=batch.image_ids)  # fmt: skip
