@@ -40,6 +40,7 @@ def itc_loss(
     text_queue: torch.Tensor,
     temp: torch.Tensor,
     alpha: float | torch.Tensor,
+    ground_truth: torch.Tensor | None = None,
 ) -> ItcResult:
     """Image-text contrastive loss with momentum distillation over [local momentum | queue].
 
@@ -49,7 +50,9 @@ def itc_loss(
         image_queue, text_queue: (E, Q) unit-norm queued momentum features.
         temp: temperature, a 1-element tensor (gradient flows through it).
         alpha: distillation weight in [0, 1]; soft targets are
-            `alpha * softmax(sim_m) + (1 - alpha) * [I_B | 0]`.
+            `alpha * softmax(sim_m) + (1 - alpha) * ground_truth`.
+        ground_truth: (B, B + Q) target distributions, the same for both directions; None is
+            `[I_B | 0]` (pretraining: each pair is its own only positive).
 
     Returns:
         `ItcResult(loss = (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i)`.
@@ -65,10 +68,11 @@ def itc_loss(
             detached_temp = temp.detach()
             sim_i2t_m = image_feat_m @ text_all_m.t() / detached_temp
             sim_t2i_m = text_feat_m @ image_all_m.t() / detached_temp
-            identity = torch.zeros_like(sim_i2t_m)
-            identity.fill_diagonal_(1.0)
-            targets_i2t = alpha * sim_i2t_m.softmax(dim=1) + (1 - alpha) * identity
-            targets_t2i = alpha * sim_t2i_m.softmax(dim=1) + (1 - alpha) * identity
+            if ground_truth is None:
+                ground_truth = torch.zeros_like(sim_i2t_m)
+                ground_truth.fill_diagonal_(1.0)
+            targets_i2t = alpha * sim_i2t_m.softmax(dim=1) + (1 - alpha) * ground_truth
+            targets_t2i = alpha * sim_t2i_m.softmax(dim=1) + (1 - alpha) * ground_truth
         sim_i2t = image_feat @ text_all_m.t() / temp
         sim_t2i = text_feat @ image_all_m.t() / temp
         loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(dim=1).mean()

@@ -17,9 +17,8 @@ pretraining objective's. No host synchronisation, no Python loop over the batch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from blip_recipes.objective import ItcResult, _fp32_region
+from blip_recipes.objective import ItcResult, _fp32_region, itc_loss
 
 
 def same_id_mask(row_ids: torch.Tensor, column_ids: torch.Tensor) -> torch.Tensor:
@@ -68,23 +67,9 @@ def itc_loss_with_ids(
     Returns:
         `ItcResult(loss = (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i)`, similarities (B, B + Q).
     """
-    with _fp32_region(image_feat):
-        temp = temp.float().reshape(())
-        image_feat, text_feat = image_feat.float(), text_feat.float()
-        with torch.no_grad():
-            text_all_m = torch.cat([text_feat_m.float(), text_queue.float().t()], dim=0)
-            image_all_m = torch.cat([image_feat_m.float(), image_queue.float().t()], dim=0)
-            targets = id_targets(ids, torch.cat([ids.reshape(-1), id_queue.reshape(-1)]))
-            detached_temp = temp.detach()
-            sim_i2t_m = image_feat_m.float() @ text_all_m.t() / detached_temp
-            sim_t2i_m = text_feat_m.float() @ image_all_m.t() / detached_temp
-            targets_i2t = alpha * sim_i2t_m.softmax(dim=1) + (1 - alpha) * targets
-            targets_t2i = alpha * sim_t2i_m.softmax(dim=1) + (1 - alpha) * targets
-        sim_i2t = image_feat @ text_all_m.t() / temp
-        sim_t2i = text_feat @ image_all_m.t() / temp
-        loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(dim=1).mean()
-        loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets_t2i).sum(dim=1).mean()
-        return ItcResult((loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i)
+    ground_truth = id_targets(ids, torch.cat([ids.reshape(-1), id_queue.reshape(-1)]))
+    return itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                    temp, alpha, ground_truth)  # fmt: skip
 
 
 def masked_negative_weights(sim: torch.Tensor, same_image: torch.Tensor) -> torch.Tensor:
