@@ -18,6 +18,8 @@ class RecipeEntry:
     name: str
     file: str
     configs: tuple[str, ...]
+    trains: bool = True
+    """False for inference recipes: `blip run` skips the training-only config checks."""
 
     @property
     def path(self) -> Path:
@@ -28,8 +30,8 @@ RECIPES: dict[str, RecipeEntry] = {
     entry.name: entry
     for entry in (
         RecipeEntry("blip_pretrain", "blip_pretrain.py", ("debug", "base", "large")),
-        RecipeEntry("blip_eval_retrieval", "blip_eval_retrieval.py", ("eval_retrieval",)),
-        RecipeEntry("blip_capfilt", "blip_capfilt.py", ("capfilt",)),
+        RecipeEntry("blip_eval_retrieval", "blip_eval_retrieval.py", ("eval_retrieval",), False),
+        RecipeEntry("blip_capfilt", "blip_capfilt.py", ("capfilt",), False),
         RecipeEntry(
             "blip_finetune_caption", "blip_finetune_caption.py", ("finetune_caption_coco",)
         ),
@@ -40,6 +42,14 @@ RECIPES: dict[str, RecipeEntry] = {
         ),
     )
 }
+
+
+def recipe_trains(path: Path) -> bool:
+    """Whether the recipe file at ``path`` trains (unregistered recipes are assumed to)."""
+    for entry in RECIPES.values():
+        if entry.path == Path(path).resolve():
+            return entry.trains
+    return True
 
 
 def config_names() -> list[str]:

@@ -20,12 +20,14 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from blip_recipes._registry import (
     CONFIGS_DIR,
     RECIPES,
     config_names,
+    recipe_trains,
     resolve_config,
     resolve_recipe,
 )
@@ -313,7 +315,8 @@ def cmd_run(args: list[str]) -> int:
     config = resolve_config(config_arg)
     cfg = load_config(config, overrides)  # fail fast, before any process starts
     world_size = _launch_world_size(launcher) if launcher else None
-    validate(cfg, LaunchContext(world_size=world_size or 1) if launcher else None)
+    context = LaunchContext(world_size=world_size or 1) if launcher else LaunchContext.from_env()
+    validate(cfg, replace(context, checkpoints=recipe_trains(recipe)))
     recipe_argv = ["--config", str(config), *overrides]
     if not launcher:
         return run_recipe_in_process(recipe, recipe_argv)
@@ -369,7 +372,8 @@ def cmd_validate(args: list[str]) -> int:
         del rest[j : j + 2]
     path = resolve_config(config_arg) if config_arg is not None else None
     cfg = load_config(path, rest)
-    validate(cfg, LaunchContext(world_size=world_size))
+    trains = all(e.trains for e in RECIPES.values() if path is not None and path.stem in e.configs)
+    validate(cfg, LaunchContext(world_size=world_size, checkpoints=trains))
     print(to_toml(cfg))
     return 0
 

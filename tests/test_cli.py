@@ -279,3 +279,12 @@ def test_run_takes_the_stop_signals_from_torchrun(monkeypatch):
     launcher, ours = _stop_signals_for(["--signals-to-handle=SIGTERM,SIGUSR2"])
     assert launcher == ["--signals-to-handle=SIGTERM,SIGUSR2"]
     assert ours == (signal.SIGINT, signal.SIGUSR1)
+
+
+def test_inference_recipes_skip_the_training_only_checks():
+    """The queue must hold whole global batches of a training run; CapFilt and evaluation do
+    not train, so their configs validate at any world size."""
+    out = blip("validate", "--config", "debug", "--world-size", "7")
+    assert out.returncode == 2 and "'model.queue_size'" in out.stderr
+    out = blip("validate", "--config", "capfilt", "--world-size", "7")
+    assert "queue_size" not in out.stderr

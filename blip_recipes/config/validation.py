@@ -30,7 +30,9 @@ class LaunchContext:
 
     world_size: int = 1
     checkpoints: bool = True
-    """The recipe saves training checkpoints (enables the free-disk-space check)."""
+    """The recipe trains and saves training checkpoints: enables the free-disk-space check and
+    the training-only checks (queue size against the global batch). Inference recipes
+    (evaluation, CapFilt) set it False."""
 
     @classmethod
     def from_env(cls) -> LaunchContext:
@@ -317,6 +319,8 @@ def _output_dir(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
 
 @register_validator
 def _queue_holds_whole_global_batches(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    if not ctx.checkpoints:
+        return
     global_batch = cfg.data.batch_size * ctx.world_size
     if global_batch > 0 and cfg.model.queue_size % global_batch != 0:
         yield (
