@@ -288,3 +288,12 @@ def test_inference_recipes_skip_the_training_only_checks():
     assert out.returncode == 2 and "'model.queue_size'" in out.stderr
     out = blip("validate", "--config", "capfilt", "--world-size", "7")
     assert "queue_size" not in out.stderr
+
+
+def test_validate_runs_the_fine_tuning_section_checks():
+    out = blip(
+        "validate", "--config", "debug", "retrieval.eval_every_epochs=0", "caption.num_beams=0"
+    )
+    assert out.returncode == 2
+    assert "'retrieval.eval_every_epochs' must be >= 1" in out.stderr
+    assert "'caption.num_beams' must be >= 1" in out.stderr

@@ -51,6 +51,19 @@ def register_validator(fn: Validator) -> Validator:
     return fn
 
 
+SECTION_CHECK_MODULES = ("blip_recipes.retrieval_finetune", "blip_recipes.caption_step")
+"""Modules that register the checks of their recipe's own section ([retrieval], [caption])."""
+
+
+def _register_section_checks() -> None:
+    """Import the modules holding section checks, so `blip validate` and `blip run` (before any
+    process starts) check what the recipe itself would."""
+    import importlib
+
+    for name in SECTION_CHECK_MODULES:
+        importlib.import_module(name)
+
+
 def validate(cfg: Config, context: LaunchContext | None = None) -> None:
     """Run every registered validator.
 
@@ -58,6 +71,7 @@ def validate(cfg: Config, context: LaunchContext | None = None) -> None:
         ConfigError: with all problems, one per line.
     """
     context = context or LaunchContext.from_env()
+    _register_section_checks()
     errors = [msg for fn in _VALIDATORS for msg in fn(cfg, context)]
     if errors:
         raise ConfigError("\n".join(errors))
