@@ -8,6 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest worker processes (pytest-xdist); the suite's tests are single-threaded, so 2 workers use
+# both cores of a 2-core CI machine. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.blip-installed
 
@@ -31,7 +34,7 @@ demo: $(STAMP)
 	$(BIN)/blip run blip_pretrain --config debug job.output_dir=outputs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
