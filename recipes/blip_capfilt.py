@@ -47,6 +47,7 @@ from blip_recipes.capfilt import (
     UnitStats,
     WorkUnit,
     claim,
+    decode_threads,
     input_kind,
     load_checkpoint,
     merge_stats,
@@ -79,6 +80,7 @@ class CapfiltRecipe:
     # ---- setup
     def setup(self) -> None:
         c = self.cfg.capfilt
+        self.threads = decode_threads()
         missing = [k for k in ("captioner", "filter") if not getattr(c, k)]
         if missing or not c.inputs:
             what = [f"capfilt.{k}" for k in missing] + ([] if c.inputs else ["capfilt.inputs"])
@@ -189,7 +191,7 @@ class CapfiltRecipe:
             pairs = shard_pairs(unit) if unit.kind == "shards" else self.annotations.pairs(unit)
             with self._autocast():
                 kept, stats = process_unit(unit, pairs, self.captioner, self.scorer, settings,
-                                           self.cfg.job.seed, c.batch_size)  # fmt: skip
+                                           self.cfg.job.seed, c.batch_size, self.threads)  # fmt: skip
             to_bytes = shard_bytes if unit.kind == "shards" else jsonl_bytes
             write_atomic(self.folder.unit_output(unit), to_bytes(kept, c.captioner, c.filter))
             write_atomic(self.folder.unit_stats(unit), _json(stats.to_dict()))

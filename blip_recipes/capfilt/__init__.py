@@ -24,7 +24,7 @@ from blip_recipes.capfilt.models import (
     TextScores,
     load_checkpoint,
 )
-from blip_recipes.capfilt.process import FilterSettings, KeptImage, process_unit
+from blip_recipes.capfilt.process import FilterSettings, KeptImage, decode_threads, process_unit
 from blip_recipes.capfilt.run_folder import OutputFolderError, RunFolder, claim, run_identity
 from blip_recipes.capfilt.stats import UnitStats, merge_stats
 from blip_recipes.capfilt.units import (
@@ -56,6 +56,7 @@ __all__ = [
     "input_kind",
     "load_checkpoint",
     "merge_stats",
+    "decode_threads",
     "process_unit",
     "run_identity",
     "select_captions",

@@ -7,8 +7,11 @@ the unit's own readable images in order, and image ``i`` of unit ``u`` samples i
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -55,22 +58,51 @@ def _load(index: int, pair: WebPair, caption_transform, filter_transform) -> _Lo
     return _Loaded(index, pair, caption_pixels, filter_transform(pair.image))
 
 
+def decode_threads() -> int:
+    """Threads that decode and resize images for one rank: this host's cores shared by its ranks
+    (``LOCAL_WORLD_SIZE``), at most 8. Pillow releases the GIL while it decodes and resizes, so
+    threads keep the accelerator fed without worker processes."""
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, (os.cpu_count() or 1) // local_ranks))
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: Iterable, lookahead: int) -> Iterator:
+    """``map(fn, items)`` on ``pool`` in input order, at most ``lookahead`` items in flight (the
+    input is read lazily, so a shard streams)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= lookahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _batches(pairs: Iterable[WebPair], batch_size: int, sizes: tuple[int, int],
-             stats: UnitStats) -> Iterator[list[_Loaded]]:  # fmt: skip
-    """Readable images in order, ``batch_size`` at a time; bad ones are counted and named."""
+             stats: UnitStats, threads: int = 1) -> Iterator[list[_Loaded]]:  # fmt: skip
+    """Readable images in order, ``batch_size`` at a time; bad ones are counted and named.
+    ``threads`` decode ahead of the consumer (the result does not depend on how many)."""
     caption_transform = build_eval_transform(sizes[0])
     filter_transform = caption_transform if sizes[1] == sizes[0] else build_eval_transform(sizes[1])
-    batch: list[_Loaded] = []
-    for index, pair in enumerate(pairs):
-        stats.images += 1
+
+    def load(item: tuple[int, WebPair]) -> tuple[WebPair, _Loaded | BadImage]:
+        index, pair = item
         try:
-            batch.append(_load(index, pair, caption_transform, filter_transform))
+            return pair, _load(index, pair, caption_transform, filter_transform)
         except BadImage as e:
-            stats.bad_images.append({"image": pair.origin, "reason": str(e)})
-            continue
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
+            return pair, e
+
+    batch: list[_Loaded] = []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for pair, loaded in _in_order(pool, load, enumerate(pairs), 2 * batch_size):
+            stats.images += 1
+            if isinstance(loaded, BadImage):
+                stats.bad_images.append({"image": pair.origin, "reason": str(loaded)})
+                continue
+            batch.append(loaded)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
     if batch:
         yield batch
 
@@ -83,8 +115,9 @@ def process_unit(
     settings: FilterSettings,
     seed: int,
     batch_size: int = 32,
+    threads: int = 1,
 ) -> tuple[list[KeptImage], UnitStats]:
-    """Caption, score and filter every pair of ``unit``.
+    """Caption, score and filter every pair of ``unit`` (``threads`` decode images ahead).
 
     Returns:
         The kept images in input order, and the unit's statistics.
@@ -93,7 +126,7 @@ def process_unit(
     stats = UnitStats(unit=unit.index, source=unit.source)
     kept: list[KeptImage] = []
     sizes = (captioner.image_size, scorer.image_size)
-    for batch in _batches(pairs, batch_size, sizes, stats):
+    for batch in _batches(pairs, batch_size, sizes, stats, threads):
         seeds = [derive_seed(seed, unit.index, item.index) for item in batch]
         synthetic = captioner(torch.stack([item.caption_pixels for item in batch]), seeds)
         stats.captions_generated += sum(len(s) for s in synthetic)
@@ -124,4 +157,4 @@ def process_unit(
     return kept, stats
 
 
-__all__ = ["FilterSettings", "KeptImage", "process_unit"]
+__all__ = ["FilterSettings", "KeptImage", "decode_threads", "process_unit"]

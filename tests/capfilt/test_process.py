@@ -108,3 +108,20 @@ def test_batches_hold_batch_size_readable_images(tmp_path):
     unit = inputs.units()[0]
     process_unit(unit, inputs.pairs(unit), PlantedCaptioner(), scorer, FilterSettings(), 0, 5)
     assert scorer.calls == [5, 5, 1]
+
+
+def test_decode_threads_do_not_change_the_result(tmp_path):
+    """Images decode ahead on a thread pool; the kept images, captions, scores and statistics
+    (bad images included, in input order) are those of one thread."""
+    records = planted_corpus(tmp_path)
+    (tmp_path / "images" / records[3]["image"]).write_bytes(b"not an image")
+    inputs = AnnotationInputs([str(tmp_path / "web.json")], str(tmp_path / "images"), 100)
+    (unit,) = inputs.units()
+    one = process_unit(unit, inputs.pairs(unit), PlantedCaptioner(), PlantedScorer(), DEFAULT, 0,
+                       4, threads=1)  # fmt: skip
+    many = process_unit(unit, inputs.pairs(unit), PlantedCaptioner(), PlantedScorer(), DEFAULT, 0,
+                        4, threads=3)  # fmt: skip
+    assert [(k.pair.key, k.captions) for k in one[0]] == [(k.pair.key, k.captions) for k in many[0]]
+    one_stats, many_stats = one[1].to_dict(), many[1].to_dict()
+    one_stats.pop("seconds", None), many_stats.pop("seconds", None)
+    assert one_stats == many_stats and len(one[1].bad_images) == 1
