@@ -9,7 +9,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # pytest worker processes (pytest-xdist); the suite's tests are single-threaded, so 2 workers use
-# both cores of a 2-core CI machine. TEST_WORKERS=0 runs everything in one process.
+# both cores of a 2-core CI machine, one torch thread each (OMP_NUM_THREADS, unless set).
+# TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.blip-installed
@@ -34,7 +35,7 @@ demo: $(STAMP)
 	$(BIN)/blip run blip_pretrain --config debug job.output_dir=outputs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from blip_recipes.capfilt import (
@@ -91,7 +92,17 @@ def _run(corpus, out, *overrides, nproc=1, expect=0):
 
 
 def _in_process(corpus: Path, threshold: float, kind: str = "json", seed: int = SEED):
-    """Every unit computed here: (output bytes per unit, unit stats)."""
+    """Every unit computed here: (output bytes per unit, unit stats), with one torch thread like
+    the recipe processes (OMP_NUM_THREADS=1): other thread counts change float sums' last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compute_units(corpus, threshold, kind, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compute_units(corpus: Path, threshold: float, kind: str, seed: int):
     model, tok, _ = load_checkpoint(str(corpus / "model"))
     captioner = ModelCaptioner(model, tok, CAPTIONS)
     scorer = ModelScorer(model, tok)
