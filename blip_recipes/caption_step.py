@@ -35,8 +35,14 @@ from blip_recipes.models import build_model
 from blip_recipes.models.blip import BlipPretrain
 from blip_recipes.models.med import DECODER_ROWS
 from blip_recipes.parallel import DistInfo, ParallelPlan, materialize, parallelize_blip
-from blip_recipes.parallel.float8 import float8_precompute_scales
-from blip_recipes.pretrain_step import DeviceBatch, StepResult, agree_ok, global_grad_norm
+from blip_recipes.pretrain_step import (
+    DeviceBatch,
+    StepResult,
+    agree_ok,
+    apply_update,
+    global_grad_norm,
+    step_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -226,15 +232,8 @@ class CaptionStep:
             optimizer,
             lr_scheduler,
             prompt_length,
-            group=dist_info.dp_group if dist_info.world_size > 1 else None,
-            grad_clip=cfg.training.grad_clip,
-            autocast_dtype=None
-            if dist_info.sharded or compute_dtype == torch.float32
-            else compute_dtype,
-            grad_accum_steps=cfg.training.grad_accum_steps,
-            after_optimizer_step=(lambda: float8_precompute_scales(model))
-            if cfg.parallel.float8 else None,
-        )  # fmt: skip
+            **step_options(cfg, model, dist_info, compute_dtype),
+        )
 
     def autocast(self, device_type: str) -> AbstractContextManager:
         """The step's autocast context (also what evaluation should run under)."""
@@ -269,11 +268,7 @@ class CaptionStep:
         ok = agree_ok(losses[-1], grad_norm, self.group)
         if all_finite is not None:
             ok = ok & all_finite
-        if self.fused:
-            self.optimizer.found_inf = (~ok).float()
-            self.optimizer.step()
-        elif bool(ok):
-            self.optimizer.step()
+        apply_update(self.optimizer, ok, self.fused)
         if self.after_optimizer_step is not None:
             self.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)

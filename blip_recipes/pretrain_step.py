@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -148,6 +148,36 @@ def agree_ok(
     return ok.reshape(()).bool()
 
 
+def apply_update(optimizer: torch.optim.Optimizer, ok: torch.Tensor, fused: bool) -> None:
+    """Apply the optimizer update when `ok` (0-d bool, agreed by all ranks). Fused AdamW skips
+    on the device through its `found_inf` (as GradScaler uses it); other optimizers need one
+    host read of the flag."""
+    if fused:
+        optimizer.found_inf = (~ok).float()
+        optimizer.step()
+    elif bool(ok):
+        optimizer.step()
+
+
+def step_options(
+    cfg: Config, model: nn.Module, dist_info: DistInfo, compute_dtype: torch.dtype
+) -> dict[str, Any]:
+    """The settings every training step of a run of `cfg` shares on this rank: agreement group,
+    clipping, precision (sharded models get theirs from FSDP2, others autocast), accumulation and
+    the float8 scale precompute after each update."""
+    return {
+        "group": dist_info.dp_group if dist_info.world_size > 1 else None,
+        "grad_clip": cfg.training.grad_clip,
+        "autocast_dtype": None
+        if dist_info.sharded or compute_dtype == torch.float32
+        else compute_dtype,
+        "grad_accum_steps": cfg.training.grad_accum_steps,
+        "after_optimizer_step": (lambda: float8_precompute_scales(model))
+        if cfg.parallel.float8
+        else None,
+    }
+
+
 class DeviceBatch(NamedTuple):
     """One (micro-)batch on the device: images (B, 3, H, W) normalised, input_ids and
     attention_mask (B, L)."""
@@ -242,15 +272,8 @@ class PretrainStep:
             lr_scheduler,
             seed=cfg.job.seed,
             rank=dist_info.rank,
-            group=dist_info.dp_group if dist_info.world_size > 1 else None,
-            grad_clip=cfg.training.grad_clip,
-            autocast_dtype=None
-            if dist_info.sharded or compute_dtype == torch.float32
-            else compute_dtype,
-            grad_accum_steps=cfg.training.grad_accum_steps,
-            after_optimizer_step=(lambda: float8_precompute_scales(model))
-            if cfg.parallel.float8 else None,
-        )  # fmt: skip
+            **step_options(cfg, model, dist_info, compute_dtype),
+        )
 
     def _autocast(self, device_type: str) -> AbstractContextManager:
         if self.autocast_dtype is None:
@@ -311,10 +334,4 @@ class PretrainStep:
         self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=valid)
 
     def _optimizer_step(self, ok: torch.Tensor) -> None:
-        """Apply the update when `ok`. Fused AdamW skips on the device through its `found_inf`
-        (as GradScaler uses it); other optimizers need one host read of the flag."""
-        if self.fused:
-            self.optimizer.found_inf = (~ok).float()
-            self.optimizer.step()
-        elif bool(ok):
-            self.optimizer.step()
+        apply_update(self.optimizer, ok, self.fused)

@@ -230,13 +230,6 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
         )  # fmt: skip
         return record
 
-    def cleanup(self) -> None:
-        best = getattr(self, "best", None)
-        if best is not None:
-            best.close()
-            del self.best
-        super().cleanup()
-
 
 def main(argv: list[str] | None = None) -> int:
     return BlipFinetuneCaptionRecipe.run(argv, __doc__ or "")

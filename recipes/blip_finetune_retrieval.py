@@ -217,13 +217,6 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
                                 self.best.step, format_table(report[split]))  # fmt: skip
         return report
 
-    def cleanup(self) -> None:
-        best = getattr(self, "best", None)
-        if best is not None:
-            best.close()
-            del self.best
-        super().cleanup()
-
 
 def main(argv: list[str] | None = None) -> int:
     return BlipFinetuneRetrievalRecipe.run(argv, __doc__ or "")

@@ -544,14 +544,14 @@ class BlipPretrainRecipe:
 
     def cleanup(self) -> None:
         """Flush metrics, finish pending saves, release modules, tear the process group down."""
-        for name in ("metrics", "checkpointer"):
+        for name in ("metrics", "checkpointer", "best"):  # best: a fine-tuning recipe's BestWeights
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
         if hasattr(self, "loader"):
             self.loader.close_bad_sample_log()
         for name in ("step_fn", "evaluator", "model", "momentum", "optimizer", "lr_scheduler",
-                     "loader", "checkpointer", "plan", "dist"):  # fmt: skip
+                     "loader", "checkpointer", "best", "plan", "dist"):  # fmt: skip
             if hasattr(self, name):
                 delattr(self, name)
         try:
