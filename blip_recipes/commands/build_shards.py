@@ -8,7 +8,9 @@ images and empty captions are reported and skipped. With ``--resize S`` images w
 exceeds S are resized (bicubic) to short side S and re-encoded as JPEG; others keep their bytes
 (non-JPEG inputs are re-encoded as JPEG). A shard is written to a temporary file and renamed when
 complete, so an interrupted run never leaves a half-written shard. Caption lists are stored as
-``KEY.json`` (``{"caption": [...]}``) so every caption stays available.
+``KEY.json`` (``{"caption": [...]}``) so every caption stays available. A ``sizes.json``
+(``{"shards-00000.tar": 1000, ...}``) is written beside the shards, so training knows how many
+samples an epoch holds without ``training.steps_per_epoch``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,24 @@ def _write(path: str, samples: list[tuple[str, bytes, str, object]]) -> None:
     os.replace(tmp, path)
 
 
+def _write_sizes(folder: str, sizes: dict[str, int]) -> None:
+    """Merge ``sizes`` into ``folder/sizes.json`` (kept entries of other shards), atomically."""
+    path = os.path.join(folder, "sizes.json")
+    table: dict[str, int] = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            table = old if isinstance(old, dict) else {}
+        except (OSError, ValueError):
+            table = {}
+    table.update(sizes)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(dict(sorted(table.items())), f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--ann", nargs="+", required=True,
@@ -89,6 +109,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     os.makedirs(args.out, exist_ok=True)
     samples, shard_id, written, bad = [], 0, 0, []
+    sizes: dict[str, int] = {}
     for i, (image, caption) in enumerate(tqdm(records, desc="shards", unit="img", disable=None)):
         path = os.path.join(args.image_root, image)
         texts = caption if isinstance(caption, list) else [caption]
@@ -102,11 +123,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             continue
         samples.append((f"{i:09d}", data, ext, caption))
         if len(samples) == args.per_shard:
-            _write(os.path.join(args.out, f"{args.prefix}-{shard_id:05d}.tar"), samples)
+            name = f"{args.prefix}-{shard_id:05d}.tar"
+            _write(os.path.join(args.out, name), samples)
+            sizes[name] = len(samples)
             written, samples, shard_id = written + len(samples), [], shard_id + 1
     if samples:
-        _write(os.path.join(args.out, f"{args.prefix}-{shard_id:05d}.tar"), samples)
+        name = f"{args.prefix}-{shard_id:05d}.tar"
+        _write(os.path.join(args.out, name), samples)
+        sizes[name] = len(samples)
         written, shard_id = written + len(samples), shard_id + 1
+    if sizes:
+        _write_sizes(args.out, sizes)
     for message in bad[:50]:
         print(f"skipped {message}", file=sys.stderr)
     if len(bad) > 50:

@@ -41,7 +41,10 @@ def test_build_shards_resizes_skips_bad_and_keeps_captions(tmp_path):
     assert "skipped 3 bad inputs" in result.stdout
     for name in ("broken.jpg", "missing.jpg", "empty caption"):
         assert name in result.stderr
-    shards = sorted(out.iterdir())
+    shards = sorted(out.glob("*.tar"))
+    assert json.loads((out / "sizes.json").read_text()) == {
+        "shards-00000.tar": 3, "shards-00001.tar": 3, "shards-00002.tar": 2,
+    }  # fmt: skip
     assert [p.name for p in shards] == [f"shards-{i:05d}.tar" for i in range(3)]
     samples = [s for p in shards for s in iter_tar_samples(str(p))]
     assert len(samples) == 8
@@ -70,3 +73,29 @@ def test_build_shards_reads_jsonl_and_names_bad_annotation_files(tmp_path):
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "lines.json" in bad.stderr and ".jsonl suffix" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_build_shards_output_trains_as_written(tmp_path):
+    """The shards' sizes.json lets a pretraining config over them validate without
+    training.steps_per_epoch (the loader needs the epoch's length)."""
+    from blip_recipes.config import LaunchContext, load_config, validate
+
+    root = tmp_path / "img"
+    root.mkdir()
+    records = []
+    for i in range(5):
+        Image.new("RGB", (40, 40), (10 * i, 20, 30)).save(root / f"{i}.jpg")
+        records.append({"image": f"{i}.jpg", "caption": f"a square of shade {i}"})
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(records))
+    out = tmp_path / "shards"
+    subprocess.run([sys.executable, str(TOOL), "--ann", str(ann), "--image-root", str(root),
+                    "--out", str(out), "--per-shard", "2"], check=True, capture_output=True)  # fmt: skip
+    cfg = load_config(TOOL.parents[1] / "configs" / "debug.toml", [
+        "data.sources.0.kind=shards", f'data.sources.0.paths=["{out}/shards-{{00000..00002}}.tar"]',
+        f"job.output_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    validate(cfg, LaunchContext())  # raises when a shard's size is unknown
+    from blip_recipes.data.shards import dataset_size, expand_braces
+
+    assert dataset_size(expand_braces(cfg.data.sources[0].paths[0])) == 5
