@@ -279,12 +279,22 @@ class CapfiltRecipe:
             frac = "-" if s["kept_fraction"] is None else f"{100 * s['kept_fraction']:.1f}%"
             mean = "-" if s["mean_itm"] is None else f"{s['mean_itm']:.3f}"
             lines.append(f"  {name:9} captions {s['kept']:>8} / {s['captions']:<8} kept "
-                         f"({frac}), mean ITM {mean}")  # fmt: skip
+                         f"({frac}), mean ITM {mean}{_quantile_text(s['itm_quantiles'])}")  # fmt: skip
         lines.append(f"  this run: {run['images']} images in {run['seconds']:.1f} s on "
                      f"{run['world_size']} rank(s): {run['images_per_s']:.1f} images/s, "
                      f"{run['captions_per_s']:.1f} captions/s")  # fmt: skip
-        lines.append("  pretrain on it with:\n    [[data.sources]]")
-        lines += [f"    {k} = {json.dumps(v)}" for k, v in source.items()]
+        if stats["images_kept"]:
+            lines.append("  pretrain on it with:\n    [[data.sources]]")
+            lines += [f"    {k} = {json.dumps(v)}" for k, v in source.items()]
+        else:
+            highest = max((stats[n]["itm_quantiles"].get("p100", 0.0) for n in ("web", "synthetic")),
+                          default=0.0)  # fmt: skip
+            lines.append(
+                f"  kept nothing: no caption's ITM score reached capfilt.threshold="
+                f"{stats['threshold']} (the highest is below {highest:.2f}); the filter does not "
+                "yet tell matching pairs from others (fine-tune it longer or on more data), or "
+                "lower capfilt.threshold. There is nothing to pretrain on."
+            )
         lines.append(f"  (statistics in {self.folder.stats})")
         print("\n".join(lines))
         sys.stdout.flush()
@@ -294,6 +304,14 @@ class CapfiltRecipe:
             if hasattr(self, name):
                 delattr(self, name)
         shutdown_distributed()
+
+
+def _quantile_text(quantiles: dict[str, float]) -> str:
+    """`, ITM min/p10/median/p90/max 0.01/0.10/0.32/0.90/1.00` (empty when nothing was scored)."""
+    if not quantiles:
+        return ""
+    values = "/".join(f"{quantiles[k]:.2f}" for k in ("p0", "p10", "p50", "p90", "p100"))
+    return f", ITM min/p10/median/p90/max {values}"
 
 
 def _json(obj: Any) -> bytes:

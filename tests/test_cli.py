@@ -47,6 +47,9 @@ def test_validate_prints_loadable_toml(tmp_path):
     assert cfg.model.name == "blip_pretrain_tiny"
 
 
+RECORD = '{"image": "a.jpg", "caption": "a dog"}'
+
+
 def _files_of_reference_configs(root: Path) -> None:
     """What base.toml / large.toml read at start-up, as empty stand-ins under ``root``."""
     for name in ("bert-base-uncased", "deit-base-patch16-224", "vit-large-patch16-224"):
@@ -56,7 +59,7 @@ def _files_of_reference_configs(root: Path) -> None:
     (root / "data" / "images").mkdir(parents=True)
     for name in ("coco_karpathy_train", "vg", "cc3m", "cc12m", "sbu"):
         (root / "data" / "annotations" / f"{name}.jsonl").parent.mkdir(exist_ok=True)
-        (root / "data" / "annotations" / f"{name}.jsonl").write_text("")
+        (root / "data" / "annotations" / f"{name}.jsonl").write_text(RECORD + "\n")
 
 
 @pytest.mark.parametrize("name", ["debug", "base", "large", "configs/base.toml"])

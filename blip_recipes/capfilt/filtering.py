@@ -31,7 +31,8 @@ def select_captions(
 ) -> list[ScoredCaption]:
     """The captions kept for one image, in their given order (web captions first as given).
 
-    A caption is kept when ``itm >= threshold``. With ``synthetic_top_k``, at most that many of
+    A caption is kept when ``itm >= threshold`` and it has a non-blank text (an empty or
+    whitespace caption is never written, whatever its score). With ``synthetic_top_k``, at most that many of
     the synthetic captions that pass are kept: those of highest ITC similarity (ties: the earlier
     caption). A text equal to one kept before it is dropped (a sampler can repeat itself).
 
@@ -41,7 +42,7 @@ def select_captions(
         >>> [c.text for c in select_captions([web, bad])]
         ['a dog']
     """
-    passed = [(i, c) for i, c in enumerate(captions) if c.itm >= threshold]
+    passed = [(i, c) for i, c in enumerate(captions) if c.itm >= threshold and c.text.strip()]
     if synthetic_top_k is not None:
         synthetic = [(i, c) for i, c in passed if c.source == "synthetic"]
         best = sorted(synthetic, key=lambda ic: (-ic[1].itc, ic[0]))[:synthetic_top_k]

@@ -353,7 +353,7 @@ def _data_sources(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
             yield f"'data.sources.{i}.paths' is empty for kind '{src.kind}': list its files"
         if src.weight <= 0:
             yield f"'data.sources.{i}.weight' must be positive, got {src.weight}"
-    if cfg.tokenizer.kind != "synthetic" and not cfg.tokenizer.path:
+    if cfg.tokenizer.kind != "synthetic" and not cfg.tokenizer.path and _tokenizer_needed(cfg):
         yield (
             f"'tokenizer.path' is required for tokenizer.kind='{cfg.tokenizer.kind}' "
             "(a local vocab.txt / tokenizer folder or .tiktoken file; nothing is downloaded)"
@@ -444,6 +444,33 @@ def _checkpoint_carries_tokenizer(source: str | None) -> bool:
         return False
 
 
+def _tokenizer_needed(cfg: Config) -> bool:
+    """False when the checkpoints the run reads bring their own tokenizer: the evaluated one
+    (eval.checkpoint), or both CapFilt models (capfilt.captioner and capfilt.filter)."""
+    ev = cfg.eval.checkpoint
+    if ev and ev != "init" and _checkpoint_carries_tokenizer(ev):
+        return False
+    c = cfg.capfilt
+    models = (c.captioner, c.filter)
+    return not (all(models) and all(map(_checkpoint_carries_tokenizer, models)))
+
+
+def _holds_no_records(path: Path, small: int = 1 << 20) -> bool:
+    """True for an annotation file that is (cheaply seen to be) empty: a JSON list ``[]`` or
+    JSON Lines with no record. Files above ``small`` bytes are assumed to hold some."""
+    try:
+        if path.stat().st_size > small:
+            return False
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return False
+    if not text:
+        return True
+    if path.suffix == ".jsonl":
+        return False
+    return "".join(text.split()) == "[]"
+
+
 def _source_files(i: int, src: Any, cfg: Config) -> Iterable[str]:
     key = f"data.sources.{i}"
     if src.kind in ("json", "jsonl"):
@@ -452,6 +479,11 @@ def _source_files(i: int, src: Any, cfg: Config) -> Iterable[str]:
             yield (
                 f"'{key}.paths': {len(missing)} of {len(src.paths)} annotation file(s) not "
                 f"found: {_examples(missing)}"
+            )
+        elif src.paths and all(_holds_no_records(Path(p)) for p in src.paths):
+            yield (
+                f"'{key}.paths': {_examples(src.paths)} hold(s) no records (an empty annotation "
+                "file): there is nothing to train on"
             )
         if src.image_root and not Path(src.image_root).is_dir():
             yield f"'{key}.image_root' {src.image_root} is not a folder (it does not exist)"
@@ -541,7 +573,7 @@ def _files(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
 
     tok, ev = cfg.tokenizer, cfg.eval
     evaluated = ev.checkpoint if ev.checkpoint and ev.checkpoint != "init" else None
-    if tok.kind != "synthetic" and tok.path and not _checkpoint_carries_tokenizer(evaluated):
+    if tok.kind != "synthetic" and tok.path and _tokenizer_needed(cfg):
         problem = _tokenizer_problem(tok.kind, tok.path)
         if problem:
             yield f"'tokenizer.path' {tok.path} {problem}{_download_hint(tok.path)}"

@@ -30,3 +30,20 @@ def test_repeated_text_is_kept_once():
             _c("a cat", "synthetic", 0.8)]  # fmt: skip
     kept = select_captions(caps, 0.5)
     assert [(c.text, c.source) for c in kept] == [("a dog", "web"), ("a cat", "synthetic")]
+
+
+def test_blank_captions_are_never_kept():
+    caps = [_c("", "web", 0.9), _c("  ", "synthetic", 0.99), _c("a dog", "synthetic", 0.8)]
+    assert [c.text for c in select_captions(caps, 0.0)] == ["a dog"]
+    assert select_captions(caps[:2], 0.0) == []
+
+
+def test_itm_quantiles_merge_exactly_across_units():
+    from blip_recipes.capfilt.stats import SourceCounts
+
+    a, b = SourceCounts(), SourceCounts()
+    for i, itm in enumerate([0.015, 0.02, 0.3, 0.31, 0.325, 0.99, 1.0]):
+        (a if i % 2 else b).add(itm, itm >= 0.5)
+    a.merge(b)
+    assert a.quantiles() == {"p0": 0.01, "p10": 0.02, "p50": 0.32, "p90": 1.0, "p100": 1.0}
+    assert SourceCounts().quantiles() == {}

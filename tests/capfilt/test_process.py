@@ -35,7 +35,9 @@ def test_wrong_synthetic_captions_keep_matching_pairs_and_drop_swapped(tmp_path)
     total = merge_stats(stats)
     assert total["images"] == 12 and total["images_kept"] == 6
     assert total["web"] | {} == {"captions": 12, "kept": 6, "kept_fraction": 0.5,
-                                 "mean_itm": pytest.approx(0.5), "mean_itm_kept": MATCH}  # fmt: skip
+                                 "mean_itm": pytest.approx(0.5), "mean_itm_kept": MATCH,
+                                 "itm_quantiles": {"p0": 0.25, "p10": 0.26, "p50": 0.26,
+                                                   "p90": 0.76, "p100": 0.76}}  # fmt: skip
     assert total["synthetic"]["captions"] == 12 and total["synthetic"]["kept"] == 0
     assert total["synthetic"]["mean_itm"] == pytest.approx(MISMATCH)
     assert total["captions_generated"] == 12 and total["bad_images"] == 0

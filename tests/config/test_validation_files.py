@@ -93,7 +93,7 @@ def test_shards_patterns_and_size(tmp_path):
 
 def test_shards_mixed_with_json(tmp_path):
     (tmp_path / "s.tar").write_bytes(b"")
-    (tmp_path / "a.json").write_text("[]")
+    (tmp_path / "a.json").write_text('[{"image": "a.jpg", "caption": "a dog"}]')
     cfg = _cfg(tmp_path, "data.sources.0.kind=shards", f"data.sources.0.paths={tmp_path}/s.tar",
                "training.steps_per_epoch=10", "data.sources.1.kind=json",
                f"data.sources.1.paths={tmp_path}/a.json")  # fmt: skip
@@ -182,3 +182,45 @@ def test_blip_run_resume_none_exits_2_without_traceback(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert "already holds checkpoint step-3" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_pretraining_over_an_empty_annotation_file_is_refused(tmp_path):
+    empty, lines = tmp_path / "kept.json", tmp_path / "kept.jsonl"
+    empty.write_text("[ ]\n")
+    lines.write_text("\n")
+    (tmp_path / "img").mkdir()
+    for path, kind in ((empty, "json"), (lines, "jsonl")):
+        cfg = _cfg(tmp_path, f"data.sources.0.kind={kind}", f'data.sources.0.paths=["{path}"]',
+                   f"data.sources.0.image_root={tmp_path / 'img'}")  # fmt: skip
+        assert _errors(cfg) == [
+            f"'data.sources.0.paths': {path} hold(s) no records (an empty annotation file): "
+            "there is nothing to train on"
+        ]
+    lines.write_text('{"image": "a.jpg", "caption": "a dog"}\n')
+    validate(_cfg(tmp_path, "data.sources.0.kind=jsonl", f'data.sources.0.paths=["{lines}"]',
+                  f"data.sources.0.image_root={tmp_path / 'img'}"), LaunchContext())  # fmt: skip
+
+
+def test_capfilt_takes_the_tokenizer_its_checkpoints_carry(tmp_path):
+    from blip_recipes.config import to_toml
+
+    run = tmp_path / "ft"
+    _checkpoint(run / "checkpoints" / "step-4")
+    (run / "config.toml").write_text(to_toml(_cfg(tmp_path)))  # records tokenizer.kind=synthetic
+    capfilt = REPO / "recipes" / "configs" / "capfilt.toml"
+    base = [f"job.output_dir={tmp_path / 'out'}", f"capfilt.filter={run}",
+            f"capfilt.inputs=[\"{tmp_path / 'web.json'}\"]"]  # fmt: skip
+    for path in ("none", str(tmp_path / "missing_vocab.txt")):
+        cfg = load_config(capfilt, [*base, f"capfilt.captioner={run}", f"tokenizer.path={path}"])
+        errors = [e for e in _capfilt_errors(cfg) if "tokenizer" in e]
+        assert errors == []
+    cfg = load_config(capfilt, [*base, "capfilt.captioner=model.pth", "tokenizer.path=none"])
+    assert any(e.startswith("'tokenizer.path' is required") for e in _capfilt_errors(cfg))
+
+
+def _capfilt_errors(cfg) -> list[str]:
+    try:
+        validate(cfg, LaunchContext(checkpoints=False))
+    except ConfigError as e:
+        return str(e).splitlines()
+    return []

@@ -186,6 +186,17 @@ def test_output_is_the_units_computed_in_process(corpus, threshold, reference):
     assert batch["images"].shape == (4, 3, 16, 16)
 
 
+def test_run_that_keeps_nothing_says_why_and_offers_no_source(corpus, tmp_path):
+    proc = _run(corpus, tmp_path / "none", "capfilt.threshold=1.0")
+    stats = json.loads((tmp_path / "none" / "stats.json").read_text())
+    assert stats["images_kept"] == 0
+    quantiles = stats["web"]["itm_quantiles"]
+    assert 0 < quantiles["p0"] <= quantiles["p50"] <= quantiles["p100"] <= 1
+    assert "kept nothing" in proc.stdout and "capfilt.threshold=1.0" in proc.stdout
+    assert "ITM min/p10/median/p90/max" in proc.stdout
+    assert "pretrain on it" not in proc.stdout and "[[data.sources]]" not in proc.stdout
+
+
 def test_two_ranks_equal_one_rank(corpus, threshold, reference, tmp_path):
     out = tmp_path / "two"
     proc = _run(corpus, out, f"capfilt.threshold={threshold}", nproc=2)
