@@ -47,6 +47,7 @@ def pretrain_losses(
     targets: MomentumTargets,
     alpha: float | torch.Tensor,
     generator: torch.Generator | None = None,
+    negative_kv: str = "select",
 ) -> BlipOutput:
     """ITC, ITM with hard negatives and LM for one batch (the reference's `forward`).
 
@@ -59,6 +60,7 @@ def pretrain_losses(
             through an FSDP forward).
         alpha: distillation weight (0 -> 0.4 over the first two epochs).
         generator: RNG for hard-negative sampling, on the images' device.
+        negative_kv: `select` or `recompute` (`BlipPretrain.multimodal`).
 
     Returns:
         `BlipOutput` with `loss = loss_ita + loss_itm + loss_lm`.
@@ -79,7 +81,8 @@ def pretrain_losses(
     neg_image, neg_text = objective.sample_hard_negatives(
         itc.sim_i2t.detach(), itc.sim_t2i.detach(), generator
     )
-    multimodal = model.multimodal(image.embeds, input_ids, attention_mask, neg_image, neg_text)
+    multimodal = model.multimodal(image.embeds, input_ids, attention_mask, neg_image, neg_text,
+                                  negative_kv)  # fmt: skip
     itm = objective.itm_loss(multimodal.itm_logits)
     labels = objective.lm_labels(input_ids, model.pad_token_id)  # column 0 is never a target
     loss_lm = objective.lm_loss(multimodal.lm_logits, labels, model.label_smoothing)
@@ -218,6 +221,8 @@ class PretrainStep:
             (fp32, or FSDP2 whose mixed-precision policy casts the parameters).
         grad_accum_steps: micro-batches per optimizer step.
         after_optimizer_step: called after each optimizer step (float8 scale precompute).
+        negative_kv: the hard negatives' keys/values, `select` or `recompute`
+            (`parallel.negative_kv`).
     """
 
     def __init__(
@@ -233,8 +238,10 @@ class PretrainStep:
         autocast_dtype: torch.dtype | None = None,
         grad_accum_steps: int = 1,
         after_optimizer_step: Callable[[], object] | None = None,
+        negative_kv: str = "select",
     ) -> None:
         self.model = model
+        self.negative_kv = negative_kv
         self.momentum = momentum
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -273,6 +280,7 @@ class PretrainStep:
             seed=cfg.job.seed,
             rank=dist_info.rank,
             **step_options(cfg, model, dist_info, compute_dtype),
+            negative_kv=cfg.parallel.negative_kv,
         )
 
     def _autocast(self, device_type: str) -> AbstractContextManager:
@@ -327,7 +335,8 @@ class PretrainStep:
 
     def _losses(self, batch: DeviceBatch, targets: MomentumTargets, alpha: float) -> BlipOutput:
         """The objective of one micro-batch (``self.generator`` is seeded for it)."""
-        return pretrain_losses(self.model, *batch, targets, alpha, self.generator)
+        return pretrain_losses(self.model, *batch, targets, alpha, self.generator,
+                               self.negative_kv)  # fmt: skip
 
     def _enqueue(self, targets: MomentumTargets, batch: DeviceBatch, valid: torch.Tensor) -> None:
         """Put a micro-batch's momentum features into the queues (when ``valid``)."""

@@ -35,12 +35,15 @@ class StepFlops:
     momentum: float
 
 
-def step_flops(name: str, batch: int = 8, image_size: int = 224) -> StepFlops:
+def step_flops(
+    name: str, batch: int = 8, image_size: int = 224, negative_kv: str = "select"
+) -> StepFlops:
     """Count one step of preset `name` (queue 57600, captions of 30 tokens, no padding).
 
     Args:
         name: model preset (`blip_pretrain_base`, `blip_pretrain_large`, ...).
         batch: per-rank batch B (the ITC/ITM terms that grow with B are a small share).
+        negative_kv: the hard negatives' keys/values, `select` (default) or `recompute`.
         image_size: square input side.
 
     Returns:
@@ -61,7 +64,9 @@ def step_flops(name: str, batch: int = 8, image_size: int = 224) -> StepFlops:
         with FlopCounterMode(display=False) as counter:
             with torch.no_grad():
                 targets = momentum.targets(images, ids, mask)
-            pretrain_losses(model, images, ids, mask, targets, 0.4).loss.backward()
+            pretrain_losses(
+                model, images, ids, mask, targets, 0.4, None, negative_kv
+            ).loss.backward()
     momentum_flops = sum(counter.get_flop_counts().get("MomentumEncoders", {}).values())
     return StepFlops(name, batch, counter.get_total_flops() / batch / 1e9,
                      momentum_flops / batch / 1e9)  # fmt: skip

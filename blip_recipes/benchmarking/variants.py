@@ -16,6 +16,7 @@ A variant name is a ``-``-joined list of tokens, read left to right::
 | ``hsdp`` | ``parallel.data_parallel=hsdp`` (sharded within a node, replicated across nodes) |
 | ``noreshard`` | ``parallel.reshard_after_forward=false`` |
 | ``fused`` / ``unfused`` | ``optimizer.fused`` true / false (unfused: foreach AdamW + host-sync skip) |
+| ``kvselect`` / ``kvrecompute`` | ``parallel.negative_kv`` select / recompute (hard negatives' keys/values) |
 
 Each optimisation of the recipe can thus be switched off alone and measured against the same
 variant with it on (``compile-bf16`` vs ``compile-bf16-unfused``, ``compile-bf16-noreshard``, ...).
@@ -125,11 +126,14 @@ def parse_variant(name: str) -> Variant:
         elif token in ("fused", "unfused"):
             kind = "optimizer"
             extra.append(f"optimizer.fused={'true' if token == 'fused' else 'false'}")
+        elif token in ("kvselect", "kvrecompute"):
+            kind = "negative_kv"
+            extra.append(f"parallel.negative_kv={token[2:]}")
         else:
             raise ValueError(
                 f"variant {name!r}: unknown token {token!r}; known: eager, compile, fp32, bf16, "
                 "float8-tensorwise, float8-rowwise, ac-on, ac-full, ac-off, ac-vitN, nofsdp, ddp, hsdp, "
-                "noreshard, fused, unfused"
+                "noreshard, fused, unfused, kvselect, kvrecompute"
             )
         if kind in seen:
             raise ValueError(f"variant {name!r}: more than one {kind} token")

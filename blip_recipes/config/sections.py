@@ -187,6 +187,8 @@ class ParallelConfig:
     """Emulate float8 matmuls (for CPU tests)."""
     float8_fsdp_all_gather: bool = True
     """All-gather float8 weights with precomputed scales (tensorwise only)."""
+    negative_kv: Literal["select", "recompute"] = "select"
+    """Pretraining: the hard-negative images' cross-attention keys/values in each MED layer are selected from the batch's own (projected once per image; a one-hot matmul) or recomputed from their tokens (the previous structure, for comparison)."""
 
 
 @dataclass

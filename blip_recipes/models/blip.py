@@ -202,13 +202,15 @@ class BlipPretrain(nn.Module):
         attention_mask: torch.Tensor,
         neg_image: torch.Tensor,
         neg_text: torch.Tensor,
+        negative_kv: str = "select",
     ) -> MultimodalOutput:
         """ITM (positive + both hard negatives) and captioning in one pass over the MED.
 
         Every MED layer runs once for 4B rows: per image b, the ITM positive (`[ENC]` text b),
         the ITM negative text (`[ENC]` text `neg_text[b]`) and the decoder row (`[DEC]` text b)
         attend image b's keys/values together; the ITM negative-image rows (text b) attend
-        image `neg_image[b]`, whose tokens are gathered once here, not per layer.
+        image `neg_image[b]`, whose keys/values each layer selects from the batch's own (projected
+        once per image).
 
         Args:
             image_embeds: (B, 1 + N, D_vision) from `encode_image`.
@@ -216,6 +218,9 @@ class BlipPretrain(nn.Module):
             attention_mask: (B, L).
             neg_image: (B,) int64 hard-negative image of each text.
             neg_text: (B,) int64 hard-negative text of each image.
+            negative_kv: how the hard-negative images get their keys/values in each layer:
+                `select`ed from the batch's own (a one-hot matmul, projected once per image) or
+                `recompute`d from their gathered tokens (2B images projected per layer).
 
         Returns:
             `MultimodalOutput(itm_logits (3B, 2), lm_logits (B * (L - 1), V) fp32)`.
@@ -227,8 +232,14 @@ class BlipPretrain(nn.Module):
         own_image_mask = torch.stack([attention_mask, attention_mask[neg_text], attention_mask], 1)
         ids = torch.cat([own_image_ids.flatten(0, 1), encoder_ids])
         mask = torch.cat([own_image_mask.flatten(0, 1), attention_mask])
-        images = torch.cat([image_embeds, image_embeds[neg_image]])
-        hidden = self.text(ids, mask, images, PRETRAIN_LAYOUT, causal_fast_path=True).hidden_states
+        if negative_kv == "select":
+            images, select = image_embeds, neg_image
+        elif negative_kv == "recompute":
+            images, select = torch.cat([image_embeds, image_embeds[neg_image]]), None
+        else:
+            raise ValueError(f"negative_kv must be 'select' or 'recompute', got {negative_kv!r}")
+        hidden = self.text(ids, mask, images, PRETRAIN_LAYOUT, causal_fast_path=True,
+                           image_select=select).hidden_states  # fmt: skip
         own = hidden[: 3 * batch].unflatten(0, (batch, 3))  # (B, 3, L, D)
         cls = torch.cat([own[:, 0, 0], hidden[3 * batch :, 0], own[:, 1, 0]])
         word_embeddings = self.text.embeddings.word_embeddings.weight

@@ -222,7 +222,8 @@ class RowLayout:
 
     The pretraining step packs ITM and captioning into one pass with two groups over B images:
     `((2, 1), (1, 0))` = per image (ITM positive, ITM negative text, decoder) against the batch's
-    images, then (ITM negative image) against the hard-negative images gathered once per step.
+    images, then (ITM negative image) against the hard-negative images (their keys/values
+    selected from the batch's, `select_kv`).
     """
 
     groups: tuple[RowGroup, ...]
@@ -338,6 +339,7 @@ class MEDLayer(nn.Module):
         cross_kv: CrossKV | None = None,
         image_rows: torch.Tensor | None = None,
         return_kv: bool = False,
+        image_select: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, CrossKV | None]:
         """Self-attention (per row kind) -> cross-attention (when images are given) -> FFN.
 
@@ -352,6 +354,10 @@ class MEDLayer(nn.Module):
             image_rows: inference only, with a one-row-per-image layout: (R,) image of each row
                 (keys/values gathered per row instead of one image per row).
             return_kv: also return this layer's image keys/values (contiguous, for reuse).
+            image_select: (S,) int64: the layout's later groups are images `image_select` of
+                the M images given (`image_embeds` then holds only those M): their keys/values
+                are selected from the M images' keys/values, not projected again (see
+                `select_kv`).
 
         Returns:
             hidden (R, L, D) and the image keys/values (None unless `return_kv`).
@@ -362,6 +368,8 @@ class MEDLayer(nn.Module):
                 raise ValueError("this MED layer has no cross-attention (text-only build)")
             if cross_kv is None:
                 cross_kv = self.cross_attn.key_value(image_embeds)
+            if image_select is not None:
+                cross_kv = select_kv(cross_kv, image_select)
             hidden = self._cross_attention(hidden, layout, cross_kv, image_rows)
         if return_kv and cross_kv is not None:
             return self.ffn(hidden), (cross_kv[0].contiguous(), cross_kv[1].contiguous())
@@ -410,6 +418,29 @@ class MEDLayer(nn.Module):
         return attn.residual(hidden, _cat(contexts))
 
 
+def select_kv(cross_kv: CrossKV, image_select: torch.Tensor) -> CrossKV:
+    """Keys/values of M images -> those of the M images followed by images `image_select`.
+
+    The selection is a one-hot matrix product, so its backward is a matmul too (one dense
+    kernel, no atomics), not the scatter-add of an index gather's backward. Exact in any dtype:
+    each output is one input times 1 plus zeros.
+
+    Args:
+        cross_kv: keys, values, each (M, heads, N, head_dim).
+        image_select: (S,) int64 indices into the M images.
+
+    Returns:
+        keys, values, each (M + S, heads, N, head_dim).
+    """
+    keys, values = cross_kv
+    images = keys.shape[0]
+    columns = torch.arange(images, device=image_select.device)
+    one_hot = (image_select[:, None] == columns[None, :]).to(keys.dtype)  # (S, M)
+    both = torch.stack([keys, values]).flatten(2)  # (2, M, heads * N * head_dim)
+    picked = torch.matmul(one_hot, both).unflatten(2, keys.shape[1:])  # (2, S, heads, N, hd)
+    return torch.cat([keys, picked[0]]), torch.cat([values, picked[1]])
+
+
 class MEDOutput(NamedTuple):
     """hidden_states: (R, L, D); cross_kv: per-layer image keys/values (when asked for)."""
 
@@ -442,6 +473,7 @@ class MED(nn.Module):
         image_rows: torch.Tensor | None = None,
         causal_fast_path: bool = False,
         return_cross_kv: bool = False,
+        image_select: torch.Tensor | None = None,
     ) -> MEDOutput:
         """Encode and/or decode a batch of token ids in one pass.
 
@@ -463,6 +495,9 @@ class MED(nn.Module):
                 hidden states at padding positions then differ (they are never read by the
                 LM loss or by generation).
             return_cross_kv: also return every layer's image keys/values (step-by-step decoding).
+            image_select: (S,) int64: the layout's later groups attend images `image_select` of
+                the M images in `image_embeds`, whose keys/values each layer selects instead of
+                projecting them again (pretraining's hard-negative images).
 
         Returns:
             `MEDOutput(hidden_states (R, L, D), cross_kv)`, `cross_kv` None unless asked for.
@@ -476,7 +511,7 @@ class MED(nn.Module):
         for index, layer in enumerate(self.layers):
             layer_kv = None if cross_kv is None else cross_kv[index]
             hidden, layer_kv = layer(hidden, masks, layout, image_embeds, layer_kv, image_rows,
-                                     return_cross_kv)  # fmt: skip
+                                     return_cross_kv, image_select)  # fmt: skip
             if layer_kv is not None:
                 new_kv.append(layer_kv)
         return MEDOutput(hidden, new_kv if return_cross_kv else None)

@@ -95,11 +95,11 @@ def tiny_model_inputs():
     return model, images, ids, mask
 
 
-def _step(model, momentum, images, ids, mask, seed=0, alpha=0.4):
+def _step(model, momentum, images, ids, mask, seed=0, alpha=0.4, negative_kv="select"):
     momentum.update(model)
     targets = momentum.targets(images, ids, mask)
     return pretrain_losses(
-        model, images, ids, mask, targets, alpha, torch.Generator().manual_seed(seed)
+        model, images, ids, mask, targets, alpha, torch.Generator().manual_seed(seed), negative_kv
     )
 
 
@@ -143,9 +143,11 @@ def three_pass_losses(model, images, ids, mask, targets, alpha, generator):
     return itc.loss, itm.loss, lm
 
 
-def test_one_multimodal_pass_equals_three_passes(tiny_model_inputs):
+@pytest.mark.parametrize("negative_kv", ["select", "recompute"])
+def test_one_multimodal_pass_equals_three_passes(tiny_model_inputs, negative_kv):
     """Losses and every gradient of the packed pass equal the three-pass formulation (fp32,
-    dropout off), including padded captions (causal fast path) and repeated negatives."""
+    dropout off), including padded captions (causal fast path) and repeated negatives, whether
+    the negatives' keys/values are selected from the batch's or recomputed."""
     model, images, ids, mask = tiny_model_inputs
     momentum = MomentumState.build("blip_pretrain_tiny", train_mode=False, **TINY)
     momentum.copy_from(model)
@@ -156,7 +158,7 @@ def test_one_multimodal_pass_equals_three_passes(tiny_model_inputs):
         model.zero_grad()
         generator = torch.Generator().manual_seed(1)
         if compute == "packed":
-            out = pretrain_losses(model, images, ids, mask, targets, 0.4, generator)
+            out = pretrain_losses(model, images, ids, mask, targets, 0.4, generator, negative_kv)
             losses = (out.loss_ita, out.loss_itm, out.loss_lm)
         else:
             losses = three_pass_losses(model, images, ids, mask, targets, 0.4, generator)
@@ -179,7 +181,7 @@ def test_each_med_layer_runs_twice_per_step(tiny_model_inputs):
     assert set(calls.values()) == {2}  # unimodal text pass + one multimodal pass
 
 
-def _gather_scatter_ops(text_depth: int) -> dict[str, int]:
+def _gather_scatter_ops(text_depth: int, negative_kv: str = "select") -> dict[str, int]:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: dict[str, int] = {}
@@ -198,16 +200,19 @@ def _gather_scatter_ops(text_depth: int) -> dict[str, int]:
     images = torch.randn(4, 3, 32, 32)
     ids, mask = make_text(4)
     with Count():
-        _step(model, momentum, images, ids, mask).loss.backward()
+        _step(model, momentum, images, ids, mask, negative_kv=negative_kv).loss.backward()
     return counts
 
 
 def test_no_gather_or_scatter_per_med_layer():
-    """Index/gather/scatter ops of a step do not grow with the MED depth: the negatives are
-    gathered once per step as embeddings, never per layer."""
+    """Index/gather/scatter ops of a step do not grow with the MED depth. With the negatives'
+    keys/values selected (the default) nothing with a gradient is indexed at all: the two
+    index ops pick the negative texts' ids and masks, and no backward scatters (the selection's
+    backward is a matmul); recomputing them gathers the negative images' tokens once per step."""
     shallow, deep = _gather_scatter_ops(2), _gather_scatter_ops(6)
-    assert shallow == deep
-    assert "index_add" not in deep and "index_add_" not in deep
+    assert shallow == deep == {"index": 2}
+    recompute = _gather_scatter_ops(6, "recompute")
+    assert recompute == _gather_scatter_ops(2, "recompute") == {"index": 3, "index_put": 1}
 
 
 def test_forward_under_bf16_autocast_keeps_losses_fp32(tiny_model_inputs):
