@@ -40,6 +40,7 @@ from blip_recipes.config import (
     to_toml,
     validate,
 )
+from blip_recipes.config.advice import mark_printed
 
 MAIN_HELP = """blip: BLIP vision-language pretraining recipes
 
@@ -318,6 +319,7 @@ def cmd_run(args: list[str]) -> int:
     context = LaunchContext(world_size=world_size or 1) if launcher else LaunchContext.from_env()
     validate(cfg, replace(context, checkpoints=recipe_trains(recipe)))
     recipe_argv = ["--config", str(config), *overrides]
+    mark_printed()  # the ranks do not repeat the warnings validate printed
     if not launcher:
         return run_recipe_in_process(recipe, recipe_argv)
     return run_through_torchrun(launcher, recipe, recipe_argv)

@@ -65,7 +65,8 @@ def _register_section_checks() -> None:
 
 
 def validate(cfg: Config, context: LaunchContext | None = None) -> None:
-    """Run every registered validator.
+    """Run every registered validator; when all pass, print the warnings of
+    :mod:`blip_recipes.config.advice` (valid settings that will not do what one expects).
 
     Raises:
         ConfigError: with all problems, one per line.
@@ -75,6 +76,9 @@ def validate(cfg: Config, context: LaunchContext | None = None) -> None:
     errors = [msg for fn in _VALIDATORS for msg in fn(cfg, context)]
     if errors:
         raise ConfigError("\n".join(errors))
+    from blip_recipes.config.advice import print_advice
+
+    print_advice(cfg, context.world_size, trains=context.checkpoints)
 
 
 @register_validator
