@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 
 from blip_recipes.checkpoint import load_model_weights
 from blip_recipes.config import Config
@@ -116,6 +117,23 @@ def _load_pretrained_parts(cfg: Config, tokenizer: Any, model: torch.nn.Module) 
         logger.info("%s: loaded %d tensors from %s", key, len(state), source)
 
 
+def fsdp_mesh(
+    cfg: Config, dist_info: DistInfo, param_dtype: torch.dtype | None
+) -> DeviceMesh | None:
+    """The mesh to shard the model over, or None for a plain module.
+
+    Several ranks always shard. One rank shards (FSDP2 at degree 1, as TorchTitan does) when
+    the compute dtype is not fp32 and `parallel.single_rank_fsdp`: FSDP2's mixed-precision
+    policy then runs every block on bf16 parameters, so the activations between the matmuls are
+    bf16 too, where autocast would keep them fp32 (twice the saved bytes and memory traffic).
+    """
+    if dist_info.sharded:
+        return dist_info.mesh
+    if cfg.parallel.single_rank_fsdp and param_dtype not in (None, torch.float32):
+        return dist_info.mesh
+    return None
+
+
 def build_pretraining(
     cfg: Config, tokenizer: Any, dist_info: DistInfo, param_dtype: torch.dtype | None
 ) -> tuple[BlipPretrain, MomentumState, ParallelPlan]:
@@ -128,7 +146,7 @@ def build_pretraining(
     Args:
         cfg: the whole run config (`model`, `parallel`, `job.seed`, `checkpoint.init_from`).
         tokenizer: gives the vocabulary size and the special ids.
-        dist_info: rank, device and data-parallel mesh (FSDP2 only with several ranks).
+        dist_info: rank, device and data-parallel mesh (`fsdp_mesh` decides whether to shard).
         param_dtype: FSDP2 compute dtype (bf16); None = fp32.
 
     Returns:
@@ -138,8 +156,8 @@ def build_pretraining(
     with torch.device("meta"):
         model = build_model(cfg.model.name, **kwargs)
         encoders = build_momentum_encoders(cfg.model.name, **kwargs)
-    mesh = dist_info.mesh if dist_info.sharded else None
-    plan = parallelize_blip(model, encoders, cfg.parallel, mesh, param_dtype)
+    plan = parallelize_blip(model, encoders, cfg.parallel, fsdp_mesh(cfg, dist_info, param_dtype),
+                            param_dtype)  # fmt: skip
     materialize(model, dist_info.device)
     weights = initial_weights(cfg, tokenizer) if dist_info.is_main else {}
     options = StateDictOptions(full_state_dict=True, strict=True,

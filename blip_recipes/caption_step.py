@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import register_fsdp_forward_method
 
 from blip_recipes import objective
-from blip_recipes.build import initial_weights, model_kwargs
+from blip_recipes.build import fsdp_mesh, initial_weights, model_kwargs
 from blip_recipes.config import Config, LaunchContext, register_validator
 from blip_recipes.models import build_model
 from blip_recipes.models.blip import BlipPretrain
@@ -320,8 +320,8 @@ def build_captioning(
     with torch.device("meta"):
         model = as_captioner(build_model(cfg.model.name, **model_kwargs(cfg, tokenizer)))
     freeze_unused_parameters(model)
-    mesh = dist_info.mesh if dist_info.sharded else None
-    plan = parallelize_blip(model, None, cfg.parallel, mesh, param_dtype)
+    plan = parallelize_blip(model, None, cfg.parallel, fsdp_mesh(cfg, dist_info, param_dtype),
+                            param_dtype)  # fmt: skip
     register_caption_entry_point(model)
     materialize(model, dist_info.device)
     weights = captioning_initial_weights(cfg, tokenizer) if dist_info.is_main else {}

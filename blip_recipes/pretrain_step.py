@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from blip_recipes import objective
 from blip_recipes.config import Config
@@ -166,13 +167,13 @@ def step_options(
     cfg: Config, model: nn.Module, dist_info: DistInfo, compute_dtype: torch.dtype
 ) -> dict[str, Any]:
     """The settings every training step of a run of `cfg` shares on this rank: agreement group,
-    clipping, precision (sharded models get theirs from FSDP2, others autocast), accumulation and
-    the float8 scale precompute after each update."""
+    clipping, precision (FSDP2 models get theirs from FSDP2's policy, plain ones autocast),
+    accumulation and the float8 scale precompute after each update."""
     return {
         "group": dist_info.dp_group if dist_info.world_size > 1 else None,
         "grad_clip": cfg.training.grad_clip,
         "autocast_dtype": None
-        if dist_info.sharded or compute_dtype == torch.float32
+        if isinstance(model, FSDPModule) or compute_dtype == torch.float32
         else compute_dtype,
         "grad_accum_steps": cfg.training.grad_accum_steps,
         "after_optimizer_step": (lambda: float8_precompute_scales(model))

@@ -16,6 +16,7 @@ A variant name is a ``-``-joined list of tokens, read left to right::
 | ``hsdp`` | ``parallel.data_parallel=hsdp`` (sharded within a node, replicated across nodes) |
 | ``noreshard`` | ``parallel.reshard_after_forward=false`` |
 | ``fused`` / ``unfused`` | ``optimizer.fused`` true / false (unfused: foreach AdamW + host-sync skip) |
+| ``autocast`` | ``parallel.single_rank_fsdp=false``: one bf16 rank autocasts instead of running FSDP2 at degree 1 |
 | ``kvselect`` / ``kvrecompute`` | ``parallel.negative_kv`` select / recompute (hard negatives' keys/values) |
 
 Each optimisation of the recipe can thus be switched off alone and measured against the same
@@ -126,6 +127,8 @@ def parse_variant(name: str) -> Variant:
         elif token in ("fused", "unfused"):
             kind = "optimizer"
             extra.append(f"optimizer.fused={'true' if token == 'fused' else 'false'}")
+        elif token == "autocast":
+            extra.append("parallel.single_rank_fsdp=false")
         elif token in ("kvselect", "kvrecompute"):
             kind = "negative_kv"
             extra.append(f"parallel.negative_kv={token[2:]}")
@@ -133,7 +136,7 @@ def parse_variant(name: str) -> Variant:
             raise ValueError(
                 f"variant {name!r}: unknown token {token!r}; known: eager, compile, fp32, bf16, "
                 "float8-tensorwise, float8-rowwise, ac-on, ac-full, ac-off, ac-vitN, nofsdp, ddp, hsdp, "
-                "noreshard, fused, unfused, kvselect, kvrecompute"
+                "noreshard, fused, unfused, autocast, kvselect, kvrecompute"
             )
         if kind in seen:
             raise ValueError(f"variant {name!r}: more than one {kind} token")
