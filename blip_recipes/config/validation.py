@@ -51,7 +51,11 @@ def register_validator(fn: Validator) -> Validator:
     return fn
 
 
-SECTION_CHECK_MODULES = ("blip_recipes.retrieval_finetune", "blip_recipes.caption_step")
+SECTION_CHECK_MODULES = (
+    "blip_recipes.retrieval_finetune",
+    "blip_recipes.caption_step",
+    "blip_recipes.config.checkpoint_match",
+)
 """Modules that register the checks of their recipe's own section ([retrieval], [caption])."""
 
 
