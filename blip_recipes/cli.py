@@ -72,6 +72,9 @@ commands:
         Write a synthetic image-caption dataset (JSON annotations, optional tar shards).
   blip data build-shards --ann FILE [FILE ...] --image-root DIR --out DIR [--resize S]
         Check BLIP annotations + images and pack them into webdataset tar shards.
+  blip data init --ann FILE [FILE ...] --image-root DIR --out DIR [--tokenizer VOCAB]
+        Configs of the whole path (pretrain, eval, both fine-tunings, CapFilt, pretrain
+        again) for your own images and captions, sized to the data and this machine.
   blip benchmark [step] [--model M] [--variants V] [--json FILE]
         Training-step throughput per variant, against a transformers-composed baseline.
   blip benchmark data | float8-layers | flops [...]
@@ -499,6 +502,7 @@ def cmd_convert(args: list[str]) -> int:
 
 DATA_COMMANDS = {
     "synthetic": "make_synthetic_dataset",
+    "init": "data_init",
     "build-shards": "build_shards",
     "img2dataset-input": "img2dataset_input",
 }

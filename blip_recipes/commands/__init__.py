@@ -6,6 +6,7 @@ around these modules, so they keep working from a source checkout.
 - ``blip convert``                    :mod:`blip_recipes.commands.convert_checkpoint`
 - ``blip data synthetic``             :mod:`blip_recipes.commands.make_synthetic_dataset`
 - ``blip data build-shards``          :mod:`blip_recipes.commands.build_shards`
+- ``blip data init``                  :mod:`blip_recipes.commands.data_init`
 - ``blip benchmark [step]``           :mod:`blip_recipes.commands.benchmark`
 - ``blip benchmark data``             :mod:`blip_recipes.commands.benchmark_data`
 - ``blip benchmark float8-layers``    :mod:`blip_recipes.commands.benchmark_float8_layers`
