@@ -433,6 +433,7 @@ class BlipPretrainRecipe:
             wall_seconds=time.perf_counter() - t0,
             samples_per_step=self._global_batch(),
             last_record=self.metrics.last_record,
+            first_record=getattr(self.metrics, "first_record", None),
             eval_records=self.metrics.eval_records,
             best_key=self.BEST_EVAL_KEY,
             outputs={

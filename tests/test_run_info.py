@@ -130,6 +130,27 @@ def test_run_summary_and_lines():
     assert summary_lines(empty) == ["run summary: 0 steps (0 -> 0) in 0:00"]
 
 
+def test_summary_says_which_losses_fell_and_whether_itm_left_its_prior():
+    first = {"step": 10, "loss": 10.4, "loss_ita": 4.9, "loss_itm": 0.64, "loss_lm": 4.8,
+             "itm_acc": 0.55}  # fmt: skip
+    stuck = {"step": 500, "loss": 5.6, "loss_ita": 3.9, "loss_itm": 0.66, "loss_lm": 1.1,
+             "itm_acc": 0.66}  # fmt: skip
+    summary = run_summary(start_step=0, end_step=500, wall_seconds=60.0, samples_per_step=16,
+                          first_record=first, last_record=stuck)  # fmt: skip
+    (line,) = [x for x in summary_lines(summary) if x.startswith("  learning:")]
+    assert line == (
+        "  learning: fell: loss 10.40 -> 5.60, loss_ita 4.90 -> 3.90, loss_lm 4.80 -> 1.10; "
+        "did not fall: loss_itm 0.64 -> 0.66; ITM accuracy 55% -> 66%, not yet above its 67% "
+        '"no match" prior (ITM has not learnt)'
+    )
+    learnt = dict(stuck, loss_itm=0.3, itm_acc=0.9)
+    lines = summary_lines(run_summary(start_step=0, end_step=500, wall_seconds=60.0,
+                                      samples_per_step=16, first_record=first,
+                                      last_record=learnt))  # fmt: skip
+    assert any("loss_itm 0.64 -> 0.30" in x and 'above its 67% "no match" prior' in x
+               and "not yet" not in x for x in lines)  # fmt: skip
+
+
 def test_first_call_timer_logs_the_first_call_only(caplog):
     class Step:
         calls = 0

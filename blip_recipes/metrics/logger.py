@@ -187,6 +187,8 @@ class MetricsLogger:
         self._t0: Optional[float] = None
         self._step0: Optional[int] = None
         self.last_record: Optional[dict[str, Any]] = None
+        self.first_record: Optional[dict[str, Any]] = None
+        """The first logged record of this process (the run summary compares it with the last)."""
         """The newest training record (rank 0), for the end-of-run summary."""
         self.eval_records: list[dict[str, Any]] = []
         """Evaluation records logged by this process (rank 0)."""
@@ -259,6 +261,8 @@ class MetricsLogger:
             record["max_memory_gib"] = max_memory_gib(self.device)
         for backend in self.backends:
             backend.log_scalars(step, record, "train")
+        if self.first_record is None:
+            self.first_record = record
         self.last_record = record
         self.print_fn(self._console_line(step, record, now))
         return record
