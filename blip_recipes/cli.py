@@ -41,6 +41,7 @@ from blip_recipes.config import (
     validate,
 )
 from blip_recipes.config.advice import mark_printed
+from blip_recipes.metrics.console import guard_console
 
 MAIN_HELP = """blip: BLIP vision-language pretraining recipes
 
@@ -282,11 +283,14 @@ class StopForwarder:
             raise SignalException(f"Process {os.getpid()} got signal: {sig} again", sigval=sig)
         self.received = sig
         os.environ[STOP_REQUEST_ENV] = str(int(sig))
-        os.write(  # not print(): a handler may interrupt a write to sys.stderr
-            2,
-            f"blip run: {sig.name}: every rank saves a checkpoint at its next stop check and "
-            f"exits (a second Ctrl-C stops them now, without it)\n".encode(),
-        )
+        try:
+            os.write(  # not print(): a handler may interrupt a write to sys.stderr
+                2,
+                f"blip run: {sig.name}: every rank saves a checkpoint at its next stop check and "
+                f"exits (a second Ctrl-C stops them now, without it)\n".encode(),
+            )
+        except OSError:  # a dead console (the `| tee` that got the same Ctrl-C) stops nothing
+            pass
         for pgid in _child_process_groups():
             try:
                 os.killpg(pgid, sig)
@@ -543,6 +547,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    guard_console()  # a closed stdout/stderr (`blip ... | head`, a dead `| tee`) stops no command
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(MAIN_HELP)

@@ -1,7 +1,7 @@
 """Python logging for a multi-rank run: rank 0 speaks on the console, every rank keeps a file.
 
 - :func:`configure_logging` (first thing in a recipe's ``main``): rank 0 logs INFO to the
-  console (stderr); the other ranks print only ERROR there (a failing rank still says why), so
+  console (stderr, best-effort: a dead pipe or terminal stops console output, not the run); the other ranks print only ERROR there (a failing rank still says why), so
   an N-rank run no longer repeats every line N times. Python warnings go through logging
   (``py.warnings``), so they follow the same rule.
 - :func:`attach_rank_log_file` (once the output folder is the run's): every record of the rank,
@@ -15,6 +15,8 @@ import os
 import warnings
 from pathlib import Path
 from typing import Optional, Union
+
+from blip_recipes.metrics.console import guard_console
 
 FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 RANK_FORMAT = "%(asctime)s [rank{rank}] %(name)s %(levelname)s %(message)s"
@@ -34,8 +36,11 @@ def env_rank() -> int:
 
 
 def configure_logging(rank: Optional[int] = None, level: int = logging.INFO) -> None:
-    """Console logging for this rank (see the module docstring); replaces earlier handlers."""
+    """Console logging for this rank (see the module docstring); replaces earlier handlers.
+    The console is best-effort (:func:`~blip_recipes.metrics.console.guard_console`): a closed
+    stdout/stderr stops console output, never the run."""
     rank = env_rank() if rank is None else rank
+    guard_console()  # before basicConfig: its handler keeps the stream it is given
     fmt = FORMAT if rank == 0 else RANK_FORMAT.format(rank=rank)
     logging.basicConfig(level=level, format=fmt, force=True)
     console = logging.getLogger().handlers[0]
