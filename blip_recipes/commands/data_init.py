@@ -188,6 +188,7 @@ def build_configs(train_json: Path, val_json: Path, image_root: str, runs: Path,
     cf.model.name = PRESETS[model]
     cf.tokenizer = copy.deepcopy(cfg.tokenizer)
     cf.parallel.device = device
+    cf.data.num_workers = sizes["num_workers"]
     c = cf.capfilt
     c.captioner, c.filter = (
         str(runs / "finetune_caption" / "best"),
