@@ -59,7 +59,9 @@ def _files_of_reference_configs(root: Path) -> None:
     (root / "data" / "images").mkdir(parents=True)
     for name in ("coco_karpathy_train", "vg", "cc3m", "cc12m", "sbu"):
         (root / "data" / "annotations" / f"{name}.jsonl").parent.mkdir(exist_ok=True)
-        (root / "data" / "annotations" / f"{name}.jsonl").write_text(RECORD + "\n")
+        (root / "data" / "annotations" / f"{name}.jsonl").write_text(
+            (RECORD + "\n") * 75
+        )  # one global batch of base.toml
 
 
 @pytest.mark.parametrize("name", ["debug", "base", "large", "configs/base.toml"])

@@ -5,7 +5,9 @@
 Reads BLIP annotations (``[{"image": "a.jpg", "caption": "..." or [...]}]``, or ``.jsonl``),
 holds out a validation split of whole images, and writes into ``--out`` (new or empty):
 
-    train.json, val.json          the split (val: {"image", "caption": [texts]} per image)
+    train.json, val.json          the split (train: one record per caption; val: {"image",
+                                  "caption": [texts]} per image; train_images.json: train
+                                  grouped per image, CapFilt's input)
     pretrain.toml                 blip_pretrain on train.json, retrieval on val.json at its end
     eval_retrieval.toml           blip_eval_retrieval of the pretrained model on val.json
     finetune_caption.toml         blip_finetune_caption from the pretrained model
@@ -194,7 +196,7 @@ def build_configs(train_json: Path, val_json: Path, image_root: str, runs: Path,
         str(runs / "finetune_caption" / "best"),
         str(runs / "finetune_retrieval" / "best"),
     )
-    c.inputs, c.image_root = [str(train_json)], image_root
+    c.inputs, c.image_root = [str(train_json.with_name("train_images.json"))], image_root
     c.batch_size = min(c.batch_size, 2 * sizes["batch_size"])
 
     again = copy.deepcopy(cfg)
@@ -281,6 +283,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     train_json, val_json = out / "train.json", out / "val.json"
     train_json.write_text(json.dumps([{"image": i, "caption": t} for i, caps in train for t in caps],
                                      indent=0))  # fmt: skip
+    (out / "train_images.json").write_text(  # CapFilt's input: one record per image
+        json.dumps([{"image": i, "caption": caps} for i, caps in train], indent=0)
+    )
     val_json.write_text(json.dumps([{"image": i, "caption": caps} for i, caps in val], indent=0))
     configs = build_configs(train_json, val_json, image_root, runs, sizes, model, device,
                             tokenizer, k_test=min(256, max(1, len(val))))  # fmt: skip

@@ -55,6 +55,7 @@ SECTION_CHECK_MODULES = (
     "blip_recipes.retrieval_finetune",
     "blip_recipes.caption_step",
     "blip_recipes.config.checkpoint_match",
+    "blip_recipes.config.data_checks",
 )
 """Modules that register the checks of their recipe's own section ([retrieval], [caption])."""
 

@@ -99,7 +99,7 @@ def test_shards_mixed_with_json(tmp_path):
                f"data.sources.1.paths={tmp_path}/a.json")  # fmt: skip
     assert any("mixing shards with json/jsonl/synthetic sources needs them" in e
                for e in _errors(cfg))  # fmt: skip
-    (tmp_path / "sizes.json").write_text('{"s.tar": 10}')
+    (tmp_path / "sizes.json").write_text('{"s.tar": 100}')
     validate(cfg, LaunchContext())  # mixing is fine once the shard sizes are known
 
 
@@ -196,7 +196,7 @@ def test_pretraining_over_an_empty_annotation_file_is_refused(tmp_path):
             f"'data.sources.0.paths': {path} hold(s) no records (an empty annotation file): "
             "there is nothing to train on"
         ]
-    lines.write_text('{"image": "a.jpg", "caption": "a dog"}\n')
+    lines.write_text('{"image": "a.jpg", "caption": "a dog"}\n' * 16)  # one global batch
     validate(_cfg(tmp_path, "data.sources.0.kind=jsonl", f'data.sources.0.paths=["{lines}"]',
                   f"data.sources.0.image_root={tmp_path / 'img'}"), LaunchContext())  # fmt: skip
 
@@ -224,3 +224,16 @@ def _capfilt_errors(cfg) -> list[str]:
     except ConfigError as e:
         return str(e).splitlines()
     return []
+
+
+def test_training_over_fewer_samples_than_one_global_batch_is_refused(tmp_path):
+    ann = tmp_path / "one.jsonl"
+    ann.write_text('{"image": "a.jpg", "caption": "a dog"}\n' * 3)
+    (tmp_path / "img").mkdir()
+    cfg = _cfg(tmp_path, "data.sources.0.kind=jsonl", f'data.sources.0.paths=["{ann}"]',
+               f"data.sources.0.image_root={tmp_path / 'img'}")  # fmt: skip
+    assert _errors(cfg, world_size=2) == [
+        "'data.sources' hold 3 samples, fewer than one global batch (data.batch_size x world "
+        "size = 16 x 2 = 32): set data.batch_size=1 or less, or add data"
+    ]
+    validate(cfg, LaunchContext(checkpoints=False))  # evaluation reads no training batch

@@ -174,7 +174,7 @@ def test_listed_and_config_validates(tmp_path):
     (tmp_path / "data" / "images" / "coco").mkdir(parents=True)
     for split in ("train", "val", "test"):
         (tmp_path / "data" / "annotations" / f"coco_karpathy_{split}.json").write_text(
-            '[{"image": "a.jpg", "caption": "a dog"}]'
+            json.dumps([{"image": "a.jpg", "caption": "a dog"}] * 32)  # one global batch
         )
     out = subprocess.run([sys.executable, "-m", "blip_recipes.cli", "validate", "--config",
                           "finetune_caption_coco"], cwd=tmp_path, capture_output=True, text=True,
