@@ -93,7 +93,7 @@ def test_build_shards_output_trains_as_written(tmp_path):
                     "--out", str(out), "--per-shard", "2"], check=True, capture_output=True)  # fmt: skip
     cfg = load_config(TOOL.parents[1] / "configs" / "debug.toml", [
         "data.sources.0.kind=shards", f'data.sources.0.paths=["{out}/shards-{{00000..00002}}.tar"]',
-        f"job.output_dir={tmp_path / 'run'}",
+        f"job.output_dir={tmp_path / 'run'}", "data.batch_size=4",
     ])  # fmt: skip
     validate(cfg, LaunchContext())  # raises when a shard's size is unknown
     from blip_recipes.data.shards import dataset_size, expand_braces
