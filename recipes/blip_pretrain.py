@@ -32,7 +32,9 @@ from blip_recipes.checkpoint import (
     MOMENTUM,
     OPTIMIZER,
     TRAIN_STATE,
+    CheckpointCorruptError,
     CheckpointManager,
+    CheckpointWriteError,
     ModelWrapper,
     NonFiniteCheckpointError,
     OptimizerWrapper,
@@ -49,6 +51,7 @@ from blip_recipes.data.loader import STOP_SIGNALS
 from blip_recipes.evaluation.periodic import PeriodicEvaluator
 from blip_recipes.metrics import (
     MetricsLogger,
+    MetricsWriteError,
     WandbBackend,
     effective_mfu,
     flops_per_sample,
@@ -145,7 +148,8 @@ class BlipPretrainRecipe:
         try:
             recipe.setup()
             recipe.train()
-        except (NonFiniteLossError, NonFiniteCheckpointError) as e:
+        except (NonFiniteLossError, NonFiniteCheckpointError, CheckpointWriteError,
+                CheckpointCorruptError, MetricsWriteError) as e:  # fmt: skip
             logger.error("%s", e)
             return 1
         finally:
@@ -352,7 +356,11 @@ class BlipPretrainRecipe:
         return self.loader if isinstance(self.loader, TrainLoader) else PerRankState(self.loader)
 
     def _load_checkpoint(self, path: Path) -> None:
-        self.checkpointer.load(path, self._checkpoint_states())
+        if self.cfg.checkpoint.resume == "auto":  # one that cannot be read: the next older one
+            path = self.checkpointer.load_readable(path, self._checkpoint_states(), quarantine=True)
+            self.resume_from = path
+        else:
+            self.checkpointer.load(path, self._checkpoint_states())
         self.step = self.train_state.step
         logger.info("resumed from %s at step %d", path, self.step)
 

@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
 METADATA_FILE = ".metadata"
@@ -239,7 +238,9 @@ class _Verification:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 self.problems.append(f"{MANIFEST_FILE}: unreadable ({_describe(e)})")
         try:
-            storage = dcp.FileSystemReader(str(self.path)).read_metadata().storage_data
+            from blip_recipes.checkpoint.safe_read import read_metadata  # imports this module
+
+            storage = read_metadata(self.path).storage_data
             for info in storage.values():
                 end = int(info.offset) + int(info.length)
                 self.needed[info.relative_path] = max(self.needed.get(info.relative_path, 0), end)

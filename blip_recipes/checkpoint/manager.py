@@ -22,7 +22,7 @@ import logging
 import pickle
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
@@ -51,6 +51,7 @@ from blip_recipes.checkpoint.integrity import (
     verify_checkpoint,
     write_manifest,
 )
+from blip_recipes.checkpoint.safe_read import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from blip_recipes.checkpoint.states import MODEL, MOMENTUM, ModelWrapper
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ def is_complete(path: Union[str, Path]) -> bool:
 def _read_metadata(path: Union[str, Path]) -> Any:
     """DCP metadata of a checkpoint; a damaged file raises :class:`CheckpointCorruptError`."""
     try:
-        return dcp.FileSystemReader(str(path)).read_metadata()
-    except FileNotFoundError:
+        return read_metadata(path)
+    except (FileNotFoundError, CheckpointCorruptError):
         raise
     except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError...
         raise CheckpointCorruptError(
@@ -130,9 +131,16 @@ def _portable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def _find_oserror(e: BaseException) -> Optional[OSError]:
+#: What torch's zip writer (``torch.save`` into a file) raises when a write comes up short, as
+#: on a full disk: a RuntimeError from C++ (``inline_container.cc``) without the OSError.
+_TORCH_WRITER_FAILED = ("inline_container.cc", "PytorchStreamWriter failed")
+_NEARLY_FULL = 64 << 10
+
+
+def _find_oserror(e: BaseException, folder: Optional[Path] = None) -> Optional[OSError]:
     """The OSError behind an exception: itself, one of a CheckpointException's per-rank
-    failures, or a cause/context."""
+    failures, or a cause/context. Torch's writer failing counts as ENOSPC when ``folder``'s
+    file system has less than 64 KiB left, else as EIO."""
     seen: set[int] = set()
     todo: list[Optional[BaseException]] = [e]
     while todo:
@@ -142,6 +150,13 @@ def _find_oserror(e: BaseException) -> Optional[OSError]:
         seen.add(id(x))
         if isinstance(x, OSError):
             return x
+        if isinstance(x, RuntimeError) and any(m in str(x) for m in _TORCH_WRITER_FAILED):
+            try:
+                full = folder is not None and shutil.disk_usage(folder).free < _NEARLY_FULL
+            except OSError:
+                full = False
+            detail = str(x).strip().splitlines()[0]
+            return OSError(errno.ENOSPC if full else errno.EIO, f"torch's writer failed: {detail}")
         if isinstance(x, CheckpointException):
             todo += [failure[0] if isinstance(failure, tuple) else failure
                      for _, failure in sorted(x.failures.items())]  # fmt: skip
@@ -227,12 +242,18 @@ def load_states(
     if strict:
         check_against_metadata(path, flat, set(states))
     try:
-        dcp.load(flat, checkpoint_id=str(path), no_dist=_no_dist())
-    except (CheckpointException, EOFError, pickle.UnpicklingError, OSError) as e:
+        dcp.load(
+            flat, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)),
+            planner=SafeLoadPlanner(), no_dist=_no_dist(),
+        )  # fmt: skip
+    except (CheckpointException, CheckpointCorruptError, EOFError, pickle.UnpicklingError,
+            OSError, RuntimeError) as e:  # fmt: skip
         cause = e
         if isinstance(e, CheckpointException) and e.failures:
             failure = next(iter(e.failures.values()))
             cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, CheckpointCorruptError):  # an unsafe or unreadable value
+            raise type(cause)(f"checkpoint {path}: {cause}") from None
         raise CheckpointCorruptError(
             f"could not read checkpoint {path} ({_describe(cause)}); "
             f"run `blip checkpoint verify {path}` to see which file is damaged"
@@ -240,10 +261,13 @@ def load_states(
     loaded = unflatten_state_dict(flat, mapping)
     for name, state in states.items():
         value = loaded.get(name, {})
-        if isinstance(state, Stateful):
-            state.load_state_dict(value)
-        elif isinstance(state, dict):
-            state.update(value)
+        try:
+            if isinstance(state, Stateful):
+                state.load_state_dict(value)
+            elif isinstance(state, dict):
+                state.update(value)
+        except CheckpointCorruptError as e:  # a per-rank blob that is unsafe or unreadable
+            raise type(e)(f"checkpoint {path}: {e}") from None
 
 
 def load_model_weights(path: Union[str, Path], model: nn.Module, key: str = MODEL) -> None:
@@ -423,7 +447,7 @@ class CheckpointManager:
                 return path
             dcp.save(state_dict, checkpoint_id=str(path), no_dist=_no_dist())
             self._write_manifest(path)
-        except (OSError, CheckpointException) as e:
+        except (OSError, RuntimeError, CheckpointException) as e:
             self._raise_write_error(step, path, e)
         _log_saved(step, path, time.perf_counter() - t0)
         self._prune(step)
@@ -480,16 +504,16 @@ class CheckpointManager:
         """Turn an OSError (possibly inside DCP's CheckpointException) into one clear
         :class:`CheckpointWriteError`; remove the partial folder (rank 0). Anything else is
         re-raised as it is."""
-        oserror = _find_oserror(e)
+        oserror = _find_oserror(e, self.folder)
         if oserror is None:
             raise e
-        if _rank() == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        previous = [p for _, p in self._step_dirs() if is_complete(p) and p != path]
-        try:
+        try:  # before the partial folder goes: what the save ran into
             free = _human(shutil.disk_usage(self.folder).free)
         except OSError:
             free = "unknown space"
+        if _rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        previous = [p for _, p in self._step_dirs() if is_complete(p) and p != path]
         code = oserror.errno
         if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
             what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
@@ -502,9 +526,7 @@ class CheckpointManager:
             else "there is no previous checkpoint"
         )
         message = f"{head}; {tail} (the partial step-{step} was removed)"
-        if _rank() == 0:
-            logger.error("%s", message)
-        raise CheckpointWriteError(message, code) from e
+        raise CheckpointWriteError(message, code) from e  # the caller says it, once
 
     def wait(self) -> None:
         """Block until the pending async save (if any) and its manifest are written, then prune.
@@ -519,7 +541,7 @@ class CheckpointManager:
         assert step is not None
         try:
             pending.result()
-        except (OSError, CheckpointException) as e:
+        except (OSError, RuntimeError, CheckpointException) as e:
             self._raise_write_error(step, self.step_dir(step), e)
         self._prune(step)
 
@@ -539,11 +561,15 @@ class CheckpointManager:
         sums = self._checksums(Path(path), names)
         return self._rank0(lambda: check["v"].finish(sums))
 
-    def _select_intact(self) -> tuple[Optional[Path], list[CheckpointReport]]:
-        """Newest usable checkpoint and the reports of the damaged newer ones (collective)."""
+    def _select_intact(
+        self, skip: Collection[Path] = ()
+    ) -> tuple[Optional[Path], list[CheckpointReport]]:
+        """Newest usable checkpoint and the reports of the damaged newer ones (collective);
+        ``skip``: folders already found unreadable."""
         candidates = self._rank0(
             lambda: [p for _, p in reversed(self._step_dirs())
-                     if is_complete(p) or (p / MANIFEST_FILE).is_file()]  # finished once
+                     if (is_complete(p) or (p / MANIFEST_FILE).is_file())  # finished once
+                     and p not in skip]
         )  # fmt: skip
         damaged: list[CheckpointReport] = []
         for path in candidates:
@@ -566,14 +592,17 @@ class CheckpointManager:
         logger.warning("moved damaged checkpoint %s to %s", path, target.name)
         return target
 
-    def latest_intact(self, quarantine: bool = False) -> Optional[Path]:
+    def latest_intact(
+        self, quarantine: bool = False, skip: Collection[Path] = ()
+    ) -> Optional[Path]:
         """The newest checkpoint that verifies (collective): what ``resume = "auto"`` uses.
 
         Newest first, each complete checkpoint is checked against its ``checksums.json``; a
         damaged one is reported with a warning naming the file and what is wrong, and the next
         older one is tried. A checkpoint without a manifest (older code) is used after a
         structural check, with a log line that it cannot be verified. With ``quarantine`` the
-        damaged checkpoints newer than the one chosen are renamed ``corrupt-step-N``.
+        damaged checkpoints newer than the one chosen are renamed ``corrupt-step-N``. ``skip``:
+        folders not to consider (found unreadable by :meth:`load_readable`).
 
         Returns:
             The chosen folder, or None when there is no complete checkpoint at all.
@@ -582,7 +611,7 @@ class CheckpointManager:
             CheckpointCorruptError: checkpoints exist but none is usable.
         """
         self.wait()
-        chosen, damaged = self._select_intact()
+        chosen, damaged = self._select_intact(skip)
         if _rank() == 0:
             for report in damaged:
                 logger.warning(
@@ -629,9 +658,68 @@ class CheckpointManager:
     def load(
         self, path: Union[str, Path], states: Mapping[str, StateLike], strict: bool = True
     ) -> None:
-        """Load ``states`` from ``path`` in place (see :func:`load_states`)."""
+        """Load ``states`` from ``path`` in place (see :func:`load_states`; collective).
+
+        When some rank fails, every rank raises: the failing ranks their own error, the others
+        a :class:`CheckpointCorruptError` when every failure was one (the checkpoint cannot be
+        read), else a RuntimeError naming the ranks, so all ranks take the same next step.
+        """
         self.wait()
-        load_states(path, states, strict=strict)
+        error: Optional[Exception] = None
+        try:
+            load_states(path, states, strict=strict)
+        except Exception as e:
+            error = e
+        failed = self._any_rank(error is not None)
+        if not failed:
+            return
+        other = self._any_rank(error is not None and not isinstance(error, CheckpointCorruptError))
+        if error is not None:
+            raise error
+        ranks = ", ".join(map(str, failed))
+        if other:
+            raise RuntimeError(f"loading checkpoint {path} failed on rank(s) {ranks}")
+        raise CheckpointCorruptError(f"checkpoint {path} could not be read on rank(s) {ranks}")
+
+    def load_readable(
+        self, path: Path, states: Mapping[str, StateLike], quarantine: bool = False
+    ) -> Path:
+        """Load ``path`` (what :meth:`latest_intact` chose) into ``states``, falling back to
+        older checkpoints while one cannot be read (collective); returns the one loaded.
+
+        Checksums cannot catch everything: a checkpoint without a manifest passes with a
+        structural check, and a verified one may still hold a value that is refused
+        (:class:`~blip_recipes.checkpoint.safe_read.UnsafeCheckpointError`). Such a checkpoint
+        is treated like a damaged one: one warning naming it and why, then the next older
+        intact checkpoint (``quarantine``: the unreadable ones are renamed ``corrupt-step-N``
+        once one loads). A mismatch (another model or config) is not damage and is raised.
+
+        Raises:
+            CheckpointCorruptError: no checkpoint in the folder can be read.
+        """
+        unreadable: list[tuple[Path, str]] = []
+        current: Optional[Path] = path
+        while current is not None:
+            try:
+                self.load(current, states)
+                break
+            except CheckpointCorruptError as e:
+                why = str(e).splitlines()[0]
+                unreadable.append((current, why))
+                if _rank() == 0:
+                    logger.warning("%s; not resuming from %s", why, current.name)
+            current = self.latest_intact(quarantine, skip=[p for p, _ in unreadable])
+        if current is None:
+            lines = [f"no readable checkpoint to resume from in {self.folder}:"]
+            lines += [f"  {p.name}: {why}" for p, why in unreadable]
+            raise CheckpointCorruptError("\n".join(lines))
+        if unreadable:
+            if _rank() == 0:
+                logger.warning("resuming from the older checkpoint %s (newer unreadable: %s)",
+                               current, ", ".join(p.name for p, _ in unreadable))  # fmt: skip
+            if quarantine:
+                self._rank0(lambda: [self._quarantine(p) for p, _ in unreadable])
+        return current
 
     def _prune(self, just_written: int) -> None:
         """Rank 0 removes complete checkpoints beyond the newest ``keep_latest_k`` and incomplete

@@ -2,7 +2,8 @@
 
 DCP saves a non-tensor value once (from one rank) when every rank has it under the same key, and
 loads it on every rank. Per-rank values (RNG states, loader positions) therefore live under keys
-unique to the rank (``rank3``), stored as opaque bytes, and are *optional* on load: a checkpoint
+unique to the rank (``rank3``), stored as bytes (``torch.save`` of tensors and plain values,
+read back with ``weights_only=True``: a checkpoint never runs code), and are *optional* on load: a checkpoint
 written by 2 ranks loaded by 1 (or 4) simply lacks (or ignores) some of them, and the object
 falls back to its fresh state. :class:`CheckpointManager` learns which keys may be absent from
 an object's ``optional_keys()``.
@@ -28,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from blip_recipes.checkpoint.safe_read import safe_torch_load
+
 logger = logging.getLogger(__name__)
 
 # Top-level keys of a training checkpoint (named constants, TorchTitan style).
@@ -51,15 +54,20 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def to_bytes(obj: Any) -> bytes:
-    """Serialise any picklable object (tensors included) to bytes: one opaque DCP value."""
+    """Serialise tensors and plain values (dicts, lists, numbers, strings) to bytes: one DCP
+    value. Other objects would be refused by :func:`from_bytes`."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
 
-def from_bytes(data: bytes) -> Any:
-    """Inverse of :func:`to_bytes`. Checkpoints are trusted input (they are our own pickles)."""
-    return torch.load(io.BytesIO(data), weights_only=False)
+def from_bytes(data: bytes, what: str = "a per-rank checkpoint entry") -> Any:
+    """Inverse of :func:`to_bytes`, through ``weights_only=True``: tensors and plain values.
+
+    Raises:
+        UnsafeCheckpointError: the bytes name any other object (nothing of it runs).
+    """
+    return safe_torch_load(data, what)
 
 
 class ModelWrapper(Stateful):
@@ -102,7 +110,24 @@ class OptimizerWrapper(Stateful):
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=self._options)
+        fresh = not self.optimizer.state
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=self._options)
+        if fresh:  # the zero-LR step counted as a step: undo it, or a step-0 checkpoint resumes
+            self._reset_step_counts(state)  # with AdamW's bias correction one step ahead
+        return state
+
+    def _reset_step_counts(self, state: dict[str, Any]) -> None:
+        """Set the ``step`` counts that the initialising zero-LR step set to 1 back to 0 (in the
+        optimizer and in ``state``); its moments are zero, so the optimizer then equals a fresh
+        one."""
+        steps = [(state, k) for k in state if k.startswith("state.") and k.endswith(".step")]
+        steps += [(s, "step") for s in self.optimizer.state.values() if "step" in s]
+        for entries, key in steps:
+            value = entries[key]
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+            else:
+                entries[key] = type(value)(0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_optimizer_state_dict(
@@ -116,7 +141,8 @@ def capture_rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, key, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached)
     except ImportError:
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -132,7 +158,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         try:
             import numpy as np
 
-            np.random.set_state(state["numpy"])
+            name, key, *rest = state["numpy"]  # the key: a tensor (older checkpoints: an array)
+            key = key.numpy() if isinstance(key, torch.Tensor) else key
+            np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
         except ImportError:
             pass
     if "cuda" in state and torch.cuda.is_available():
@@ -176,7 +204,7 @@ class TrainState(Stateful):
         rng = state_dict.get("rng", {}).get(rank_key(_rank_and_world()[0]))
         self.rng_restored = rng is not None
         if rng is not None:
-            restore_rng_state(from_bytes(rng))
+            restore_rng_state(from_bytes(rng, f"the RNG state of rank {_rank_and_world()[0]}"))
 
 
 class PerRankState(Stateful):
@@ -206,7 +234,7 @@ class PerRankState(Stateful):
         if data is None:
             logger.warning("checkpoint has no per-rank state for rank %d; starting it fresh", rank)
             return
-        payload = from_bytes(data)
+        payload = from_bytes(data, f"the per-rank state of rank {rank}")
         if payload["world_size"] != world:
             logger.warning(
                 "per-rank state written by %d ranks, running %d: not restored",

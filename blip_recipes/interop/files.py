@@ -173,10 +173,11 @@ def read_hf_folder(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
 # ------------------------------------------------------------------ DCP folders
 def dcp_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Flattened key -> global shape of every tensor in a DCP checkpoint (metadata only)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    from blip_recipes.checkpoint.safe_read import read_metadata
+
+    metadata = read_metadata(path).state_dict_metadata
     return {k: tuple(m.size) for k, m in metadata.items() if isinstance(m, TensorStorageMetadata)}
 
 
@@ -191,7 +192,9 @@ def read_dcp(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    from blip_recipes.checkpoint.safe_read import SafeFileSystemReader, read_metadata
+
+    metadata = read_metadata(path).state_dict_metadata
     state = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.items()
@@ -202,7 +205,7 @@ def read_dcp(
             f"DCP checkpoint {path} has no tensors under {list(prefixes)}; top-level keys: "
             f"{sorted({k.split('.', 1)[0] for k in metadata})}"
         )
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
     return state
 
 

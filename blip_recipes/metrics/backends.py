@@ -11,10 +11,12 @@ records and ``group="eval"`` for evaluation results. JSONL writes them to ``metr
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
+import shutil
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,10 +63,45 @@ class MetricsBackend:
 
 
 # ---------------------------------------------------------------------------- JSONL
+class MetricsWriteError(RuntimeError):
+    """A metrics line could not be written (a full disk...); the file still ends with the last
+    whole line. ``errno`` is kept."""
+
+    def __init__(self, message: str, errno_: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+def append_line(fd: int, path: Path, line: str) -> None:
+    """Append ``line`` to the open file ``fd`` whole or not at all: a failed write (ENOSPC,
+    EIO...) truncates the file back to where it ended and raises :class:`MetricsWriteError`."""
+    data = line.encode()
+    end = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as e:
+        try:
+            os.ftruncate(fd, end)
+            kept = "it still ends with its last whole line"
+        except OSError:
+            kept = f"the line may be cut: truncate it to {end} bytes"
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        what = "no space left on device" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise MetricsWriteError(
+            f"could not write {path} ({what}, {free}); {kept}", e.errno
+        ) from None
+
+
 class JsonlBackend(MetricsBackend):
     """``metrics.jsonl`` (group ``train``) and ``eval.jsonl`` (group ``eval``): one strict JSON
     object per call, in the order given (``step`` and ``time`` first). Text, images and hparams
-    are not written (TensorBoard / W&B keep them)."""
+    are not written (TensorBoard / W&B keep them). Each line is written whole or not at all
+    (:func:`append_line`), so a full disk never leaves a cut line."""
 
     name = "jsonl"
 
@@ -74,25 +111,29 @@ class JsonlBackend(MetricsBackend):
             "train": self.output_dir / "metrics.jsonl",
             "eval": self.output_dir / "eval.jsonl",
         }
-        self._file = self.paths["train"].open("a")
+        self._fd: Optional[int] = os.open(
+            self.paths["train"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+        )
 
     def log_scalars(self, step: int, values: Mapping[str, Any], group: str = "train") -> None:
         record = {"step": step, **{k: v for k, v in values.items() if k != "step"}}
         line = json.dumps(record, allow_nan=False) + "\n"
         if group == "train":
-            if self._file is None:
+            if self._fd is None:
                 raise ValueError("JsonlBackend is closed")
-            self._file.write(line)
-            self._file.flush()
+            append_line(self._fd, self.paths["train"], line)
             return
         path = self.paths.get(group, self.output_dir / f"{group}.jsonl")
-        with path.open("a") as f:
-            f.write(line)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            append_line(fd, path, line)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # ---------------------------------------------------------------------------- images

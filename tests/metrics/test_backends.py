@@ -12,8 +12,10 @@ from PIL import Image
 
 from blip_recipes.metrics import (
     WANDB_MISSING,
+    JsonlBackend,
     MetricsBackend,
     MetricsLogger,
+    MetricsWriteError,
     TensorBoardBackend,
     caption_grid,
     require_wandb,
@@ -180,3 +182,56 @@ def test_wandb_offline_run_records_scalars_images_and_summary(tmp_path, monkeypa
     logger.close()
     assert backend._run is None
     assert list(tmp_path.rglob("*.wandb"))  # the offline run file, for `wandb sync`
+
+
+def _whole_lines(path):
+    text = path.read_text()
+    assert text == "" or text.endswith("\n"), text[-80:]
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_jsonl_on_a_full_disk_is_one_line_and_never_cuts_a_line(tmp_path):
+    from tests.small_fs import fill, small_fs
+
+    with small_fs(tmp_path / "fs", 256) as fs:
+        backend = JsonlBackend(fs)
+        backend.log_scalars(1, {"loss": 1.0})
+        fill(fs, leave=0)
+        big = {f"metric_{i}": float(i) for i in range(400)}  # about 8 KiB: more than is left
+        with pytest.raises(MetricsWriteError) as err:
+            backend.log_scalars(2, big)
+        msg = str(err.value)
+        assert msg.startswith(f"could not write {fs / 'metrics.jsonl'} (no space left on device")
+        assert "it still ends with its last whole line" in msg and "\n" not in msg
+        assert [r["step"] for r in _whole_lines(fs / "metrics.jsonl")] == [1]
+        with pytest.raises(MetricsWriteError, match="eval.jsonl"):
+            backend.log_scalars(2, big, group="eval")
+        assert _whole_lines(fs / "eval.jsonl") == []
+        (fs / "filler").unlink()  # space again: writing goes on after the last whole line
+        backend.log_scalars(2, {"loss": 0.5})
+        backend.close()
+        assert [r["step"] for r in _whole_lines(fs / "metrics.jsonl")] == [1, 2]
+
+
+def test_jsonl_short_write_is_truncated_back(tmp_path, monkeypatch):
+    """A write that stops half way (what a full disk does) is cut back to the last line."""
+    import errno
+    import os
+
+    backend = JsonlBackend(tmp_path)
+    backend.log_scalars(1, {"loss": 1.0})
+    real_write, calls = os.write, []
+
+    def half_then_full(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(MetricsWriteError, match="no space left on device"):
+        backend.log_scalars(2, {"loss": 0.5})
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert [r["step"] for r in _whole_lines(tmp_path / "metrics.jsonl")] == [1]
+    backend.close()
