@@ -139,8 +139,8 @@ _NEARLY_FULL = 64 << 10
 
 def _find_oserror(e: BaseException, folder: Optional[Path] = None) -> Optional[OSError]:
     """The OSError behind an exception: itself, one of a CheckpointException's per-rank
-    failures, or a cause/context. Torch's writer failing counts as ENOSPC when ``folder``'s
-    file system has less than 64 KiB left, else as EIO."""
+    failures, or a cause/context. Torch's writer failing counts as ENOSPC when it reports a
+    short write or ``folder``'s file system has less than 64 KiB left, else as EIO."""
     seen: set[int] = set()
     todo: list[Optional[BaseException]] = [e]
     while todo:
@@ -151,8 +151,10 @@ def _find_oserror(e: BaseException, folder: Optional[Path] = None) -> Optional[O
         if isinstance(x, OSError):
             return x
         if isinstance(x, RuntimeError) and any(m in str(x) for m in _TORCH_WRITER_FAILED):
-            try:
-                full = folder is not None and shutil.disk_usage(folder).free < _NEARLY_FULL
+            try:  # another rank may have removed the partial folder already: a short write
+                full = "unexpected pos" in str(x) or (  # ("unexpected pos") says it too
+                    folder is not None and shutil.disk_usage(folder).free < _NEARLY_FULL
+                )
             except OSError:
                 full = False
             detail = str(x).strip().splitlines()[0]

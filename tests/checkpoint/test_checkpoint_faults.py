@@ -79,6 +79,10 @@ def test_torch_writer_failing_on_a_full_disk_counts_as_no_space(tmp_path):
         os.unlink(fs / "big.pt")
         found = _find_oserror(RuntimeError("[enforce fail at inline_container.cc:672] x"), fs)
         assert found is not None and found.errno == errno.EIO  # space left: another failure
+        short = RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+        )
+        assert _find_oserror(short, fs).errno == errno.ENOSPC  # a short write, whatever is free
 
 
 def test_disk_filled_by_another_process_between_saves(tmp_path):
