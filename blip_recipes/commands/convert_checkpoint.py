@@ -12,6 +12,9 @@ a reference BLIP .pth ({"model": ...} or bare), or a consolidated .pt / .safeten
 DEST format: --to, else from the suffix (.pt/.pth/.bin: pt, .safetensors, otherwise a DCP folder).
 A DCP output holds "model" and "momentum" (weights + queues when the source has them, else a copy
 of the online weights and fresh queues): start a run from it with checkpoint.init_from=DEST.
+A reference output loads strictly into the reference BLIP_Pretrain (its pretrain.py --checkpoint);
+a reference source's momentum cross-attention is kept through DCP / .pt / .safetensors and
+written back. Outputs are written beside DEST and renamed into place when complete.
 An HF output also gets a model card (DEST/README.md: the step, the run's config and data sources
 and its last metrics when the source is a run's DCP checkpoint; set its license before publishing).
 """
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow arbitrary objects in torch pickles (trusted files only)")  # fmt: skip
     parser.add_argument("--force", action="store_true",
-                        help="write over an existing DEST file or non-empty folder")  # fmt: skip
+                        help="replace an existing DEST file or non-empty folder (the new output "
+                        "is written beside it and swapped in once complete)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="builder override, e.g. --set vision_heads=16 (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             args.source, args.dest, to=args.to, model_name=args.model, tokenizer=tokenizer,
             queue_size=args.queue_size, seed=args.seed, momentum=not args.no_momentum,
             strict=args.strict, trust_pickle=args.trust_pickle, tokenizer_section=section,
-            **overrides,
+            overwrite=args.force, **overrides,
         )  # fmt: skip
     except (CheckpointLayoutError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

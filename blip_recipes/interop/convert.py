@@ -25,6 +25,7 @@ from torch import nn
 
 from blip_recipes.interop.files import (
     CheckpointLayoutError,
+    compact_copies,
     detect_layout,
     hf_subfolders,
     latest_dcp_step,
@@ -34,6 +35,7 @@ from blip_recipes.interop.files import (
     read_state_dict_file,
     save_dcp,
     save_state_dict_file,
+    staged_output,
 )
 from blip_recipes.interop.hf import (
     hf_blip_config,
@@ -47,12 +49,12 @@ logger = logging.getLogger(__name__)
 
 MODEL_ARGS_FILE = "model_args.json"
 """Written beside converted DCP checkpoints: the builder preset and overrides that rebuild it."""
+MOMENTUM_CROSS_ATTN = "momentum_cross_attn"
+"""DCP top-level key (and flat-file key prefix) of a reference file's momentum cross-attention,
+which our momentum encoder has no slot for: kept so that a reference export gives it back."""
 _QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr")
 _IGNORED_SUFFIXES = ("position_ids",)
-_REFERENCE_DROPPABLE = (
-    "text_decoder.cls.predictions.decoder.bias",  # alias of cls.predictions.bias in old BERT code
-    "idx_queue",  # retrieval fine-tuning's image-id queue (no pretraining meaning)
-)
+_REFERENCE_DROPPABLE = ("idx_queue",)  # retrieval fine-tuning's image-id queue (not pretraining)
 
 
 @dataclass
@@ -68,6 +70,8 @@ class CheckpointWeights:
         model_args: `{"name": preset, **builder overrides}` recorded with the checkpoint, if any.
         hf_config: `config.json` of an HF folder (the first one), if any.
         tokenizer: a `[tokenizer]`-section dict recorded with the checkpoint, if any.
+        momentum_cross_attn: a reference file's momentum cross-attention, keys
+            `text_encoder.layers.#.cross_attn.*` (empty when the source has none).
     """
 
     model: dict[str, torch.Tensor]
@@ -78,6 +82,7 @@ class CheckpointWeights:
     model_args: dict[str, Any] | None = None
     hf_config: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
+    momentum_cross_attn: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _unplaced_error(
@@ -134,9 +139,12 @@ def split_hf_pair(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def _from_reference(sd: dict, source: str) -> CheckpointWeights:
     split = reference_to_ours(sd)
-    produced = ours_to_reference(split.model, split.momentum, split.queues)
+    produced = ours_to_reference(
+        split.model, split.momentum, split.queues, split.momentum_cross_attn
+    )
     _check_placed(source, "a reference BLIP checkpoint", sd, produced, _REFERENCE_DROPPABLE)
-    return CheckpointWeights(split.model, split.momentum, dict(split.queues), source, "reference")
+    return CheckpointWeights(split.model, split.momentum, dict(split.queues), source, "reference",
+                             momentum_cross_attn=split.momentum_cross_attn)  # fmt: skip
 
 
 def _from_hf(retrieval: dict | None, captioning: dict | None, source: str) -> CheckpointWeights:
@@ -152,11 +160,16 @@ def _from_hf(retrieval: dict | None, captioning: dict | None, source: str) -> Ch
 
 
 def _from_ours(sd: dict, source: str) -> CheckpointWeights:
-    model = {k: v for k, v in sd.items() if not k.startswith("momentum.")}
+    cross_prefix = f"{MOMENTUM_CROSS_ATTN}."
+    model = {k: v for k, v in sd.items()
+             if not k.startswith("momentum.") and not k.startswith(cross_prefix)}  # fmt: skip
     momentum = {k[len("momentum.encoders.") :]: v for k, v in sd.items()
                 if k.startswith("momentum.encoders.")}  # fmt: skip
     queues = {k: sd[f"momentum.{k}"] for k in _QUEUE_KEYS if f"momentum.{k}" in sd}
-    return CheckpointWeights(model, momentum or None, queues, source, "ours")
+    weights = CheckpointWeights(model, momentum or None, queues, source, "ours")
+    weights.momentum_cross_attn = {k[len(cross_prefix) :]: v for k, v in sd.items()
+                                   if k.startswith(cross_prefix)}  # fmt: skip
+    return weights
 
 
 def weights_from_state_dict(
@@ -212,9 +225,9 @@ def read_weights(path: str | Path, trust_pickle: bool = False) -> CheckpointWeig
     if layout == "dcp":
         step_dir = latest_dcp_step(path)
         assert step_dir is not None
-        flat = read_dcp(step_dir)
+        flat = read_dcp(step_dir, ("model", "momentum", MOMENTUM_CROSS_ATTN))
         sd = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}
-        sd |= {k: v for k, v in flat.items() if k.startswith("momentum.")}
+        sd |= {k: v for k, v in flat.items() if not k.startswith("model.")}
         weights = _from_ours(sd, str(step_dir))
         weights.layout = "dcp"
         weights.model_args, weights.tokenizer = _dcp_side_files(step_dir)
@@ -500,19 +513,26 @@ def build_momentum_from_weights(
 
 # ------------------------------------------------------------------ writing
 def save_training_checkpoint(
-    model: nn.Module, momentum: Any, path: str | Path, tokenizer_section: dict | None = None
+    model: nn.Module,
+    momentum: Any,
+    path: str | Path,
+    tokenizer_section: dict | None = None,
+    momentum_cross_attn: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `{"model", "momentum"}` as a DCP checkpoint folder the pretraining recipe can load.
 
     `checkpoint.init_from=<path>` initialises a run from its model weights. A `model_args.json`
     beside it records the builder arguments (and tokenizer section, its path made absolute)
-    for later conversions and evaluation.
+    for later conversions and evaluation. A reference file's momentum cross-attention (no
+    training use) goes under its own top-level key, `momentum_cross_attn`, when given.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = {"model": get_model_state_dict(model)}
     if momentum is not None:
         state["momentum"] = momentum.state_dict()
+        if momentum_cross_attn:
+            state[MOMENTUM_CROSS_ATTN] = dict(momentum_cross_attn)
     out = save_dcp(state, path)
     tok = dict(tokenizer_section) if tokenizer_section else None
     if tok and tok.get("path"):  # absolute: read later from any working folder
@@ -522,36 +542,60 @@ def save_training_checkpoint(
     return out
 
 
-def consolidated_state_dict(model: nn.Module, momentum: Any = None) -> dict[str, torch.Tensor]:
-    """One flat state dict: our model keys, plus `momentum.*` keys when `momentum` is given."""
+def consolidated_state_dict(
+    model: nn.Module, momentum: Any = None, momentum_cross_attn: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """One flat state dict: our model keys, plus `momentum.*` keys when `momentum` is given
+    (and `momentum_cross_attn.*`, a reference file's momentum cross-attention, when given)."""
     out = {k: v.detach() for k, v in model.state_dict().items()}
     if momentum is not None:
         out |= {
             f"momentum.encoders.{k}": v.detach() for k, v in momentum.encoders.state_dict().items()
         }
         out |= {f"momentum.{k}": getattr(momentum, k).detach() for k in _QUEUE_KEYS}
+        out |= {f"{MOMENTUM_CROSS_ATTN}.{k}": v for k, v in (momentum_cross_attn or {}).items()}
     return out
 
 
-def save_consolidated(model: nn.Module, path: str | Path, momentum: Any = None) -> Path:
+def save_consolidated(
+    model: nn.Module,
+    path: str | Path,
+    momentum: Any = None,
+    momentum_cross_attn: dict | None = None,
+) -> Path:
     """Write :func:`consolidated_state_dict` to `.pt` / `.pth` or `.safetensors` (whose header
     also records the builder arguments, so it rebuilds without hints)."""
     model_args = getattr(model, "model_args", None)
     metadata = {MODEL_ARGS_FILE: json.dumps(model_args)} if model_args else None
-    save_state_dict_file(consolidated_state_dict(model, momentum), path, metadata)
+    state = consolidated_state_dict(model, momentum, momentum_cross_attn)
+    save_state_dict_file(state, path, metadata)
     return Path(path)
 
 
-def save_reference(model: nn.Module, path: str | Path, momentum: Any = None) -> Path:
-    """Write a reference-layout `{"model": ...}` `.pth` (temp 0-d, momentum `_m` names, queues)."""
+def save_reference(
+    model: nn.Module,
+    path: str | Path,
+    momentum: Any = None,
+    momentum_cross_attn: dict | None = None,
+) -> Path:
+    """Write a reference-layout `{"model": ...}` `.pth` that the reference `BLIP_Pretrain` loads
+    with a strict `load_state_dict` when `momentum` is given (its exact key set: temp 0-d,
+    `position_ids` buffers, momentum `_m` names, queues).
+
+    Tensors the reference shares are stored once (`torch.load` gives them back shared). The
+    momentum cross-attention comes from `momentum_cross_attn` (what a reference source held),
+    else from copies of the online cross-attention.
+    """
     momentum_sd = queues = None
     if momentum is not None:
         momentum_sd = momentum.encoders.state_dict()
         queues = {k: getattr(momentum, k) for k in _QUEUE_KEYS}
-    state = ours_to_reference(model.state_dict(), momentum_sd, queues)
+    elif momentum_cross_attn:
+        raise ValueError("momentum_cross_attn is written with the momentum state only")
+    state = ours_to_reference(model.state_dict(), momentum_sd, queues, momentum_cross_attn)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {k: v.detach().clone() for k, v in state.items()}}, path)
+    torch.save({"model": compact_copies(state)}, path)
     return path
 
 
@@ -583,6 +627,7 @@ def convert_checkpoint(
     strict: bool = False,
     trust_pickle: bool = False,
     tokenizer_section: dict[str, Any] | None = None,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> Path:
     """Convert any supported checkpoint into one output format (what `tools/convert_checkpoint.py`
@@ -607,33 +652,50 @@ def convert_checkpoint(
         trust_pickle: allow arbitrary objects in torch pickles.
         tokenizer_section: `[tokenizer]` settings recorded beside a "dcp" output (e.g.
             `{"kind": "wordpiece", "path": ...}`); default what the source recorded.
+        overwrite: replace an existing `dest` (file or non-empty folder); otherwise that is an
+            error. Either way the output is written to a temporary sibling and renamed into
+            place at the end, so a failed conversion leaves `dest` as it was.
         overrides: builder arguments (e.g. `vision_heads=16`).
 
     Returns:
         The written path.
+
+    Raises:
+        FileExistsError: `dest` exists and `overwrite` is false.
+        ValueError: `dest` is the source or holds it (replacing it would delete the source).
     """
     fmt = output_format(dest, to)
+    dest = Path(dest)
+    if dest.suffix == "" and fmt in ("pt", "safetensors"):
+        dest = dest.with_suffix(".pt" if fmt == "pt" else ".safetensors")
+    resolved, src = dest.resolve(), Path(source).resolve()
+    if dest.exists() and (resolved == src or resolved in src.parents):
+        raise ValueError(f"{dest} is the source {source} or holds it; write somewhere else")
     weights = read_weights(source, trust_pickle=trust_pickle)
     if tokenizer is None:
         tokenizer = tokenizer_from_weights(weights)
     model = build_model_from_weights(weights, model_name, tokenizer, strict, **overrides)
-    state = None
+    state = cross = None
     if momentum and fmt != "hf":
         state = build_momentum_from_weights(model, weights, seed=seed, queue_size=queue_size)
-    dest = Path(dest)
-    if fmt == "dcp":
-        return save_training_checkpoint(model, state, dest, tokenizer_section or weights.tokenizer)
-    if fmt == "hf":
-        from blip_recipes.interop.hf import write_model_card
+        cross = weights.momentum_cross_attn
+    with staged_output(dest, overwrite) as tmp:
+        if fmt == "dcp":
+            tok = tokenizer_section or weights.tokenizer
+            save_training_checkpoint(model, state, tmp, tok, cross)
+        elif fmt == "hf":
+            from blip_recipes.interop.hf import write_model_card
 
-        export_hf(model, dest, tokenizer)
-        write_model_card(dest, source)  # README.md: config, data, step, last metrics
-        return dest
-    if fmt == "reference":
-        return save_reference(model, dest, state)
-    if dest.suffix == "" and fmt in ("pt", "safetensors"):
-        dest = dest.with_suffix(".pt" if fmt == "pt" else ".safetensors")
-    return save_consolidated(model, dest, state)
+            export_hf(model, tmp, tokenizer)
+            write_model_card(tmp, source)  # README.md: config, data, step, last metrics
+        elif fmt == "reference":
+            if state is not None and not cross:
+                logger.info("%s: the momentum cross-attention (unused in training) is a copy of "
+                            "the online cross-attention", dest)  # fmt: skip
+            save_reference(model, tmp, state, cross)
+        else:
+            save_consolidated(model, tmp, state, cross)
+    return dest
 
 
 def _sep_token_id(model: nn.Module, tokenizer: Any) -> int:
@@ -697,6 +759,7 @@ def _save_image_processor(model: nn.Module, folder: Path) -> None:
 __all__ = [
     "FORMATS",
     "MODEL_ARGS_FILE",
+    "MOMENTUM_CROSS_ATTN",
     "CheckpointLayoutError",
     "CheckpointWeights",
     "build_model_from_weights",

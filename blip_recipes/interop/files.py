@@ -13,7 +13,11 @@ Layouts on disk:
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +91,63 @@ def detect_layout(path: str | Path) -> Layout:
     )
 
 
+# ------------------------------------------------------------------ writing safely
+def _occupied(path: Path) -> bool:
+    return path.is_file() or path.is_symlink() or (path.is_dir() and any(path.iterdir()))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_output(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``dest`` to write a file or folder into; it replaces ``dest``
+    only once the block finishes.
+
+    On any failure (or Ctrl-C) the partial output is removed and ``dest`` is untouched. An
+    existing ``dest`` (a file or a non-empty folder) is an error unless ``overwrite``; it is
+    then moved aside, the new output renamed into place, and the old one deleted.
+
+        with staged_output("model.pth", overwrite=True) as tmp:
+            torch.save(state, tmp)
+
+    Raises:
+        FileExistsError: ``dest`` exists and ``overwrite`` is false.
+    """
+    dest = Path(dest)
+    if _occupied(dest) and not overwrite:
+        raise FileExistsError(f"{dest} exists; pass --force (overwrite=True) to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}{dest.suffix}"  # same suffix: writers pick the format from it
+    tmp = dest.with_name(f".{dest.stem}.partial-{tag}")
+    aside = dest.with_name(f".{dest.stem}.replaced-{tag}")
+    _remove(tmp)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written for {dest}")
+        if dest.exists() or dest.is_symlink():
+            if dest.is_dir() and not _occupied(dest) and tmp.is_dir():
+                dest.rmdir()
+            else:
+                _remove(aside)
+                os.replace(dest, aside)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            if aside.exists() and not dest.exists():
+                os.replace(aside, dest)  # put the old output back
+            raise
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(aside)
+
+
 # ------------------------------------------------------------------ plain files
 def read_state_dict_file(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A flat state dict from ``.safetensors`` or a torch pickle (``{"model": ...}`` unwrapped).
@@ -137,7 +198,23 @@ def save_state_dict_file(
         tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
         save_file(tensors, str(path), metadata=metadata)
     else:
-        torch.save({k: v.detach().clone() for k, v in state_dict.items()}, path)
+        torch.save(compact_copies(state_dict), path)
+
+
+def compact_copies(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached copies that own just their data, one per distinct tensor: keys that alias the
+    same tensor (same storage, offset, shape and strides) alias one copy, so ``torch.save``
+    stores shared weights once and ``torch.load`` gives them back shared."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, value in state_dict.items():
+        value = value.detach()
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                 value.stride(), value.dtype, value.device)  # fmt: skip
+        if ident not in copies or value.numel() == 0:
+            copies[ident] = value.clone()
+        out[key] = copies[ident]
+    return out
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
@@ -228,6 +305,7 @@ def save_dcp(state: dict[str, Any], path: str | Path) -> Path:
 __all__ = [
     "CheckpointLayoutError",
     "Layout",
+    "compact_copies",
     "dcp_tensor_shapes",
     "detect_layout",
     "hf_subfolders",
@@ -238,4 +316,5 @@ __all__ = [
     "read_state_dict_file",
     "save_dcp",
     "save_state_dict_file",
+    "staged_output",
 ]
