@@ -57,39 +57,92 @@ def config_names() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
 
 
+def _looks_like_path(arg: str, suffix: str) -> bool:
+    """A folder separator or the file suffix makes an argument a path, never a name."""
+    return "/" in arg or "\\" in arg or arg.endswith(suffix)
+
+
+def _nearest(word: str, names: list[str]) -> str:
+    """`; did you mean 'x'?` for the closest of ``names``, or the whole list."""
+    import difflib
+
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'? (registered: {', '.join(names)}; see `blip ls`)"
+    return f"registered: {', '.join(names)}; see `blip ls`"
+
+
 def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe path as given, or the file of a registered recipe name.
+    """The recipe file a path names, or the file of a registered recipe name.
+
+    An argument with a ``/`` or ending in ``.py`` is a path and must exist: a typo in a copied
+    recipe's path never silently runs the packaged recipe. Only bare names are looked up.
 
     Raises:
-        FileNotFoundError: naming the argument and the registered recipes.
+        FileNotFoundError: naming the argument and the nearest registered recipe.
     """
-    path = Path(name_or_path)
-    if path.suffix == ".py" and path.is_file():
-        return path.resolve()
-    stem = path.stem if path.suffix == ".py" else name_or_path
-    if stem in RECIPES and RECIPES[stem].path.is_file():
-        return RECIPES[stem].path
+    names = sorted(RECIPES)
+    if _looks_like_path(name_or_path, ".py"):
+        path = Path(name_or_path)
+        if path.is_file():
+            return path.resolve()
+        what = "is a folder, not a .py file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"recipe file '{name_or_path}' {what}; {_nearest(path.stem, names)}"
+        )
+    if name_or_path in RECIPES and RECIPES[name_or_path].path.is_file():
+        return RECIPES[name_or_path].path
     raise FileNotFoundError(
-        f"recipe '{name_or_path}' is neither a .py file nor a registered recipe "
-        f"(registered: {', '.join(sorted(RECIPES))}; see `blip ls`)"
+        f"recipe '{name_or_path}' is not a registered recipe; {_nearest(name_or_path, names)}"
     )
 
 
 def resolve_config(name_or_path: str) -> Path:
-    """A config path as given, or a built-in config by name (``debug``, ``base.toml``...).
+    """The config file a path names, or a built-in config by name (``debug``, ``base``...).
+
+    An argument with a ``/`` or ending in ``.toml`` is a path and must exist (``configs/x.toml``
+    from a checkout exists: ``configs`` is the built-in folder); only bare names are looked up.
 
     Raises:
-        FileNotFoundError: naming the argument and the built-in configs.
+        FileNotFoundError: naming the argument and the nearest built-in config.
     """
-    path = Path(name_or_path)
-    if path.is_file():
-        return path.resolve()
-    stem = path.stem if path.suffix == ".toml" else name_or_path
-    candidate = CONFIGS_DIR / f"{stem}.toml"
-    if path.parent == Path(".") or path.parent == Path("configs"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"config '{name_or_path}' is neither a file nor a built-in config "
-        f"(built-in: {', '.join(config_names())}; see `blip ls`)"
-    )
+    names = config_names()
+    if _looks_like_path(name_or_path, ".toml"):
+        path = Path(name_or_path)
+        if path.is_file():
+            return path.resolve()
+        hint = _nearest(path.stem, names).replace("registered", "built-in")
+        raise FileNotFoundError(f"config file '{name_or_path}' does not exist; {hint}")
+    candidate = CONFIGS_DIR / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    hint = _nearest(name_or_path, names).replace("registered", "built-in")
+    raise FileNotFoundError(f"config '{name_or_path}' is not a built-in config; {hint}")
+
+
+def recipe_record(path: Path | None) -> dict[str, object] | None:
+    """What ``run_info.json`` keeps of the recipe file that ran: its absolute path, whether it
+    is the packaged one, and its sha256 (an edited copy is told apart from the original)."""
+    import hashlib
+
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        digest = None
+    builtin = any(entry.path == path for entry in RECIPES.values())
+    return {"path": str(path), "builtin": builtin, "sha256": digest}
+
+
+def class_file(cls: type) -> Path | None:
+    """The file that defines ``cls`` (a recipe class), also when its module was loaded from a
+    path without being registered in ``sys.modules`` (then ``inspect.getfile`` fails)."""
+    import inspect
+
+    for value in vars(cls).values():
+        func = getattr(value, "__func__", value)  # classmethod / staticmethod
+        if inspect.isfunction(func):
+            return Path(func.__code__.co_filename)
+    return None

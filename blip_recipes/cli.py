@@ -303,6 +303,7 @@ def run_recipe_in_process(recipe: Path, argv: list[str]) -> int:
     spec = importlib.util.spec_from_file_location(f"blip_recipe_{recipe.stem}", recipe)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as importlib's recipe does: inspect and pickle find it
     spec.loader.exec_module(module)
     if not hasattr(module, "main"):
         raise UsageError(f"recipe {recipe} has no main(argv) function")

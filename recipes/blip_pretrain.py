@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from blip_recipes._registry import class_file, recipe_record
 from blip_recipes.build import build_pretraining, compute_dtype, set_determinism
 from blip_recipes.checkpoint import (
     LOADER,
@@ -236,6 +237,7 @@ class BlipPretrainRecipe:
                 cfg, self.dist, start_time, hosts=hosts, cpu_threads=self.cpu_threads,
                 start_step=self.step,
                 resumed_from=str(self.resume_from) if self.resume_from is not None else None,
+                recipe=recipe_record(class_file(type(self))),  # the file that ran
             )  # fmt: skip
             write_run_info(self.output_dir, info)
         logger.info(

@@ -156,6 +156,40 @@ def test_run_rejects_bad_input_before_launching(tmp_path):
     assert out.returncode == 2 and "unknown command" in out.stderr
 
 
+def test_paths_mean_what_they_say(tmp_path):
+    """A recipe or config given as a path must exist: a typo in the folder of an edited copy is
+    an error naming it and the nearest registered name, never a run of the packaged file."""
+    assert blip("cp", "blip_pretrain", f"{tmp_path}/my_recipes/").returncode == 0
+    out = blip("run", f"{tmp_path}/my_recipez/blip_pretrain.py", "--config", "debug")
+    assert out.returncode == 2, out.stderr
+    assert f"recipe file '{tmp_path}/my_recipez/blip_pretrain.py' does not exist" in out.stderr
+    assert "did you mean 'blip_pretrain'?" in out.stderr
+    out = blip("run", "blip_pretrian", "--config", "debug")
+    assert out.returncode == 2 and "did you mean 'blip_pretrain'?" in out.stderr
+    out = blip("run", f"{tmp_path}/my_recipes/blip_pretrain.py", "--config", "configs/debg.toml")
+    assert out.returncode == 2 and "config file 'configs/debg.toml' does not exist" in out.stderr
+    assert "did you mean 'debug'?" in out.stderr
+    out = blip("validate", "--config", "debug.toml", cwd=tmp_path)  # a path: not in tmp_path
+    assert out.returncode == 2 and "config file 'debug.toml' does not exist" in out.stderr
+    assert blip("validate", "--config", "configs/debug.toml").returncode == 0  # from a checkout
+
+
+def test_run_info_records_which_recipe_file_ran(tmp_path):
+    import hashlib
+
+    from blip_recipes._registry import RECIPES, recipe_record
+
+    builtin = RECIPES["blip_pretrain"].path
+    copy = tmp_path / "blip_pretrain.py"
+    copy.write_text(builtin.read_text() + "# edited\n")
+    record = recipe_record(builtin)
+    assert record == {"path": str(builtin.resolve()), "builtin": True,
+                      "sha256": hashlib.sha256(builtin.read_bytes()).hexdigest()}  # fmt: skip
+    record = recipe_record(copy)
+    assert record["path"] == str(copy) and record["builtin"] is False
+    assert record["sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
+
+
 def test_ls_and_cp(tmp_path):
     out = blip("ls")
     assert out.returncode == 0

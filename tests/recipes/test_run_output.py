@@ -43,6 +43,8 @@ def test_two_ranks_rank0_speaks_every_rank_logs_to_a_file(tmp_path):
     for name in ("python", "torch", "torchao", "torchdata", "transformers", "tiktoken"):
         assert info["versions"][name], name
     assert info["start_time"] and "git_commit" in info
+    assert info["recipe"]["path"].endswith("recipes/blip_pretrain.py") and info["recipe"]["builtin"]
+    assert len(info["recipe"]["sha256"]) == 64
     summary = info["summary"]
     assert summary["steps"] == 3 and summary["samples"] == 3 * 8 * 2
     assert summary["last"]["loss"] == run.metrics[-1]["loss"]
