@@ -49,6 +49,7 @@ from blip_recipes.cli import STOP_REQUEST_ENV
 from blip_recipes.config import Config, parse_recipe_args, to_toml
 from blip_recipes.data import TrainLoader, build_tokenizer, build_train_loader, normalize_images
 from blip_recipes.data.loader import STOP_SIGNALS
+from blip_recipes.data.watchdog import LoaderError
 from blip_recipes.evaluation.periodic import PeriodicEvaluator
 from blip_recipes.metrics import (
     MetricsLogger,
@@ -141,7 +142,8 @@ class BlipPretrainRecipe:
         """The recipe's command line: config from ``argv`` -> setup -> train -> cleanup.
 
         Returns the exit status: 0, or 1 when the run diverged (too many non-finite steps, or a
-        checkpoint that would hold NaN/Inf), said in one line without a traceback.
+        checkpoint that would hold NaN/Inf) or its data failed (a loader worker died, no batch
+        within data.timeout_s, too many bad samples), said in one line without a traceback.
         """
         cfg = parse_recipe_args(argv, description=description)
         configure_logging()  # rank 0 on the console; every rank in <output_dir>/logs/rank<r>.log
@@ -150,7 +152,7 @@ class BlipPretrainRecipe:
             recipe.setup()
             recipe.train()
         except (NonFiniteLossError, NonFiniteCheckpointError, CheckpointWriteError,
-                CheckpointCorruptError, MetricsWriteError) as e:  # fmt: skip
+                CheckpointCorruptError, MetricsWriteError, LoaderError) as e:  # fmt: skip
             logger.error("%s", e)
             return 1
         finally:
@@ -192,6 +194,7 @@ class BlipPretrainRecipe:
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         self.loader = self._build_loader()
+        self.loader.stop_requested = lambda: self._stop_signal is not None  # a stuck wait ends
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = cfg.training.steps or cfg.training.epochs * self.steps_per_epoch
 

@@ -83,6 +83,8 @@ class DataConfig:
     """Loader worker processes per rank (0 loads in the training process)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    timeout_s: float = 600.0
+    """Longest a rank waits for one batch from its loader workers before the run stops naming the loader; a dead worker stops it within a second, a stop request shortens the wait to 30 s."""
     pin_memory: bool = True
     """Pin host batches for faster copies to CUDA (ignored on CPU)."""
     max_words: int = 30

@@ -147,6 +147,7 @@ def _ranges(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
         ("data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1", d.shuffle_buffer < 1),
         ("data.bad_fraction_min_samples", d.bad_fraction_min_samples, ">= 0",
          d.bad_fraction_min_samples < 0),
+        ("data.timeout_s", d.timeout_s, "> 0 (seconds)", _outside(d.timeout_s, 0.0, low_open=True)),
         ("checkpoint.keep_latest_k", cfg.checkpoint.keep_latest_k, ">= 0 (0 keeps all)",
          cfg.checkpoint.keep_latest_k < 0),
     ]  # fmt: skip

@@ -64,6 +64,7 @@ from blip_recipes.data.nodes import (
 )
 from blip_recipes.data.sources import MapSource, build_map_source
 from blip_recipes.data.transforms import BadImage, TrainTransform, open_image
+from blip_recipes.data.watchdog import LoaderError, Watchdog
 
 logger = logging.getLogger("blip_recipes.data")
 
@@ -71,7 +72,7 @@ MAX_REPLACEMENTS = 50
 _PRIVATE = ("_epoch", "_position", "_bad", "_bad_samples")
 
 
-class BadSampleError(RuntimeError):
+class BadSampleError(LoaderError):
     """Too many bad samples: the data is broken, stop the run."""
 
 
@@ -112,7 +113,13 @@ def bad_record(error: Exception, origin: str, source: str, epoch: int, **where) 
     return {"sample": origin, "reason": reason, "source": source, "epoch": epoch, **where}
 
 
-def _describe(record: dict) -> str:
+def bad_count(records: list[dict]) -> int:
+    """Bad samples the records stand for (a damaged shard's record has a ``count``)."""
+    return sum(int(r.get("count", 1)) for r in records)
+
+
+def describe_bad(record: dict) -> str:
+    """``sample: reason`` of a bad-sample record."""
     return f"{record['sample']}: {record['reason']}"
 
 
@@ -233,7 +240,7 @@ def load_map_samples(plan: EpochPlan, ctx: BatchContext, epoch: int, positions: 
         else:
             raise BadSampleError(
                 f"{MAX_REPLACEMENTS} replacements in a row were bad samples; last: "
-                f"{_describe(bad[-1])}"
+                f"{describe_bad(bad[-1])}"
             )
         images.append(image)
         captions.append(caption)
@@ -278,8 +285,10 @@ class BadSampleLog:
     A record is ``{"rank", "step", "sample", "reason", "source", "epoch", ...}``: ``sample`` is
     the file path (or ``shard.tar/key``, ``source[index]``), ``step`` the optimizer step that
     consumed the batch it was replaced in (1-based, as in ``metrics.jsonl``), plus ``position``
-    (place in the epoch's order) for map-style sources. A sample that is bad again in a later
-    epoch gets a record again, so the records of a rank add up to its ``bad_samples`` counter.
+    (place in the epoch's order) for map-style sources. The part of a damaged tar shard that
+    could not be read is one record with ``sample`` the shard's name and ``count`` the samples
+    it stands for. A sample that is bad again in a later epoch gets a record again, so the
+    records of a rank add up (``count`` or 1 each) to its ``bad_samples`` counter.
 
     One file per rank, written only by that rank's training process (workers send their records
     with the batch): no two processes ever write one file, which also holds on NFS, where appends
@@ -339,6 +348,16 @@ class SampleCounters:
 
     cfg: DataConfig
     ctx: BatchContext
+    stop_requested: Callable[[], bool] | None = None
+    """Set by the recipe: True once the run was asked to stop. A rank waiting for a batch then
+    waits at most :data:`~.watchdog.STOP_GRACE_S` more (see :mod:`.watchdog`)."""
+
+    def _watchdog(self) -> Watchdog:
+        """The bound on this rank's waits for a batch (``data.timeout_s``)."""
+        return Watchdog(self.cfg.timeout_s, self._stop_now, self.ctx.rank)
+
+    def _stop_now(self) -> bool:
+        return self.stop_requested is not None and self.stop_requested()
 
     def _init_counters(self) -> None:
         self.samples, self.bad_samples = 0, 0
@@ -346,6 +365,7 @@ class SampleCounters:
         self._warned = 0
         self.bad_sample_log: BadSampleLog | None = None
         self._step, self._batches, self._batches_per_step = 0, 0, 1
+        self._damage_warned: set[tuple[str, int]] = set()
 
     def open_bad_sample_log(
         self,
@@ -394,7 +414,14 @@ class SampleCounters:
         self.bad_samples += bad
         if self.bad_sample_log is not None:
             self.bad_sample_log.write(self._current_step(), records)
-        messages = [_describe(r) for r in records[:8]]
+        for r in records:  # a damaged shard: once per shard and epoch, never rate-limited
+            if "count" in r and (r["sample"], r["epoch"]) not in self._damage_warned:
+                self._damage_warned.add((r["sample"], r["epoch"]))
+                logger.warning(
+                    "rank %d: shard %s (epoch %d): %s", self.ctx.rank, r["sample"], r["epoch"],
+                    r["reason"],
+                )  # fmt: skip
+        messages = [describe_bad(r) for r in records[:8]]
         if len(records) > 8:
             messages.append(f"and {len(records) - 8} more")
         now = time.monotonic()
@@ -469,6 +496,7 @@ class TrainLoader(SampleCounters):
             num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor,
             pin_memory=self.cfg.pin_memory,
+            watchdog=self._watchdog(),
         )
 
     def close(self) -> None:

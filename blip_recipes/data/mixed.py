@@ -41,6 +41,7 @@ from blip_recipes.data.loader import (
     BatchContext,
     EpochPlan,
     SampleCounters,
+    bad_count,
     load_map_samples,
 )
 from blip_recipes.data.nodes import Pipeline, build_pipeline, stack
@@ -178,6 +179,7 @@ class MixedLoader(SampleCounters):
             num_workers=self.shard_workers,
         )
         self.shards = _ShardBatches(shard_cfg, ctx)
+        self.shards.stop_requested = self._stop_now
         self.step, self.epoch_position = 0, (0, 0)
         self._chunk: dict | None = None
         self._used = 0
@@ -208,6 +210,7 @@ class MixedLoader(SampleCounters):
             num_workers=self.map_workers,
             prefetch_factor=self.cfg.prefetch_factor,
             pin_memory=self.cfg.pin_memory,
+            watchdog=self._watchdog(),
         )
 
     def _shard_rows(self, n: int) -> tuple[list[dict], list[dict]]:
@@ -247,7 +250,7 @@ class MixedLoader(SampleCounters):
         self.step = step.step + 1
         self.epoch_position = step.after
         records = part["_bad_samples"] + shard_records
-        self._count_batch(len(records), records)
+        self._count_batch(bad_count(records), records)
         return batch
 
     def close(self) -> None:

@@ -7,11 +7,16 @@ The graph of one rank (see :func:`build_pipeline`)::
       -> ParallelMapper        load, decode, augment, collate, tokenize one step's samples
                                (data.num_workers processes, in order; inline with 0 workers)
       -> PinMemory             (CUDA only, data.pin_memory)
-      -> Prefetcher            data.prefetch_factor batches ahead (only with workers)
+      -> a prefetch thread     data.prefetch_factor batches ahead (only with workers)
 
 The map function receives a whole step's positions and returns the finished batch: one message
 and one shared-memory tensor per batch between processes, as with ``DataLoader``. Per-sample
 messages would cost an IPC round and a shared-memory segment for every image.
+
+With workers, the rank's wait for a batch is bounded (:mod:`.watchdog`): it checks every half
+second that its workers are alive, whether a stop was requested and how long it has waited. A
+:class:`~.watchdog.LoaderError` raised in a worker (too many bad samples) reaches the rank as a
+result and is raised there with its own one-line message.
 
 Worker processes ignore the stop signals and exit when their rank is gone (see
 :class:`WorkerFunction`), as ``DataLoader`` workers did with ``IgnoreStopSignals`` and the
@@ -22,8 +27,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import multiprocessing.util  # noqa: F401 (its exit hook is registered before ours, runs after)
 import os
+import queue
 import signal
 import threading
 import time
@@ -38,8 +45,11 @@ from torchdata.nodes import (
     Loader,
     ParallelMapper,
     PinMemory,
-    Prefetcher,
 )
+
+from blip_recipes.data.watchdog import POLL_S, LoaderError, Watchdog
+
+logger = logging.getLogger("blip_recipes.data")
 
 #: Signals that ask a run to save and stop. The rank handles them; its loader workers ignore them.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -90,6 +100,13 @@ class SamplePositions(BaseNode[SampleTask]):
         return dict(self.state)
 
 
+class WorkerFailure(NamedTuple):
+    """A :class:`LoaderError` raised by the map function, returned as its result (rather than
+    raised, which would reach the rank as a wrapped traceback): the rank raises it as it is."""
+
+    error: LoaderError
+
+
 def _watch_parent(parent: int) -> None:
     while True:
         time.sleep(1.0)
@@ -124,7 +141,7 @@ class WorkerFunction:
     signal as their rank. Left alone, a worker dies of it (SIGTERM, SIGUSR1) or raises
     KeyboardInterrupt (SIGINT), the rank's next batch fails and no checkpoint is written.
     Ignoring them leaves shutdown to the rank, which saves and then closes its loader; SIGKILL
-    still ends a worker.
+    still ends a worker. A :class:`LoaderError` of ``fn`` is returned as a :class:`WorkerFailure`.
     """
 
     def __init__(self, fn: Callable) -> None:
@@ -143,7 +160,10 @@ class WorkerFunction:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 torch.set_num_threads(1)
                 threading.Thread(target=_watch_parent, args=(self.parent,), daemon=True).start()
-        return self.fn(item)
+        try:
+            return self.fn(item)
+        except LoaderError as e:
+            return WorkerFailure(e)
 
 
 @contextlib.contextmanager
@@ -162,6 +182,20 @@ def stop_signals_blocked() -> Iterator[None]:
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
+_OWN_THREADS: weakref.WeakSet = weakref.WeakSet()
+_previous_excepthook = threading.excepthook
+
+
+def _excepthook(args: Any) -> None:
+    """A pipeline thread that fails (its worker died with a batch in transit) goes to the log at
+    debug level, not to the console: the rank's watchdog reports the cause in one line."""
+    if args.thread in _OWN_THREADS:
+        logger.debug(
+            "loader thread %s ended", args.thread.name,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )  # fmt: skip
+        return
+    _previous_excepthook(args)
 
 
 @atexit.register
@@ -183,21 +217,102 @@ def close_at_exit(loader: object) -> None:
 
 class Pipeline:
     """A started node graph: ``next()`` gives batches; :meth:`close` stops its threads and
-    worker processes."""
+    worker processes.
 
-    def __init__(self, root: BaseNode, mapper: ParallelMapper, threaded: list[BaseNode]) -> None:
-        self.mapper, self.threaded = mapper, threaded
+    With a ``watchdog`` (workers), a thread pulls batches into a queue of ``prefetch`` and the
+    rank's wait on that queue runs the watchdog's checks every :data:`~.watchdog.POLL_S` s.
+    """
+
+    def __init__(
+        self,
+        root: BaseNode,
+        mapper: ParallelMapper,
+        threaded: list[BaseNode],
+        watchdog: Watchdog | None = None,
+        prefetch: int = 1,
+    ) -> None:
+        self.mapper, self.threaded, self.watchdog = mapper, threaded, watchdog
+        self._queue: queue.Queue | None = None
+        self._closing = threading.Event()
+        self._final: tuple[str, Any] | None = None
+        self._failed = False  # the watchdog found a dead or stuck worker
         close_at_exit(self)
         with stop_signals_blocked():  # iter() resets the graph: threads and workers start here
             self._iterator = iter(Loader(root, restart_on_stop_iteration=False))
+            if watchdog is not None:
+                self._queue = queue.Queue(maxsize=max(1, prefetch))
+                self._pump = threading.Thread(target=self._pull, daemon=True)
+                self._pump.start()
+        inner = getattr(getattr(mapper, "_it", None), "_it", None)
+        for thread in (getattr(inner, "_read_thread", None), getattr(inner, "_sort_thread", None)):
+            if thread is not None:
+                _OWN_THREADS.add(thread)
+        if threading.excepthook is not _excepthook:
+            threading.excepthook = _excepthook
+
+    def _pull(self) -> None:
+        """The prefetch thread: batches (or how the graph ended) into the queue."""
+        assert self._queue is not None
+        while not self._closing.is_set():
+            try:
+                item: tuple[str, Any] = ("batch", next(self._iterator))
+            except StopIteration:
+                item = ("end", None)
+            except BaseException as e:  # a worker's exception (torchdata re-raises it here)
+                item = ("error", e)
+            while not self._closing.is_set():
+                try:
+                    self._queue.put(item, timeout=POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] != "batch":
+                return
+
+    def workers(self) -> list:
+        """The worker processes (empty when inline or not started)."""
+        inner = getattr(getattr(self.mapper, "_it", None), "_it", None)
+        return list(getattr(inner, "_workers", []))
 
     def __next__(self) -> Any:
-        return next(self._iterator)
+        if self._queue is None:
+            item = next(self._iterator)
+        else:
+            kind, item = self._final or self._wait()
+            if kind == "end":
+                self._final = (kind, item)
+                raise StopIteration
+            if kind == "error":
+                self._final = (kind, item)
+                raise item
+        if isinstance(item, WorkerFailure):
+            raise item.error
+        return item
+
+    def _wait(self) -> tuple[str, Any]:
+        assert self._queue is not None and self.watchdog is not None
+        self.watchdog.start()
+        while True:
+            try:
+                return self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                try:
+                    self.watchdog.check(self.workers())
+                except LoaderError:
+                    self._failed = True
+                    raise
 
     def close(self) -> None:
         """Stop pulling, let the result threads finish while the workers still live (a batch in
-        transit fetches its shared memory from the worker that made it), then stop the workers."""
-        for node in self.threaded:  # the prefetch / pin-memory threads first: they pull
+        transit fetches its shared memory from the worker that made it), then stop the workers
+        (SIGKILL for one that does not exit: they ignore SIGTERM). After the watchdog found a
+        dead or stuck worker, SIGKILL them all first: a thread may wait on a stuck one."""
+        self._closing.set()
+        if self._failed:
+            for worker in self.workers():
+                if worker.is_alive():
+                    worker.kill()
+        for node in self.threaded:  # the pin-memory thread first: it pulls
             it = getattr(node, "_it", None)
             if it is not None:
                 it._shutdown()
@@ -206,14 +321,15 @@ class Pipeline:
         if inner is None or not hasattr(inner, "_workers"):
             return  # inline (no workers) or never started
         inner._stop.set()
-        for thread in (inner._read_thread, inner._sort_thread):
-            if thread.is_alive():
-                thread.join(timeout=10)
+        pump = getattr(self, "_pump", None)
+        for thread in (inner._read_thread, inner._sort_thread, pump):
+            if thread is not None and thread.is_alive():
+                thread.join(timeout=1 if self._failed else 10)
         inner._mp_stop.set()
         for worker in inner._workers:
             worker.join(timeout=1)
             if worker.is_alive():
-                worker.terminate()
+                worker.kill()
                 worker.join(timeout=5)
 
     def __del__(self) -> None:
@@ -230,6 +346,7 @@ def build_pipeline(
     num_workers: int,
     prefetch_factor: int,
     pin_memory: bool,
+    watchdog: Watchdog | None = None,
 ) -> Pipeline:
     """Start the graph of the module docstring over ``source``.
 
@@ -238,8 +355,9 @@ def build_pipeline(
             None, of whole steps: no ``Batcher``).
         make_batch: the step's tasks (or step) -> the batch (runs in the workers; picklable).
         num_workers: process workers; 0 runs everything in the calling thread when it asks.
-        prefetch_factor: batches the prefetcher keeps ready (workers only).
+        prefetch_factor: batches the prefetch thread keeps ready (workers only).
         pin_memory: pin batches in a thread (only where CUDA is available).
+        watchdog: bounds each wait for a batch (workers only; default: 600 s, no stop check).
     """
     node: BaseNode = source
     if batch_size is not None:
@@ -255,7 +373,6 @@ def build_pipeline(
     if pin_memory and torch.cuda.is_available():
         node = PinMemory(node, pin_memory_device="cuda")
         threaded.append(node)
-    if num_workers > 0:
-        node = Prefetcher(node, prefetch_factor=max(1, prefetch_factor))
-        threaded.append(node)
-    return Pipeline(node, mapper, threaded)
+    if num_workers == 0:
+        return Pipeline(node, mapper, threaded)
+    return Pipeline(node, mapper, threaded, watchdog or Watchdog(600.0), prefetch_factor)

@@ -34,7 +34,8 @@ import random
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,10 +44,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from blip_recipes.config.sections import DataConfig
 from blip_recipes.data._seeding import derive_seed, private_generator
 from blip_recipes.data.captions import pre_caption
-from blip_recipes.data.loader import IgnoreStopSignals, SampleCounters, bad_record
+from blip_recipes.data.loader import (
+    MAX_REPLACEMENTS,
+    BadSampleError,
+    IgnoreStopSignals,
+    SampleCounters,
+    bad_count,
+    bad_record,
+    describe_bad,
+)
 from blip_recipes.data.nodes import close_at_exit
 from blip_recipes.data.remote import is_remote, local_path, open_shard, read_small
 from blip_recipes.data.transforms import BadImage, open_image
+from blip_recipes.data.watchdog import POLL_S, LoaderError
 
 logger = logging.getLogger("blip_recipes.data")
 
@@ -94,40 +104,114 @@ def _split_key(name: str) -> tuple[str, str]:
     return name[: len(name) - len(base) + dot], base[dot + 1 :].lower()
 
 
-def iter_tar_samples(path: str, offset: int = 0) -> Iterator[tuple[str, dict, int, int]]:
+class ShardDamage(NamedTuple):
+    """A part of a shard that could not be read: from byte ``start`` to the next intact member
+    header at ``end`` (None: to the end of the file), and why."""
+
+    start: int
+    end: int | None
+    reason: str
+
+    def describe(self) -> str:
+        where = f"byte {self.start}"
+        rest = "the rest of the shard" if self.end is None else f"skipped to byte {self.end}"
+        return f"{self.reason} at {where} ({rest})"
+
+
+def _scanning_tarinfo(problems: list[tuple[int, Exception]], base: int) -> type[tarfile.TarInfo]:
+    """A TarInfo class recording (offset + ``base``, error) of every header block that did not
+    parse: tarfile skips them quietly (``ignore_zeros``) or, without it, ends the archive there
+    without a word."""
+
+    class Scanning(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar):
+            at = base + tar.offset
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.HeaderError as e:
+                problems.append((at, e))
+                raise
+
+    return Scanning
+
+
+def _header_damage(problems, start: int, end: int | None) -> ShardDamage | None:
+    """The damage among the unparsed header blocks in ``[start, end)``, if any (blocks of zeros
+    alone are padding, or the end-of-archive marker)."""
+    bad = [(at, e) for at, e in problems if at >= start and (end is None or at < end)]
+    zeros = [at for at, e in bad if isinstance(e, tarfile.EOFHeaderError)]
+    padding = (tarfile.EOFHeaderError, tarfile.EmptyHeaderError)  # zero block, end of file
+    broken = [(at, e) for at, e in bad if not isinstance(e, padding)]
+    if broken:
+        at, e = broken[0]
+        if isinstance(e, tarfile.TruncatedHeaderError):
+            return ShardDamage(at, None, "truncated (the file ends inside a member header)")
+        return ShardDamage(at, end, f"damaged tar header ({e})")
+    if end is not None:  # zero blocks between members: a zeroed region (or concatenated tars)
+        return ShardDamage(start, end, "zeroed bytes between members") if zeros else None
+    if len(zeros) < 2:  # the end-of-archive marker is two zero blocks
+        return ShardDamage(start, None, "truncated (no end-of-archive marker)")
+    return None
+
+
+def iter_tar_samples(
+    path: str, offset: int = 0, on_damage: Callable[[ShardDamage], None] | None = None
+) -> Iterator[tuple[str, dict, int, int]]:
     """Yield ``(key, {ext: bytes}, start_offset, next_offset)`` for each sample from ``offset``.
 
     ``path`` is a local file or a remote URL (:mod:`.remote`, read as a forward stream).
-    ``offset`` must be a member header offset (0 or a previous ``next_offset``). A truncated or
-    corrupt tail ends the shard with a warning; a remote shard that cannot be read raises
-    :class:`~blip_recipes.data.remote.RemoteShardError`.
+    ``offset`` must be a member header offset (0 or a previous ``next_offset``). A damaged
+    header is skipped up to the next intact member header; a truncated file ends the shard.
+    Each damaged part is passed to ``on_damage`` (default: a warning); a sample with members on
+    both sides of one comes out incomplete (a bad sample downstream). A remote shard that
+    cannot be read raises :class:`~blip_recipes.data.remote.RemoteShardError`.
     """
+    if on_damage is None:
+
+        def on_damage(damage: ShardDamage) -> None:
+            logger.warning("shard %s: %s", path, damage.describe())
+
+    size = None
     if is_remote(path):
         f, mode, base = open_shard(path, offset), "r|", offset  # stream offsets start at 0
     else:
         f, mode, base = open(local_path(path), "rb"), "r:", 0
+        size = os.fstat(f.fileno()).st_size
         f.seek(offset)
+    problems: list[tuple[int, Exception]] = []
     with f:
         try:
-            tar = tarfile.open(fileobj=f, mode=mode)
+            tar = tarfile.open(
+                fileobj=f, mode=mode, ignore_zeros=True, tarinfo=_scanning_tarinfo(problems, base)
+            )
         except tarfile.ReadError as e:
-            if offset == 0:
-                logger.warning("cannot read shard %s: %s", path, e)
+            on_damage(ShardDamage(offset, None, f"not a readable tar file ({e})"))
             return
         key, files, start = None, {}, offset
+        expected = offset  # where the next member header should start
         try:
             for info in tar:
+                at = base + info.offset
+                if at != expected and (damage := _header_damage(problems, expected, at)):
+                    on_damage(damage)
+                expected = base + tar.offset
                 if not info.isfile():
                     continue
                 k, ext = _split_key(info.name)
                 if k != key:
                     if key is not None:
-                        yield key, files, start, base + info.offset
-                    key, files, start = k, {}, base + info.offset
+                        yield key, files, start, at
+                    key, files, start = k, {}, at
                 files[ext] = tar.extractfile(info).read()
         except (tarfile.TarError, OSError) as e:
-            logger.warning("shard %s is damaged after offset %d: %s", path, start, e)
+            on_damage(ShardDamage(start, None, f"truncated or unreadable ({e})"))
             return
+        damage = _header_damage(problems, expected, None)
+        if damage is not None and size is not None and expected > size:
+            damage = ShardDamage(start, None, "truncated (the file ends inside a member)")
+        if damage is not None:
+            on_damage(damage)
         if key is not None:
             yield key, files, start, -1  # -1: end of shard
 
@@ -151,20 +235,39 @@ def decode_caption(files: dict) -> object:
     return ""
 
 
-class _Stream:
-    """One stream's deterministic walk over its shards (see the module docstring)."""
+class LostSamples(NamedTuple):
+    """Samples of a damaged shard that could not be read at all (see :func:`iter_tar_samples`):
+    ``count`` of them for this stream, from the shard's size in ``sizes.json`` less the samples
+    that were read (1 when the size is unknown)."""
 
-    def __init__(self, shards, seed, stream, num_streams, buffer, state=None):
-        self.shards, self.seed = shards, seed
+    shard: str
+    reason: str
+    count: int
+
+
+def _share(first: int, count: int, modulo: int, residue: int) -> int:
+    """How many of the ordinals ``first ... first + count - 1`` are ``residue`` modulo ``modulo``."""
+    return (first + count - 1 - residue) // modulo - (first - 1 - residue) // modulo
+
+
+_START = {"shard": 0, "offset": 0, "ordinal": 0, "in_shard": 0, "damage": ""}
+
+
+class _Stream:
+    """One stream's deterministic walk over its shards (see the module docstring).
+
+    A position is ``{"shard", "offset", "ordinal", "in_shard", "damage"}``: the shard (in the
+    epoch's plan) and byte offset of the next sample, the samples read so far in the epoch and
+    in that shard, and what was found damaged in that shard so far (empty if nothing). At the end
+    of a damaged shard the stream yields a :class:`LostSamples` before its last sample; it takes
+    no place in a shuffle window, and a resumed window that was already read once does not
+    yield it again.
+    """
+
+    def __init__(self, shards, seed, stream, num_streams, buffer, state=None, sizes=None):
+        self.shards, self.seed, self.sizes = shards, seed, sizes or {}
         self.stream, self.num_streams, self.buffer = stream, num_streams, max(1, buffer)
-        self.state = state or {
-            "epoch": 0,
-            "shard": 0,
-            "offset": 0,
-            "ordinal": 0,
-            "window": 0,
-            "taken": 0,
-        }
+        self.state = {"epoch": 0, **_START, "window": 0, "taken": 0, **(state or {})}
 
     def _plan(self, epoch: int) -> tuple[list[str], int, int]:
         rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, epoch, 0x5A4D)))
@@ -173,54 +276,96 @@ class _Stream:
             return order[self.stream :: self.num_streams], 1, 0
         return order, self.num_streams, self.stream
 
-    def _read(self, epoch, shard, offset, ordinal):
-        """Samples of this stream from a position; yields (sample, position after it)."""
+    def _lost(self, path: str, damage: str, seen: int, ordinal: int, modulo: int, residue: int):
+        """The :class:`LostSamples` of a damaged shard of which ``seen`` samples were read."""
+        size = self.sizes.get(path)
+        if size is None:
+            total = 1
+            reason = f"{damage}; an unknown number of samples lost (no sizes.json), counted as 1"
+        else:
+            total = size - seen
+            reason = f"{damage}; {total} of its {size} samples (sizes.json) could not be read"
+        mine = _share(ordinal, total, modulo, residue) if total > 0 else 0
+        if mine:
+            yield LostSamples(os.path.basename(path), reason, mine), None
+
+    def _read(self, epoch: int, position: dict):
+        """This stream's items from ``position`` on: ``(sample, position after it)`` and
+        ``(LostSamples, None)``."""
         shards, modulo, residue = self._plan(epoch)
-        while shard < len(shards):
-            path = shards[shard]
-            for key, files, _start, nxt in iter_tar_samples(path, offset):
-                pos = (shard, nxt, ordinal + 1) if nxt >= 0 else (shard + 1, 0, ordinal + 1)
+        pos = {k: position.get(k, v) for k, v in _START.items()}
+        while pos["shard"] < len(shards):
+            path = shards[pos["shard"]]
+            found: list[ShardDamage] = []
+            ended = False
+            for key, files, _start, nxt in iter_tar_samples(path, pos["offset"], found.append):
+                damage = pos["damage"] or (found[0].describe() if found else "")
+                ordinal, seen = pos["ordinal"], pos["in_shard"] + 1
+                if nxt >= 0:
+                    after = dict(shard=pos["shard"], offset=nxt, ordinal=ordinal + 1,
+                                 in_shard=seen, damage=damage)  # fmt: skip
+                else:
+                    ended = True
+                    after = dict(_START, shard=pos["shard"] + 1, ordinal=ordinal + 1)
+                    if damage:
+                        yield from self._lost(path, damage, seen, ordinal + 1, modulo, residue)
                 if ordinal % modulo == residue:
-                    yield (os.path.basename(path), key, files), pos
-                ordinal += 1
-            shard, offset = shard + 1, 0
+                    yield (os.path.basename(path), key, files), after
+                pos = after
+            if not ended:  # nothing read in this pass (damaged at its start)
+                damage = pos["damage"] or (found[0].describe() if found else "")
+                if damage:
+                    yield from self._lost(
+                        path, damage, pos["in_shard"], pos["ordinal"], modulo, residue
+                    )
+                pos = dict(_START, shard=pos["shard"] + 1, ordinal=pos["ordinal"])
 
     def __iter__(self):
-        """Yield ``(epoch, (shard name, key, files))`` forever, updating ``self.state``."""
+        """Yield ``(epoch, (shard name, key, files))`` and ``(epoch, LostSamples)`` forever,
+        updating ``self.state``."""
         empty_epochs = 0
         while True:
             st = self.state
             window, after = [], None
-            for sample, pos in self._read(st["epoch"], st["shard"], st["offset"], st["ordinal"]):
-                window.append(sample)
+            counted = st["taken"] > 0  # this window was read before: its losses were yielded
+            for item, pos in self._read(st["epoch"], st):
+                if pos is None:
+                    if not counted:
+                        yield st["epoch"], item
+                    continue
+                window.append(item)
                 after = pos
                 if len(window) == self.buffer:
                     break
             if not window:  # epoch done
                 empty_epochs = empty_epochs + 1 if st["ordinal"] == 0 else 0
                 if empty_epochs > 1:
-                    raise RuntimeError(f"shard stream {self.stream} has no readable samples")
-                self.state = dict(st, epoch=st["epoch"] + 1, shard=0, offset=0, ordinal=0, window=0)
-                self.state["taken"] = 0
+                    raise LoaderError(
+                        f"shard stream {self.stream} read no sample in two epochs over its "
+                        f"{len(self._plan(st['epoch'])[0])} shard(s) (all empty or damaged?)"
+                    )
+                self.state = dict(epoch=st["epoch"] + 1, **_START, window=0, taken=0)
                 continue
             rng = random.Random(derive_seed(self.seed, st["epoch"], self.stream, st["window"]))
             rng.shuffle(window)
             for i in range(st["taken"], len(window)):
                 self.state = dict(st, taken=i + 1)
                 yield st["epoch"], window[i]
-            shard, offset, ordinal = after
-            self.state = dict(
-                epoch=st["epoch"], shard=shard, offset=offset, ordinal=ordinal,
-                window=st["window"] + 1, taken=0,
-            )  # fmt: skip
+            self.state = dict(epoch=st["epoch"], **after, window=st["window"] + 1, taken=0)
 
 
 class ShardBatches(IterableDataset):
-    """A rank's batches from its shard streams (worker ``w`` plays stream ``(w + rotate) % nw``)."""
+    """A rank's batches from its shard streams (worker ``w`` plays stream ``(w + rotate) % nw``).
 
-    def __init__(self, shards, ctx, buffer, streams_per_rank, states, rotate):
+    A bad sample is skipped (and named); more than ``MAX_REPLACEMENTS`` bad samples in a row,
+    as for map-style sources, stop the run with :class:`BadSampleError`. A :class:`LoaderError`
+    is sent to the rank as ``{"_raise": error}``.
+    """
+
+    def __init__(self, shards, ctx, buffer, streams_per_rank, states, rotate, sizes=None):
         self.shards, self.ctx, self.buffer = shards, ctx, buffer
         self.streams_per_rank, self.states, self.rotate = streams_per_rank, states, rotate
+        self.sizes = sizes or {}
 
     def __iter__(self):
         info = get_worker_info()
@@ -229,17 +374,30 @@ class ShardBatches(IterableDataset):
         local_ids = [local] if info else list(range(self.streams_per_rank))
         if info is None and self.streams_per_rank > 1:
             raise RuntimeError("shard streams need one worker per stream")
+        try:
+            yield from self._batches(local, local_ids[0])
+        except LoaderError as e:
+            yield {"_raise": e}
+
+    def _batches(self, local: int, local_id: int):
         ctx = self.ctx
-        stream_id = ctx.rank * self.streams_per_rank + local_ids[0]
+        stream_id = ctx.rank * self.streams_per_rank + local_id
         num_streams = ctx.world_size * self.streams_per_rank
         stream = _Stream(
-            self.shards, ctx.seed, stream_id, num_streams, self.buffer, self.states.get(local)
-        )
+            self.shards, ctx.seed, stream_id, num_streams, self.buffer, self.states.get(local),
+            self.sizes,
+        )  # fmt: skip
         samples = iter(stream)
+        in_a_row = 0
         while True:
             images, captions, image_ids, bad = [], [], [], []
             while len(images) < ctx.batch_size:
-                epoch, (shard, key, files) = next(samples)
+                epoch, item = next(samples)
+                if isinstance(item, LostSamples):
+                    bad.append({"sample": item.shard, "reason": item.reason, "source": "shards",
+                                "epoch": epoch, "count": item.count})  # fmt: skip
+                    continue
+                shard, key, files = item
                 origin = f"{shard}/{key}"
                 rng = random.Random(derive_seed(ctx.seed, epoch, zlib.crc32(origin.encode())))
                 try:
@@ -252,7 +410,14 @@ class ShardBatches(IterableDataset):
                         raise BadImage("empty caption after cleaning")
                 except (BadImage, ValueError, UnicodeError) as e:
                     bad.append(bad_record(e, origin, "shards", epoch))
+                    in_a_row += 1
+                    if in_a_row > MAX_REPLACEMENTS:
+                        raise BadSampleError(
+                            f"rank {ctx.rank}: {in_a_row} shard samples in a row were bad "
+                            f"(stream {stream_id}); last: {describe_bad(bad[-1])}"
+                        ) from None
                     continue
+                in_a_row = 0
                 images.append(image)
                 captions.append(caption)
                 image_ids.append(shard_image_id(shard, key))
@@ -265,7 +430,7 @@ class ShardBatches(IterableDataset):
                 "_stream": local,
                 "_state": dict(stream.state),
                 "_epoch": stream.state["epoch"],
-                "_bad": len(bad),
+                "_bad": bad_count(bad),
                 "_bad_samples": bad,
             }
 
@@ -348,7 +513,8 @@ class ShardLoader(SampleCounters):
     def __init__(self, data_cfg: DataConfig, ctx) -> None:
         self.cfg, self.ctx = data_cfg, ctx
         self.shards = [p for s in data_cfg.sources for p in list_shards(s.paths)]
-        self.num_samples = dataset_size(self.shards)
+        self.sizes, unknown = shard_sizes(self.shards)
+        self.num_samples = None if unknown else sum(self.sizes.values())
         global_batch = ctx.batch_size * ctx.world_size
         self.steps_per_epoch = (
             None if self.num_samples is None else self.num_samples // global_batch
@@ -358,6 +524,7 @@ class ShardLoader(SampleCounters):
         self.consumed = 0
         self._init_counters()
         self._iterator = None
+        self._failed = False  # the watchdog found a dead or stuck worker
         close_at_exit(self)
         if len(self.shards) < ctx.world_size * self.streams_per_rank:
             logger.warning(
@@ -373,29 +540,64 @@ class ShardLoader(SampleCounters):
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def _start(self):
+        nw = self.cfg.num_workers
+        dataset = ShardBatches(
+            self.shards,
+            self.ctx,
+            self.cfg.shuffle_buffer,
+            self.streams_per_rank,
+            dict(self.states),
+            self.consumed % self.streams_per_rank,
+            self.sizes,
+        )
+        iterator = iter(
+            DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=nw,
+                prefetch_factor=self.cfg.prefetch_factor if nw > 0 else None,
+                pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                worker_init_fn=IgnoreStopSignals() if nw > 0 else None,
+                generator=private_generator(),
+                timeout=POLL_S if nw > 0 else 0,  # each wait is one watchdog check
+            )
+        )
+        if getattr(iterator, "_worker_pids_set", False):
+            # torch's SIGCHLD handler would raise wherever the rank is (mid-step, mid-save);
+            # the watchdog reports a dead worker at the rank's next wait for a batch instead.
+            from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+            _remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        return iterator
+
+    def _next_batch(self) -> dict:
+        """The next batch from the DataLoader; with workers, each wait of ``POLL_S`` runs the
+        watchdog's checks (:mod:`.watchdog`)."""
         if self._iterator is None:
-            nw = self.cfg.num_workers
-            dataset = ShardBatches(
-                self.shards,
-                self.ctx,
-                self.cfg.shuffle_buffer,
-                self.streams_per_rank,
-                dict(self.states),
-                self.consumed % self.streams_per_rank,
-            )
-            self._iterator = iter(
-                DataLoader(
-                    dataset,
-                    batch_size=None,
-                    num_workers=nw,
-                    prefetch_factor=self.cfg.prefetch_factor if nw > 0 else None,
-                    pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                    worker_init_fn=IgnoreStopSignals() if nw > 0 else None,
-                    generator=private_generator(),
-                )
-            )
-        batch = next(self._iterator)
+            self._iterator = self._start()
+        if self.cfg.num_workers == 0:
+            return next(self._iterator)
+        watchdog = self._watchdog()
+        while True:
+            try:
+                return next(self._iterator)
+            except RuntimeError as e:
+                if isinstance(e, LoaderError):
+                    raise
+                try:
+                    watchdog.check(list(getattr(self._iterator, "_workers", [])))
+                except LoaderError as error:
+                    self._failed = True
+                    raise error from None
+                if not str(e).startswith("DataLoader timed out"):
+                    raise
+
+    def __next__(self) -> dict:
+        batch = self._next_batch()
+        if "_raise" in batch:
+            raise batch["_raise"]
         self.states[int(batch.pop("_stream"))] = batch.pop("_state")
         batch.pop("_epoch")
         bad, records = batch.pop("_bad"), batch.pop("_bad_samples")
@@ -405,12 +607,24 @@ class ShardLoader(SampleCounters):
 
     def close(self) -> None:
         """Stop the worker processes (a later ``next()`` starts them again). Also done at
-        interpreter exit: the workers ignore SIGTERM, which ``multiprocessing`` would wait on."""
+        interpreter exit: the workers ignore SIGTERM, which ``multiprocessing`` would wait on,
+        so one that is still alive after the DataLoader's shutdown gets SIGKILL (at once when the
+        watchdog found a dead or stuck worker)."""
         if self._iterator is not None:
+            workers = list(getattr(self._iterator, "_workers", []))
+            if self._failed:
+                for worker in workers:
+                    if worker.is_alive():
+                        worker.kill()
             shutdown = getattr(self._iterator, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            for worker in workers:
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=5)
             self._iterator = None
+            self._failed = False
 
     def stats(self) -> dict:
         """Per-rank counters: samples delivered, bad samples replaced, epoch."""

@@ -12,6 +12,7 @@ appearance over the source's files; synthetic: the sample index).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from array import array
@@ -22,6 +23,8 @@ import numpy as np
 
 from blip_recipes.config.sections import DataSourceConfig
 from blip_recipes.data.packed import PackedStrings
+
+logger = logging.getLogger("blip_recipes.data")
 
 
 class MapSource(Protocol):
@@ -182,14 +185,22 @@ class JsonSource:
         return path, _pick_caption(caption, rng), path
 
 
-def _line_image_key(line: bytes, where: str) -> object:
-    """The image key of one JSONL line; a line that is not an annotation is its own image."""
+def _parse_line(line: bytes, where: str) -> tuple[dict | None, str | None]:
+    """``(record, None)`` for an annotation line, else ``(None, what is wrong)`` naming ``where``."""
     try:
         record = json.loads(line)
-        image, _ = _image_and_caption(record, where)
-        return _image_key(record, image, where)
-    except (AnnotationError, json.JSONDecodeError, UnicodeDecodeError):
-        return ("line", where)
+    except json.JSONDecodeError as e:
+        return None, (
+            f"{where}: not JSON ({e.msg} at character {e.pos + 1}); expected one object per "
+            "line with 'image' and 'caption'"
+        )
+    except UnicodeDecodeError as e:
+        return None, f"{where}: not UTF-8 text ({e.reason} at byte {e.start})"
+    try:
+        _image_and_caption(record, where)
+    except AnnotationError as e:
+        return None, str(e)
+    return record, None
 
 
 class JsonlSource:
@@ -197,8 +208,10 @@ class JsonlSource:
 
     Only the line offsets (int64) and image ids (int32) stay in memory, 12 bytes a sample, so
     annotation files far larger than what ``json.load`` could hold work. Every line is parsed
-    once up front for its image id; the first line of each file is checked to be an annotation.
-    Other lines that are not annotations become bad samples when read (each its own image).
+    once up front for its image id. The first line of each file must be an annotation (else
+    :class:`AnnotationError` names the file, the line and what was expected); any other line
+    that is not one is counted with a warning naming the first, and becomes a bad sample
+    (named by file and line) when read, each its own image.
     """
 
     def __init__(self, paths: list[str], image_root: str = "") -> None:
@@ -206,18 +219,36 @@ class JsonlSource:
         self.paths = list(paths)
         offsets, ids, dense = array("q"), array("q"), DenseIds()
         file_starts = [0]
+        self.bad_lines: dict[int, tuple[str, str]] = {}  # index -> (file and line, problem)
         for path in self.paths:
+            bad_before, first_bad = len(self.bad_lines), None
             with open(path, "rb") as f:
                 pos = 0
                 first = True
                 for number, line in enumerate(f, start=1):
                     if line.strip():
-                        if first:
-                            _image_and_caption(json.loads(line), f"{path} line {number}")
-                            first = False
+                        where = f"{path} line {number}"
+                        record, problem = _parse_line(line, where)
+                        if first and problem:
+                            raise AnnotationError(problem)
+                        first = False
+                        key: object = ("line", where)
+                        if problem:
+                            self.bad_lines[len(offsets)] = (where, problem[len(where) + 2 :])
+                            first_bad = first_bad or problem
+                        else:
+                            try:
+                                key = _image_key(record, record["image"], where)
+                            except AnnotationError:
+                                pass
                         offsets.append(pos)
-                        ids.append(dense(_line_image_key(line, f"{path} line {number}")))
+                        ids.append(dense(key))
                     pos += len(line)
+            if first_bad:
+                logger.warning(
+                    "%s: %d line(s) are not annotations and will be bad samples; first: %s",
+                    path, len(self.bad_lines) - bad_before, first_bad,
+                )  # fmt: skip
             file_starts.append(len(offsets))
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.file_starts = np.asarray(file_starts, dtype=np.int64)
@@ -237,6 +268,13 @@ class JsonlSource:
         return int(self.image_ids[index])
 
     def get(self, index: int, rng: random.Random) -> tuple[object, str, str]:
+        if index in self.bad_lines:
+            from blip_recipes.data.transforms import BadImage
+
+            where, problem = self.bad_lines[index]
+            error = BadImage(f"{where}: {problem}")
+            error.origin, error.reason = where, problem
+            raise error
         file_id = int(np.searchsorted(self.file_starts, index, side="right")) - 1
         path = self.paths[file_id]
         with open(path, "rb") as f:
