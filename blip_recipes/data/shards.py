@@ -337,6 +337,9 @@ class _Stream:
                 after = pos
                 if len(window) == self.buffer:
                     break
+            else:  # the epoch's shards are done: a damaged tail is not read again
+                if after is not None:
+                    after = dict(after, shard=len(self._plan(st["epoch"])[0]), offset=0)
             if not window:  # epoch done
                 empty_epochs = empty_epochs + 1 if st["ordinal"] == 0 else 0
                 if empty_epochs > 1:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from blip_recipes.config import DataConfig, DataSourceConfig
-from blip_recipes.data import build_train_loader, synthetic_sample
+from blip_recipes.data import BadSampleError, build_train_loader, synthetic_sample
 from blip_recipes.data.shards import _Stream, expand_braces, iter_tar_samples, write_shard
 
 
@@ -162,3 +162,59 @@ def test_process_exits_with_an_open_shard_loader(shard_dir):
     from tests.data.test_loader import exit_with_open_loader
 
     exit_with_open_loader({"kind": "shards", "paths": [str(shard_dir / "shards-{000..004}.tar")]})
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_source_of_only_bad_samples_stops(tmp_path, synthetic_tokenizer, workers):
+    samples = [(f"k{i}", b"not an image", "jpg", "a red circle") for i in range(80)]
+    write_shard(str(tmp_path / "bad.tar"), samples)
+    cfg = DataConfig(
+        sources=[DataSourceConfig(kind="shards", paths=[str(tmp_path / "bad.tar")])],
+        batch_size=2, num_workers=workers, pin_memory=False, shuffle_buffer=4,
+    )  # fmt: skip
+    loader = build_train_loader(cfg, synthetic_tokenizer, 16, 0, 0, 1)
+    with pytest.raises(BadSampleError, match=r"^rank 0: 51 shard samples in a row were bad"):
+        next(loader)
+    loader.close()
+
+
+def _sixteen(tmp_path):
+    samples = []
+    for i in range(16):
+        data, caption = _jpeg(i)
+        samples.append((f"k{i:02d}", data, "jpg", caption))
+    path = tmp_path / "s.tar"
+    write_shard(str(path), samples)
+    (tmp_path / "sizes.json").write_text(json.dumps({"s.tar": 16}))
+    offsets = [m.offset for m in tarfile.open(path).getmembers()]
+    return path, path.read_bytes(), offsets
+
+
+@pytest.mark.parametrize("damage", ["corrupt header", "truncated"])
+def test_a_damaged_shard_counts_and_names_what_it_lost(tmp_path, synthetic_tokenizer, damage,
+                                                        caplog):  # fmt: skip
+    path, data, offsets = _sixteen(tmp_path)
+    if damage == "corrupt header":  # k05.jpg's header: k05 is incomplete, the rest is read
+        path.write_bytes(data[: offsets[10]] + b"\xff" * 100 + data[offsets[10] + 100 :])
+    else:  # cut inside k06.jpg: k00..k05 are read, 10 samples are lost
+        path.write_bytes(data[: offsets[12] + 700])
+    cfg = DataConfig(
+        sources=[DataSourceConfig(kind="shards", paths=[str(path)])], batch_size=3,
+        num_workers=0, pin_memory=False, shuffle_buffer=4, max_bad_fraction=1.0,
+    )  # fmt: skip
+    loader = build_train_loader(cfg, synthetic_tokenizer, 16, 0, 0, 1)
+    loader.open_bad_sample_log(tmp_path / "run")
+    for _ in range(8):  # more than one epoch
+        next(loader)
+    records = [json.loads(x) for x in (tmp_path / "run" / "bad_samples.rank0.jsonl").open()]
+    epoch0 = [r for r in records if r["epoch"] == 0]
+    if damage == "corrupt header":
+        assert [(r["sample"], r["reason"]) for r in epoch0] == [
+            ("s.tar/k05", "no image member (txt)")]  # fmt: skip
+    else:
+        (lost,) = [r for r in epoch0 if "count" in r]
+        assert lost["sample"] == "s.tar" and lost["count"] == 10
+        assert "10 of its 16 samples (sizes.json) could not be read" in lost["reason"]
+        warned = [m for m in caplog.messages if "shard s.tar (epoch 0)" in m]
+        assert len(warned) == 1
+    assert loader.stats()["bad_samples"] == sum(r.get("count", 1) for r in records)

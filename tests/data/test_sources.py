@@ -318,3 +318,18 @@ def test_missing_annotation_file_is_named(tmp_path):
     cfg = DataSourceConfig(kind="json", paths=[str(tmp_path / "absent.json")])
     with pytest.raises(FileNotFoundError, match="absent.json"):
         build_map_source(cfg, seed=0)
+
+
+def test_jsonl_bad_first_line_names_file_and_line(tmp_path):
+    from blip_recipes.data.sources import AnnotationError, JsonlSource
+
+    path = tmp_path / "ann.jsonl"
+    path.write_text('{"image": "a.jpg", "caption": "x"\n{"image": "b.jpg", "caption": "y"}\n')
+    with pytest.raises(AnnotationError, match=rf"^{path} line 1: not JSON \(Expecting ',' "
+                       r"delimiter at character 35\); expected one object per line"):  # fmt: skip
+        JsonlSource([str(path)])
+    path.write_text('{"image": "a.jpg", "caption": "x"}\nnot json\n')
+    source = JsonlSource([str(path)])
+    with pytest.raises(Exception, match=rf"^{path} line 2: not JSON") as info:
+        source.get(1, __import__("random").Random(0))
+    assert info.value.origin == f"{path} line 2"
