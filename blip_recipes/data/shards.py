@@ -586,7 +586,7 @@ class ShardLoader(SampleCounters):
         while True:
             try:
                 return next(self._iterator)
-            except RuntimeError as e:
+            except (RuntimeError, EOFError, ConnectionError) as e:  # EOF: killed mid-send
                 if isinstance(e, LoaderError):
                     raise
                 try:
