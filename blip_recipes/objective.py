@@ -8,6 +8,7 @@ the dtype of the inputs. The reference behaviour they match is written down in d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import NamedTuple
 
@@ -194,3 +195,76 @@ def lm_loss(
             ignore_index=LM_IGNORE_INDEX,
             label_smoothing=label_smoothing,
         )
+
+
+def chunk_cross_entropy_sum(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float
+) -> torch.Tensor:
+    """Summed label-smoothed cross-entropy of one chunk of rows, accumulated in fp32.
+
+    Args:
+        logits: (N, V) in the compute dtype.
+        targets: (N,) int64, -100 where ignored.
+        label_smoothing: as in `F.cross_entropy`.
+
+    Returns:
+        0-d fp32 sum over the chunk's non-ignored rows.
+    """
+    return F.cross_entropy(logits.float(), targets, ignore_index=LM_IGNORE_INDEX,
+                           label_smoothing=label_smoothing, reduction="sum")  # fmt: skip
+
+
+class ChunkedLMLoss:
+    """The LM head's vocab projection and the cross-entropy, chunked over rows.
+
+    The (N, V) logits are never materialised at once, nor in fp32: each chunk of rows is
+    projected in the compute dtype of its inputs (bf16 parameters under FSDP2; no fp32 copy of
+    the tied embedding) and its label-smoothed cross-entropy is summed in fp32 by
+    `chunk_cross_entropy_sum`, which `compile_backend` compiles (`fullgraph=True`) so the
+    upcast, log-softmax and smoothing fuse per chunk. The mean is over the non-ignored targets,
+    as `F.cross_entropy(reduction="mean")`: in fp32 it equals `lm_loss` on full logits.
+
+    Args:
+        chunks: row chunks (8, as TorchTune's `LinearCrossEntropyLoss`).
+        compile_backend: `torch.compile` backend of the per-chunk loss; None = eager.
+    """
+
+    def __init__(self, chunks: int = 8, compile_backend: str | Callable | None = None) -> None:
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        self.chunks = chunks
+        self.chunk_loss = chunk_cross_entropy_sum
+        if compile_backend is not None:
+            self.chunk_loss = torch.compile(chunk_cross_entropy_sum, fullgraph=True,
+                                            backend=compile_backend)  # fmt: skip
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        targets: torch.Tensor,
+        label_smoothing: float = 0.1,
+    ) -> torch.Tensor:
+        """Mean next-token loss.
+
+        Args:
+            hidden: (N, D) transformed decoder states (`LMHead.transform`), row i predicts
+                `targets[i]`.
+            weight: (V, D) vocab projection (the tied word embeddings).
+            bias: (V,).
+            targets: (N,) int64, -100 where ignored.
+            label_smoothing: 0.1 in the reference.
+
+        Returns:
+            0-d fp32 mean over the non-ignored targets.
+        """
+        dtype = hidden.dtype
+        weight, bias = weight.to(dtype), bias.to(dtype)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for rows, chunk_targets in zip(hidden.tensor_split(self.chunks),
+                                       targets.tensor_split(self.chunks)):  # fmt: skip
+            logits = F.linear(rows, weight, bias)
+            total = total + self.chunk_loss(logits, chunk_targets, label_smoothing)
+        count = (targets != LM_IGNORE_INDEX).sum().clamp(min=1)
+        return total / count

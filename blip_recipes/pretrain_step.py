@@ -49,6 +49,7 @@ def pretrain_losses(
     alpha: float | torch.Tensor,
     generator: torch.Generator | None = None,
     negative_kv: str = "select",
+    lm_loss: objective.ChunkedLMLoss | None = None,
 ) -> BlipOutput:
     """ITC, ITM with hard negatives and LM for one batch (the reference's `forward`).
 
@@ -62,6 +63,8 @@ def pretrain_losses(
         alpha: distillation weight (0 -> 0.4 over the first two epochs).
         generator: RNG for hard-negative sampling, on the images' device.
         negative_kv: `select` or `recompute` (`BlipPretrain.multimodal`).
+        lm_loss: a chunked LM loss computed inside the multimodal pass; None = fp32 logits
+            and `objective.lm_loss` (the same number in fp32).
 
     Returns:
         `BlipOutput` with `loss = loss_ita + loss_itm + loss_lm`.
@@ -83,10 +86,13 @@ def pretrain_losses(
         itc.sim_i2t.detach(), itc.sim_t2i.detach(), generator
     )
     multimodal = model.multimodal(image.embeds, input_ids, attention_mask, neg_image, neg_text,
-                                  negative_kv)  # fmt: skip
+                                  negative_kv, lm_loss)  # fmt: skip
     itm = objective.itm_loss(multimodal.itm_logits)
-    labels = objective.lm_labels(input_ids, model.pad_token_id)  # column 0 is never a target
-    loss_lm = objective.lm_loss(multimodal.lm_logits, labels, model.label_smoothing)
+    if multimodal.loss_lm is not None:
+        loss_lm = multimodal.loss_lm
+    else:
+        labels = objective.lm_labels(input_ids, model.pad_token_id)  # column 0 is never a target
+        loss_lm = objective.lm_loss(multimodal.lm_logits, labels, model.label_smoothing)
     return BlipOutput(
         loss=itc.loss + itm.loss + loss_lm,
         loss_ita=itc.loss,
@@ -224,6 +230,7 @@ class PretrainStep:
         after_optimizer_step: called after each optimizer step (float8 scale precompute).
         negative_kv: the hard negatives' keys/values, `select` or `recompute`
             (`parallel.negative_kv`).
+        lm_loss: the chunked LM loss (`parallel.lm_loss=chunked`), or None for fp32 logits.
     """
 
     def __init__(
@@ -240,9 +247,11 @@ class PretrainStep:
         grad_accum_steps: int = 1,
         after_optimizer_step: Callable[[], object] | None = None,
         negative_kv: str = "select",
+        lm_loss: objective.ChunkedLMLoss | None = None,
     ) -> None:
         self.model = model
         self.negative_kv = negative_kv
+        self.lm_loss = lm_loss
         self.momentum = momentum
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -282,6 +291,11 @@ class PretrainStep:
             rank=dist_info.rank,
             **step_options(cfg, model, dist_info, compute_dtype),
             negative_kv=cfg.parallel.negative_kv,
+            lm_loss=objective.ChunkedLMLoss(
+                compile_backend="inductor" if cfg.parallel.compile else None
+            )
+            if cfg.parallel.lm_loss == "chunked"
+            else None,
         )
 
     def _autocast(self, device_type: str) -> AbstractContextManager:
@@ -337,7 +351,7 @@ class PretrainStep:
     def _losses(self, batch: DeviceBatch, targets: MomentumTargets, alpha: float) -> BlipOutput:
         """The objective of one micro-batch (``self.generator`` is seeded for it)."""
         return pretrain_losses(self.model, *batch, targets, alpha, self.generator,
-                               self.negative_kv)  # fmt: skip
+                               self.negative_kv, self.lm_loss)  # fmt: skip
 
     def _enqueue(self, targets: MomentumTargets, batch: DeviceBatch, valid: torch.Tensor) -> None:
         """Put a micro-batch's momentum features into the queues (when ``valid``)."""

@@ -73,12 +73,54 @@ def step_saved_bytes(model_name: str, batch: int, single_rank_fsdp: bool, **over
     return saved_bytes(forward)[0]
 
 
+def lm_region_peak_mb(
+    chunked: bool,
+    batch: int = 75,
+    length: int = 30,
+    width: int = 768,
+    vocab: int = 30524,
+    dtype: torch.dtype = torch.bfloat16,
+) -> float:
+    """Peak host memory (MB over the process's level before it) of the LM region's forward and
+    backward: LM head + loss at ViT-B sizes, on CPU. Run in a fresh process (peak RSS only
+    rises)."""
+    import resource
+
+    from blip_recipes import objective
+    from blip_recipes.models.med import LMHead
+
+    torch.manual_seed(0)
+    head = LMHead(width, vocab).to(dtype)
+    embeddings = torch.nn.Parameter(torch.randn(vocab, width, dtype=dtype) * 0.02)
+    hidden = torch.randn(batch * (length - 1), width, dtype=dtype, requires_grad=True)
+    targets = torch.randint(1, vocab, (batch * (length - 1),))
+    loss_fn = objective.ChunkedLMLoss()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if chunked:
+        loss = loss_fn(head.transform(hidden), embeddings, head.bias, targets, 0.1)
+    else:  # the previous path: fp32 logits from an fp32 copy of the embedding, then the loss
+        logits = head(hidden, embeddings)
+        labels = torch.cat([targets.new_zeros(batch, 1), targets.view(batch, -1)], 1)
+        loss = objective.lm_loss(logits, labels, 0.1)
+    loss.backward()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="blip_pretrain_base")
     p.add_argument("--batches", type=int, nargs=2, default=(2, 4))
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument(
+        "--lm-region",
+        choices=["chunked", "full"],
+        help="only the LM head + loss peak at ViT-B sizes, batch 75 (fresh process)",
+    )
     args = p.parse_args(argv)
+    if args.lm_region:
+        peak = lm_region_peak_mb(args.lm_region == "chunked")
+        print(f"LM region ({args.lm_region}): peak {peak:.0f} MB above the inputs")
+        return 0
     small, large = args.batches
     out = {}
     for fsdp in (False, True):

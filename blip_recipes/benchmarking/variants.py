@@ -17,6 +17,7 @@ A variant name is a ``-``-joined list of tokens, read left to right::
 | ``noreshard`` | ``parallel.reshard_after_forward=false`` |
 | ``fused`` / ``unfused`` | ``optimizer.fused`` true / false (unfused: foreach AdamW + host-sync skip) |
 | ``autocast`` | ``parallel.single_rank_fsdp=false``: one bf16 rank autocasts instead of running FSDP2 at degree 1 |
+| ``lmchunked`` / ``lmfull`` | ``parallel.lm_loss`` chunked / full (fp32 logits) |
 | ``kvselect`` / ``kvrecompute`` | ``parallel.negative_kv`` select / recompute (hard negatives' keys/values) |
 
 Each optimisation of the recipe can thus be switched off alone and measured against the same
@@ -129,6 +130,9 @@ def parse_variant(name: str) -> Variant:
             extra.append(f"optimizer.fused={'true' if token == 'fused' else 'false'}")
         elif token == "autocast":
             extra.append("parallel.single_rank_fsdp=false")
+        elif token in ("lmchunked", "lmfull"):
+            kind = "lm_loss"
+            extra.append(f"parallel.lm_loss={token[2:]}")
         elif token in ("kvselect", "kvrecompute"):
             kind = "negative_kv"
             extra.append(f"parallel.negative_kv={token[2:]}")
@@ -136,7 +140,7 @@ def parse_variant(name: str) -> Variant:
             raise ValueError(
                 f"variant {name!r}: unknown token {token!r}; known: eager, compile, fp32, bf16, "
                 "float8-tensorwise, float8-rowwise, ac-on, ac-full, ac-off, ac-vitN, nofsdp, ddp, hsdp, "
-                "noreshard, fused, unfused, autocast, kvselect, kvrecompute"
+                "noreshard, fused, unfused, autocast, lmchunked, lmfull, kvselect, kvrecompute"
             )
         if kind in seen:
             raise ValueError(f"variant {name!r}: more than one {kind} token")

@@ -191,6 +191,8 @@ class ParallelConfig:
     """All-gather float8 weights with precomputed scales (tensorwise only)."""
     single_rank_fsdp: bool = True
     """One rank with bf16 compute: shard with FSDP2 at degree 1 anyway, so its mixed-precision policy (bf16 parameters) keeps the residual stream and LayerNorm outputs bf16 between the matmuls, as on several ranks; false: no FSDP2 on one rank and bf16 autocast instead (matmuls in bf16, everything between them fp32). fp32 runs on one rank never shard."""
+    lm_loss: Literal["chunked", "full"] = "chunked"
+    """Pretraining's LM loss: chunked (the vocab projection in the compute dtype, 8 row chunks, each chunk's label-smoothed cross-entropy summed in fp32 and compiled with parallel.compile; no fp32 logits) or full (fp32 logits of every row, then the cross-entropy; the previous structure)."""
     negative_kv: Literal["select", "recompute"] = "select"
     """Pretraining: the hard-negative images' cross-attention keys/values in each MED layer are selected from the batch's own (projected once per image; a one-hot matmul) or recomputed from their tokens (the previous structure, for comparison)."""
 

@@ -17,6 +17,7 @@ entry points by `blip_recipes.pretrain_step`; the fp32 queues never enter the mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -106,10 +107,12 @@ class TextEncoding(NamedTuple):
 class MultimodalOutput(NamedTuple):
     """itm_logits: (3B, 2), rows = B positives, B (text, negative image), B (negative text,
     image); lm_logits: (B * (L - 1), V) fp32, row b * (L - 1) + t predicts token t + 1 of
-    caption b (flat, so that the big logits tensor leaves the FSDP forward without a view)."""
+    caption b (flat, so that the big logits tensor leaves the FSDP forward without a view), or
+    None when the pass computed `loss_lm` itself (0-d, a chunked loss; else None)."""
 
     itm_logits: torch.Tensor
-    lm_logits: torch.Tensor
+    lm_logits: torch.Tensor | None
+    loss_lm: torch.Tensor | None = None
 
 
 class BlipPretrain(nn.Module):
@@ -203,6 +206,7 @@ class BlipPretrain(nn.Module):
         neg_image: torch.Tensor,
         neg_text: torch.Tensor,
         negative_kv: str = "select",
+        lm_loss: Callable[..., torch.Tensor] | None = None,
     ) -> MultimodalOutput:
         """ITM (positive + both hard negatives) and captioning in one pass over the MED.
 
@@ -221,6 +225,9 @@ class BlipPretrain(nn.Module):
             negative_kv: how the hard-negative images get their keys/values in each layer:
                 `select`ed from the batch's own (a one-hot matmul, projected once per image) or
                 `recompute`d from their gathered tokens (2B images projected per layer).
+            lm_loss: `objective.ChunkedLMLoss` (or alike): the LM loss is computed here, inside
+                the entry point, on the parameters as FSDP2 gathered them (compute dtype), and
+                no logits are returned; None returns the fp32 logits instead.
 
         Returns:
             `MultimodalOutput(itm_logits (3B, 2), lm_logits (B * (L - 1), V) fp32)`.
@@ -243,7 +250,13 @@ class BlipPretrain(nn.Module):
         own = hidden[: 3 * batch].unflatten(0, (batch, 3))  # (B, 3, L, D)
         cls = torch.cat([own[:, 0, 0], hidden[3 * batch :, 0], own[:, 1, 0]])
         word_embeddings = self.text.embeddings.word_embeddings.weight
-        lm_logits = self.lm_head(own[:, 2, :-1].flatten(0, 1), word_embeddings)
+        decoder_hidden = own[:, 2, :-1].flatten(0, 1)
+        if lm_loss is not None:
+            targets = objective.lm_labels(decoder_ids, self.pad_token_id)[:, 1:].flatten()
+            loss_lm = lm_loss(self.lm_head.transform(decoder_hidden), word_embeddings,
+                              self.lm_head.bias, targets, self.label_smoothing)  # fmt: skip
+            return MultimodalOutput(self.itm_head(cls), None, loss_lm)
+        lm_logits = self.lm_head(decoder_hidden, word_embeddings)
         return MultimodalOutput(self.itm_head(cls), lm_logits)
 
     def itm_logits(

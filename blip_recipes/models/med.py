@@ -554,13 +554,17 @@ class LMHead(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., D) -> the states the vocab projection reads (..., D), compute dtype."""
+        return self.norm(self.act(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         """hidden (B, L, D), word_embeddings (V, D) -> logits (B, L, V) in fp32.
 
         The vocab projection runs in fp32 with autocast off (the LM cross-entropy over ~30k
         classes is kept in fp32).
         """
-        transformed = self.norm(self.act(self.dense(hidden)))
+        transformed = self.transform(hidden)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return F.linear(transformed.float(), word_embeddings.float(), self.bias.float())
 

@@ -143,11 +143,13 @@ def three_pass_losses(model, images, ids, mask, targets, alpha, generator):
     return itc.loss, itm.loss, lm
 
 
-@pytest.mark.parametrize("negative_kv", ["select", "recompute"])
-def test_one_multimodal_pass_equals_three_passes(tiny_model_inputs, negative_kv):
+@pytest.mark.parametrize("negative_kv,chunks", [("select", 3), ("select", 0), ("recompute", 0)])
+def test_one_multimodal_pass_equals_three_passes(tiny_model_inputs, negative_kv, chunks):
     """Losses and every gradient of the packed pass equal the three-pass formulation (fp32,
     dropout off), including padded captions (causal fast path) and repeated negatives, whether
-    the negatives' keys/values are selected from the batch's or recomputed."""
+    the negatives' keys/values are selected from the batch's or recomputed, and whether the LM
+    loss is chunked inside the pass or computed from full fp32 logits (chunks=0)."""
+    lm_loss = objective.ChunkedLMLoss(chunks) if chunks else None
     model, images, ids, mask = tiny_model_inputs
     momentum = MomentumState.build("blip_pretrain_tiny", train_mode=False, **TINY)
     momentum.copy_from(model)
@@ -158,7 +160,8 @@ def test_one_multimodal_pass_equals_three_passes(tiny_model_inputs, negative_kv)
         model.zero_grad()
         generator = torch.Generator().manual_seed(1)
         if compute == "packed":
-            out = pretrain_losses(model, images, ids, mask, targets, 0.4, generator, negative_kv)
+            out = pretrain_losses(model, images, ids, mask, targets, 0.4, generator, negative_kv,
+                                  lm_loss)  # fmt: skip
             losses = (out.loss_ita, out.loss_itm, out.loss_lm)
         else:
             losses = three_pass_losses(model, images, ids, mask, targets, 0.4, generator)
