@@ -86,18 +86,45 @@ def validate(cfg: Config, context: LaunchContext | None = None) -> None:
     print_advice(cfg, context.world_size, trains=context.checkpoints)
 
 
-@register_validator
-def _positive_counts(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
-    for key, value in [
+def _positive_fields(cfg: Config) -> list[tuple[str, Any]]:
+    """Every count and size that must be > 0 (sizes, lengths, batch sizes, intervals,
+    timeouts), with its value."""
+    ev, cf = cfg.eval, cfg.capfilt
+    fields = [
         ("data.batch_size", cfg.data.batch_size),
         ("model.queue_size", cfg.model.queue_size),
         ("model.image_size", cfg.model.image_size),
+        ("model.embed_dim", cfg.model.embed_dim),
         ("checkpoint.interval", cfg.checkpoint.interval),
         ("metrics.log_every", cfg.metrics.log_every),
         ("tokenizer.max_length", cfg.tokenizer.max_length),
         ("training.epochs", cfg.training.epochs),
-    ]:
-        if value <= 0:
+        ("job.collective_timeout_s", cfg.job.collective_timeout_s),
+        ("job.stop_timeout_s", cfg.job.stop_timeout_s),
+        ("eval.k_test", ev.k_test),
+        ("eval.batch_size", ev.batch_size),
+        ("capfilt.unit_size", cf.unit_size),
+        ("capfilt.num_captions", cf.num_captions),
+        ("capfilt.batch_size", cf.batch_size),
+        ("capfilt.max_length", cf.max_length),
+        ("capfilt.text_max_length", cf.text_max_length),
+        ("caption.max_length", cfg.caption.max_length),
+    ]
+    for i, src in enumerate(cfg.data.sources):
+        if src.kind == "synthetic":
+            fields += [
+                (f"data.sources.{i}.num_samples", src.num_samples),
+                (f"data.sources.{i}.image_size", src.image_size),
+            ]
+    return fields
+
+
+@register_validator
+def _positive_counts(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    if ctx.world_size < 1:
+        yield f"the world size (ranks in the job) must be >= 1, got {ctx.world_size}"
+    for key, value in _positive_fields(cfg):
+        if _outside(value, 0, low_open=True):
             yield f"'{key}' must be positive, got {value}"
     if cfg.training.steps is not None and cfg.training.steps <= 0:
         yield f"'training.steps' must be positive or none, got {cfg.training.steps}"

@@ -59,6 +59,23 @@ def test_setting_outside_its_range_is_named(tmp_path, override, message):
     assert message in _errors(_debug(tmp_path, override))
 
 
+@pytest.mark.parametrize(
+    "override",
+    ["model.embed_dim=0", "model.embed_dim=-4", "data.sources.0.num_samples=-1",
+     "data.sources.0.num_samples=0", "data.sources.0.image_size=0", "eval.k_test=0",
+     "job.collective_timeout_s=0", "job.stop_timeout_s=-1", "capfilt.batch_size=0"],
+)  # fmt: skip
+def test_every_count_that_must_be_positive_is_checked(tmp_path, override):
+    key, value = override.split("=")
+    assert f"'{key}' must be positive, got {value}" in _errors(_debug(tmp_path, override))
+
+
+def test_a_world_of_zero_ranks_is_refused(tmp_path):
+    assert "world size (ranks in the job) must be >= 1, got 0" in _errors(
+        _debug(tmp_path), world_size=0
+    )
+
+
 def test_base_model_allows_512_positions_and_eval_lengths_are_checked(tmp_path):
     cfg = _debug(tmp_path, "model.name=blip_pretrain_base", "tokenizer.max_length=512")
     validate(cfg, LaunchContext(checkpoints=False))
