@@ -267,7 +267,12 @@ class MomentumState(Stateful):
             gathered = feats.new_empty((world * 2, *feats.shape[1:]))  # rank-major (W*2, B, E)
             _all_gather_single(gathered, feats.contiguous(), group=self.group)
             feats = gathered.view(world, 2, batch, -1).transpose(0, 1).reshape(2, world * batch, -1)
-        columns = self.queue_ptr + torch.arange(world * batch, device=self.queue_ptr.device)
+        # Modulo the queue size: a checkpoint saved with another global batch can leave the
+        # pointer off a multiple of this one; the write then wraps around the end like any
+        # ring buffer (the oldest entries are replaced first, as always).
+        columns = (
+            self.queue_ptr + torch.arange(world * batch, device=self.queue_ptr.device)
+        ) % self.queue_size
         step = world * batch
         if valid is not None:
             keep_old = ~valid.to(torch.bool)

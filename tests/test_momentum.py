@@ -58,6 +58,21 @@ def test_enqueue_wraps_around_and_advances_pointer():
     assert state.text_queue[:, :4].eq(-2.0).all()
 
 
+def test_enqueue_from_a_pointer_left_by_another_batch_size_wraps_around():
+    """A checkpoint saved with global batch 4 (pointer at 12 of 16) resumed with batch 8: the
+    write covers columns 12..15 and 0..3, the oldest entries, instead of running off the end."""
+    state = _state(queue_size=16)
+    for i in range(3):
+        state.enqueue(
+            torch.full((4, TINY["embed_dim"]), float(i)), torch.zeros(4, TINY["embed_dim"])
+        )
+    before = state.image_queue.clone()
+    state.enqueue(torch.full((8, TINY["embed_dim"]), 7.0), torch.zeros(8, TINY["embed_dim"]))
+    assert state.queue_ptr.item() == 4
+    assert state.image_queue[:, 12:].eq(7.0).all() and state.image_queue[:, :4].eq(7.0).all()
+    assert torch.equal(state.image_queue[:, 4:12], before[:, 4:12])  # the newest are kept
+
+
 def test_queue_batch_mismatch_names_both_numbers():
     check_queue_batch(57600, 75, 32)
     with pytest.raises(ValueError, match="57600.*70"):
