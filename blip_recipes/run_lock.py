@@ -203,6 +203,34 @@ class RunLock:
         lock = cls._take(path, fd)
         return lock
 
+    def problem(self) -> Optional[str]:
+        """Why this lock no longer guards its folder, or None while it does: the output folder
+        or the lock file was removed (or moved), or the path now names another run's lock.
+        The recipe asks at every log and save step and stops the run if there is one."""
+        if self._fd is None or _same_file(self.path, self._fd):
+            return None
+        folder = self.path.parent
+        if not folder.is_dir():
+            return (
+                f"job.output_dir {folder} was removed or moved during the run (metrics.jsonl, "
+                "logs, run_info.json and checkpoints written there are gone)"
+            )
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return (
+                f"the run lock {self.path} was removed during the run (another run could start "
+                "in the same folder and mix its metrics and checkpoints with this one's)"
+            )
+        try:
+            holder = _read_record(fd)
+        finally:
+            os.close(fd)
+        return (
+            f"the run lock {self.path} now belongs to another run ({describe_holder(holder)}); "
+            "two runs in one folder would mix their metrics and checkpoints"
+        )
+
     def release(self) -> None:
         """Remove the lock file and unlock (safe to call twice)."""
         fd, self._fd = self._fd, None

@@ -75,6 +75,24 @@ def test_lock_records_the_holder_and_is_released(tmp_path, monkeypatch):
     assert not again.held
 
 
+def test_a_removed_or_replaced_lock_or_folder_is_noticed(tmp_path):
+    """What the recipe asks at log and save steps: the lock still guards the folder, or why not."""
+    folder = tmp_path / "run"
+    lock = RunLock.acquire(folder)
+    assert lock.problem() is None
+    (folder / LOCK_FILE).unlink()  # deleted by hand: a second run could now start
+    assert "was removed during the run" in lock.problem()
+    with RunLock.acquire(folder) as other:  # ... and one did
+        assert f"now belongs to another run (pid {os.getpid()}" in lock.problem()
+        lock.release()  # never removes the other run's lock
+        assert (folder / LOCK_FILE).exists() and other.problem() is None
+    lock = RunLock.acquire(folder)
+    (folder / LOCK_FILE).unlink()
+    folder.rmdir()
+    assert f"job.output_dir {folder} was removed or moved" in lock.problem()
+    lock.release()
+
+
 def test_live_holder_in_another_process_is_named(tmp_path, holder):
     proc = holder(tmp_path, SLURM_JOB_ID="99")
     with pytest.raises(RunLockedError) as info:
