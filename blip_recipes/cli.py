@@ -254,12 +254,22 @@ class StopForwarder:
     not cut the save short. A later SIGINT (a second Ctrl-C) raises torchrun's
     ``SignalException``: the agent sends SIGINT to the ranks and SIGKILLs them after
     ``--shutdown-timeout`` seconds (stop now, without the checkpoint).
+
+    Every forwarded signal is preceded by SIGCONT, so that a stopped rank (SIGSTOP, a debugger,
+    a suspended job) runs again and hears it. With ``stop_timeout_s`` (``job.stop_timeout_s``),
+    ranks still running that long after the first stop signal are killed (SIGCONT, SIGKILL) with
+    one line, and `blip run` exits 1: a stop always ends the job within a bound.
     """
 
-    def __init__(self, signals: Sequence[signal.Signals] = STOP_SIGNALS) -> None:
+    def __init__(
+        self, signals: Sequence[signal.Signals] = STOP_SIGNALS, stop_timeout_s: float | None = None
+    ) -> None:
         self.signals = tuple(signals)
+        self.stop_timeout_s = stop_timeout_s
         self.received: signal.Signals | None = None
+        self.killed = False
         self._previous: dict[signal.Signals, object] = {}
+        self._timer: threading.Timer | None = None
 
     def __enter__(self) -> StopForwarder:
         if threading.current_thread() is threading.main_thread():  # else signal.signal raises
@@ -268,6 +278,8 @@ class StopForwarder:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
@@ -291,11 +303,56 @@ class StopForwarder:
             )
         except OSError:  # a dead console (the `| tee` that got the same Ctrl-C) stops nothing
             pass
-        for pgid in _child_process_groups():
+        _signal_groups(_child_process_groups(), (signal.SIGCONT, sig))
+        if self.stop_timeout_s is not None:
+            self._timer = threading.Timer(self.stop_timeout_s, self._kill_ranks)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _kill_ranks(self) -> None:
+        """The stop timeout ran out: kill every rank still running (their groups)."""
+        groups = _child_process_groups()
+        if not groups:
+            return
+        self.killed = True
+        name = self.received.name if self.received is not None else "the stop signal"
+        try:
+            os.write(
+                2,
+                f"blip run: {len(groups)} rank(s) still running {self.stop_timeout_s:g} s after "
+                f"{name} (job.stop_timeout_s); killing them (SIGKILL) without their checkpoint\n"
+                .encode(),
+            )  # fmt: skip
+        except OSError:
+            pass
+        _signal_groups(groups, (signal.SIGCONT, signal.SIGKILL))
+
+
+def _signal_groups(groups: Sequence[int], signals: Sequence[signal.Signals]) -> None:
+    """Send each of ``signals``, in order, to each process group (gone ones are skipped)."""
+    for pgid in groups:
+        for sig in signals:
             try:
                 os.killpg(pgid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+_early_stop: list[signal.Signals] = []
+
+
+def _record_early_stop(signum: int, _frame: object) -> None:
+    """A stop signal while `blip run` itself starts (imports, config checks), before the ranks or
+    the in-process recipe have handlers: remembered, never fatal."""
+    if not _early_stop:
+        _early_stop.append(signal.Signals(signum))
+        os.environ[STOP_REQUEST_ENV] = str(int(signum))  # an in-process recipe reads it
+
+
+def _install_early_stop_handlers() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _record_early_stop)
 
 
 def run_recipe_in_process(recipe: Path, argv: list[str]) -> int:
@@ -314,6 +371,7 @@ def cmd_run(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(RUN_HELP + help_text())
         return 0
+    _install_early_stop_handlers()
     launcher, recipe_arg, rest = split_launcher_args(args)
     recipe = resolve_recipe(recipe_arg)
     config_arg, overrides = split_config_arg(rest)
@@ -324,20 +382,30 @@ def cmd_run(args: list[str]) -> int:
     config = resolve_config(config_arg)
     cfg = load_config(config, overrides)  # fail fast, before any process starts
     world_size = _launch_world_size(launcher) if launcher else None
+    if world_size is not None and world_size < 1:
+        raise UsageError(f"--nproc-per-node x --nnodes must be >= 1, got {world_size} ranks")
     context = LaunchContext(world_size=world_size or 1) if launcher else LaunchContext.from_env()
     validate(cfg, replace(context, checkpoints=recipe_trains(recipe)))
     recipe_argv = ["--config", str(config), *overrides]
     mark_printed()  # the ranks do not repeat the warnings validate printed
     if not launcher:
         return run_recipe_in_process(recipe, recipe_argv)
-    return run_through_torchrun(launcher, recipe, recipe_argv)
+    return run_through_torchrun(launcher, recipe, recipe_argv, cfg.job.stop_timeout_s)
 
 
-def run_through_torchrun(launcher: list[str], recipe: Path, recipe_argv: list[str]) -> int:
+#: What torchrun starts in every rank: records stop signals before anything is imported, then
+#: runs the recipe file.
+RANK_ENTRY = Path(__file__).with_name("rank_entry.py")
+
+
+def run_through_torchrun(
+    launcher: list[str], recipe: Path, recipe_argv: list[str], stop_timeout_s: float | None = None
+) -> int:
     """Launch ``recipe`` with torchrun in this process (which becomes torchrun's agent).
 
     Exit status: 0 when every rank exited 0, including after a stop signal (the ranks saved a
-    checkpoint); 2 when a rank exited 2 (it refused the configuration or folder); 128 + N when
+    checkpoint, or stopped before training started); 1 when ranks were still running
+    ``stop_timeout_s`` after a stop signal (killed); 2 when a rank exited 2 (it refused the configuration or folder); 128 + N when
     torchrun shut the ranks down on signal N (a second Ctrl-C, or SIGHUP/SIGQUIT); else 1.
 
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (unless set): with the c10d rendezvous
@@ -352,8 +420,15 @@ def run_through_torchrun(launcher: list[str], recipe: Path, recipe_argv: list[st
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     launcher, stop_signals = _stop_signals_for(launcher)
     try:
-        with StopForwarder(stop_signals) as stop:
-            torchrun_main([*launcher, str(recipe), *recipe_argv])
+        with StopForwarder(stop_signals, stop_timeout_s) as stop:
+            if _early_stop:
+                print(
+                    f"blip run: {_early_stop[0].name} before the ranks started: stopped before "
+                    "training started, nothing to save",
+                    file=sys.stderr,
+                )
+                return 0
+            torchrun_main([*launcher, str(RANK_ENTRY), str(recipe), *recipe_argv])
     except ChildFailedError as e:  # torchrun already printed each failed rank's error
         # A rank that refused the run (exit 2) is the cause; the others then fail after it
         # (torchrun's SIGTERM, or a collective whose peer is gone), so any 2 makes it 2.
@@ -362,6 +437,8 @@ def run_through_torchrun(launcher: list[str], recipe: Path, recipe_argv: list[st
     except SignalException as e:
         print(f"blip run: {e.sigval.name}: torchrun stopped the ranks", file=sys.stderr)
         return 128 + int(e.sigval)
+    if stop.killed:
+        return 1
     if stop.received is not None:
         print(f"blip run: stopped on {stop.received.name}; every rank exited 0", file=sys.stderr)
     return 0
@@ -379,6 +456,8 @@ def cmd_validate(args: list[str]) -> int:
             world_size = int(rest[j + 1])
         except (IndexError, ValueError):
             raise UsageError("--world-size needs an integer") from None
+        if world_size < 1:
+            raise UsageError(f"--world-size must be >= 1, got {world_size}")
         del rest[j : j + 2]
     path = resolve_config(config_arg) if config_arg is not None else None
     cfg = load_config(path, rest)

@@ -13,6 +13,7 @@ enqueue) -> metrics -> checkpoint.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -66,7 +67,9 @@ from blip_recipes.momentum import check_queue_batch
 from blip_recipes.optim import build_lr_scheduler, build_optimizer
 from blip_recipes.parallel import init_distributed, shutdown_distributed
 from blip_recipes.parallel.compile import FirstCallTimer
+from blip_recipes.parallel.distributed import is_collective_timeout
 from blip_recipes.pretrain_step import DeviceBatch, PretrainStep, StepResult
+from blip_recipes.recipe_errors import RunStoppedError, exit_status_for_error
 from blip_recipes.run_info import (
     collect_run_info,
     configure_cpu_threads,
@@ -82,8 +85,50 @@ from blip_recipes.run_lock import RunLockedError, acquire_run_lock
 logger = logging.getLogger("blip_pretrain")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStoppedError):
     """Too many consecutive steps produced a non-finite loss."""
+
+
+class StoppedBeforeStartError(Exception):
+    """A stop signal arrived before training started: nothing to save, exit 0."""
+
+
+class _NonFiniteRun:
+    """Consecutive skipped steps (``ok`` False), counted on the device and checked every step
+    without waiting for the device.
+
+    On CPU the count is read directly (no device to wait for). On CUDA each step's count is
+    copied into pinned host memory without blocking and read once the device has finished that
+    step (a CUDA event, polled): the run stops at the limit as soon as the device gets there,
+    typically a step or two after the host queued it, and the host never waits. Log steps read
+    it exactly (they synchronise anyway).
+    """
+
+    def __init__(self, device: torch.device, limit: int) -> None:
+        self.limit = limit
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self._cuda = device.type == "cuda"
+        self._host = torch.zeros((), dtype=torch.long, pin_memory=self._cuda)
+        self._event: Any = None
+
+    def update(self, ok: torch.Tensor) -> None:
+        """Add one step: ``ok`` is the step's 0-d bool flag agreed by every rank."""
+        self.count = (self.count + 1) * (~ok)
+        if self._cuda and self._event is None:  # else the previous copy is still on its way
+            self._host.copy_(self.count, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def reached(self, exact: bool = False) -> int | None:
+        """The count when it reached the limit, else None. ``exact``: read the current count
+        (a device sync on CUDA; free at log steps)."""
+        if not self._cuda or exact:
+            count = int(self.count)
+        elif self._event is not None and self._event.query():
+            count, self._event = int(self._host), None
+        else:
+            return None
+        return count if count >= self.limit else None
 
 
 class _Window:
@@ -148,15 +193,22 @@ class BlipPretrainRecipe:
         cfg = parse_recipe_args(argv, description=description)
         configure_logging()  # rank 0 on the console; every rank in <output_dir>/logs/rank<r>.log
         recipe = cls(cfg)
+        healthy = True  # False after a failed collective: no barrier at shutdown
         try:
             recipe.setup()
             recipe.train()
+        except StoppedBeforeStartError as e:
+            logger.warning("%s", e)
+            return 0
         except (NonFiniteLossError, NonFiniteCheckpointError, CheckpointWriteError,
                 CheckpointCorruptError, MetricsWriteError, LoaderError) as e:  # fmt: skip
             logger.error("%s", e)
             return 1
+        except Exception as e:  # one line on the console, the traceback in the rank log
+            healthy = not is_collective_timeout(e)
+            return exit_status_for_error(e, Path(inspect.getfile(cls)).stem, logger)
         finally:
-            recipe.cleanup()
+            recipe.cleanup(barrier=healthy)
         return 0
 
     # ------------------------------------------------------------------ setup
@@ -164,7 +216,10 @@ class BlipPretrainRecipe:
         cfg = self.cfg
         par = cfg.parallel
         self._install_signal_handlers()  # first: a stop during a long set-up is not lost
-        self.dist = init_distributed(par.device, par.data_parallel, par.dp_replicate)
+        self.dist = init_distributed(
+            par.device, par.data_parallel, par.dp_replicate, cfg.job.collective_timeout_s
+        )
+        self._stop_if_requested_before_start()
         self.device = self.dist.device
         self.output_dir = Path(cfg.job.output_dir)
         try:  # one run per output folder, decided by rank 0 before anything is written
@@ -199,6 +254,7 @@ class BlipPretrainRecipe:
         self.total_steps = cfg.training.steps or cfg.training.epochs * self.steps_per_epoch
 
         self._build_model_and_momentum()
+        self._stop_if_requested_before_start()  # before metrics.jsonl is touched
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
         self.lr_scheduler = self._build_lr_scheduler()
         self.train_state = TrainState()
@@ -402,7 +458,7 @@ class BlipPretrainRecipe:
         """Step until `training.steps` (or `epochs`), a stop signal, or too many bad steps."""
         cfg = self.cfg
         window = _Window(self.device, self.METRIC_KEYS)
-        nonfinite_run = torch.zeros((), dtype=torch.long, device=self.device)
+        nonfinite_run = _NonFiniteRun(self.device, cfg.training.max_nonfinite_steps)
         while self.step < self.total_steps:
             if self.step % cfg.checkpoint.signal_check_every == 0 and self._agreed_stop():
                 logger.warning(
@@ -415,22 +471,27 @@ class BlipPretrainRecipe:
             window.data_wait += time.perf_counter() - t0
             result = self.train_step(batches)
             self.step += 1
-            nonfinite_run = (nonfinite_run + 1) * (~result.ok)
+            nonfinite_run.update(result.ok)
             window.add(result)
             last = self.step == self.total_steps
-            if self.step % cfg.metrics.log_every == 0 or last:
+            log_step = self.step % cfg.metrics.log_every == 0 or last
+            if log_step:
+                self._check_run_folder()
                 self._log(window, result)
                 window = _Window(self.device, self.METRIC_KEYS)
-                if int(nonfinite_run) >= cfg.training.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{int(nonfinite_run)} consecutive steps had a non-finite loss or "
-                        f"gradient norm (limit training.max_nonfinite_steps="
-                        f"{cfg.training.max_nonfinite_steps}); each skipped its update. "
-                        f"Newest checkpoint: {self.checkpointer.latest_complete()}"
-                    )
+            bad_run = nonfinite_run.reached(exact=log_step)
+            if bad_run is not None:
+                raise NonFiniteLossError(
+                    f"{bad_run} consecutive steps had a non-finite loss or gradient norm (limit "
+                    f"training.max_nonfinite_steps={cfg.training.max_nonfinite_steps}), up to "
+                    f"step {self.step}; each skipped its update. "
+                    f"Newest checkpoint: {self.checkpointer.latest_complete()}"
+                )
             self.evaluator.maybe_run(self.step, self.model)
             if self.step % cfg.checkpoint.interval == 0 and not last:
+                self._check_run_folder()
                 self.save_checkpoint()
+        self._check_run_folder()
         self.save_checkpoint()
         self._summarize()
 
@@ -528,6 +589,27 @@ class BlipPretrainRecipe:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             self._launcher_pid = os.getppid()
 
+    def _stop_if_requested_before_start(self) -> None:
+        """End set-up without saving when a stop signal came before training started (every
+        rank agrees, so none is left waiting for the others)."""
+        if self._agreed_stop():
+            raise StoppedBeforeStartError(
+                f"{self._stop_reason()}: stopped before training started, nothing to save"
+            )
+
+    def _check_run_folder(self) -> None:
+        """At log and save steps: stop (exit 1, nothing saved) when the output folder or rank
+        0's `.run.lock` in it was removed, moved or taken over by another run (rank 0 looks;
+        its verdict is broadcast, so every rank stops together)."""
+        problem = self.run_lock.problem() if getattr(self, "run_lock", None) else None
+        if self.dist.world_size > 1:
+            flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
+            dist.broadcast(flag, src=0, group=self.dist.dp_group)
+            if flag.item() and problem is None:
+                problem = "rank 0 found the output folder or its lock gone (see its log)"
+        if problem is not None:
+            raise RunStoppedError(f"{problem}; stopping at step {self.step} without saving")
+
     def _launcher_gone(self) -> bool:
         """True when this rank's launcher (its parent at start-up) is no longer its parent."""
         return self._launcher_pid is not None and os.getppid() != self._launcher_pid
@@ -556,8 +638,9 @@ class BlipPretrainRecipe:
             self._stop_signal = -1
         return bool(flag.item())
 
-    def cleanup(self) -> None:
-        """Flush metrics, finish pending saves, release modules, tear the process group down."""
+    def cleanup(self, barrier: bool = True) -> None:
+        """Flush metrics, finish pending saves, release modules, tear the process group down
+        (``barrier=False`` after a failed collective: see `shutdown_distributed`)."""
         for name in ("metrics", "checkpointer", "best"):  # best: a fine-tuning recipe's BestWeights
             obj = getattr(self, name, None)
             if obj is not None:
@@ -569,7 +652,7 @@ class BlipPretrainRecipe:
             if hasattr(self, name):
                 delattr(self, name)
         try:
-            shutdown_distributed()
+            shutdown_distributed(barrier)
         finally:  # the output folder is free for the next run
             if getattr(self, "run_lock", None) is not None:
                 self.run_lock.release()

@@ -236,13 +236,14 @@ if __name__ == "__main__":
 '''
 
 
-def start_waiter(tmp_path: Path, *launcher: str, stubborn: bool = False):
+def start_waiter(tmp_path: Path, *launcher: str, stubborn: bool = False,
+                 overrides: tuple[str, ...] = ()):  # fmt: skip
     """`blip run [launcher] waiter.py` in a session of its own, once every rank is waiting."""
     recipe, out = tmp_path / "waiter.py", tmp_path / "out"
     recipe.write_text(WAITER)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"STUBBORN": "1"} if stubborn else {})}
     args = [sys.executable, "-m", "blip_recipes.cli", "run", *launcher, str(recipe),
-            "--config", "debug", f"job.output_dir={out}"]  # fmt: skip
+            "--config", "debug", f"job.output_dir={out}", *overrides]  # fmt: skip
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 90
@@ -305,6 +306,90 @@ def test_run_second_ctrl_c_stops_the_ranks_now(tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert "torchrun stopped the ranks" in err
     assert not any((out / f"got{r}").exists() for r in (0, 1))  # SIGKILLed while waiting
+
+
+def test_run_kills_ranks_still_running_after_the_stop_timeout(tmp_path):
+    """Ranks that do not exit after a stop signal (a hung rank) are killed once
+    job.stop_timeout_s has passed, with one line, and `blip run` exits 1: a stop always ends."""
+    proc, out = start_waiter(tmp_path, "--standalone", "--nproc-per-node", "2", stubborn=True,
+                             overrides=("job.stop_timeout_s=2",))  # fmt: skip
+    try:
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        _kill_all(proc, out)
+    assert proc.returncode == 1, err[-3000:]
+    assert "still running 2 s after SIGTERM (job.stop_timeout_s)" in err
+    assert 2 <= took < 30
+    assert not any((out / f"got{r}").exists() for r in (0, 1))  # killed while waiting
+
+
+def test_run_continues_a_stopped_rank_so_that_it_hears_the_stop(tmp_path):
+    """A rank stopped with SIGSTOP (never continued) would never see a SIGTERM: the launcher
+    sends SIGCONT first, and the job stops normally (exit 0)."""
+    proc, out = start_waiter(tmp_path, "--standalone", "--nproc-per-node", "2")
+    try:
+        os.kill(int((out / "ready1").read_text()), signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _kill_all(proc, out)
+    assert proc.returncode == 0, err[-3000:]
+    assert [(out / f"got{r}").read_text() for r in (0, 1)] == ["SIGTERM", "SIGTERM"]
+
+
+SLOW_START = '''"""Test recipe: slow to import (like torch); reports a stop that came meanwhile."""
+import os
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("job.output_dir=")))
+OUT.mkdir(parents=True, exist_ok=True)
+(OUT / f"importing{os.environ['RANK']}").write_text("")
+time.sleep(3)
+
+
+def main(argv):
+    (OUT / f"got{os.environ['RANK']}").write_text(os.environ.get("BLIP_STOP_REQUESTED", ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_stop_while_the_ranks_import_is_kept_for_the_recipe(tmp_path):
+    """SIGTERM to the whole job while the ranks still import: no rank dies of it (the rank
+    entry point records it before any import) and the recipe finds it as the stop request."""
+    recipe, out = tmp_path / "slow.py", tmp_path / "out"
+    recipe.write_text(SLOW_START)
+    args = [sys.executable, "-m", "blip_recipes.cli", "run", "--standalone", "--nproc-per-node",
+            "2", str(recipe), "--config", "debug", f"job.output_dir={out}"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not all((out / f"importing{r}").exists() for r in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # the launcher's group: it forwards to the ranks
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _kill_all(proc, out)
+    assert proc.returncode == 0, err[-3000:]
+    assert [(out / f"got{r}").read_text() for r in (0, 1)] == [str(int(signal.SIGTERM))] * 2
+
+
+def test_run_and_validate_refuse_zero_ranks():
+    out = blip("run", "--nproc-per-node", "0", "blip_pretrain", "--config", "debug")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--nproc-per-node x --nnodes must be >= 1, got 0" in out.stderr
+    out = blip("validate", "--config", "debug", "--world-size", "0")
+    assert out.returncode == 2 and "--world-size must be >= 1, got 0" in out.stderr
 
 
 def test_run_takes_the_stop_signals_from_torchrun(monkeypatch):

@@ -321,10 +321,12 @@ class CheckpointManager:
         self._pg = process_group
         self._ctrl: Optional[dist.ProcessGroup] = None
         if not _no_dist():
+            from blip_recipes.parallel.distributed import collective_timeout
+
             # small CPU collectives (paths, flags, checksums) work on any default backend
-            self._ctrl = dist.new_group(backend="gloo")
+            self._ctrl = dist.new_group(backend="gloo", timeout=collective_timeout())
             if async_save and self._pg is None:
-                self._pg = dist.new_group(backend="gloo")
+                self._pg = dist.new_group(backend="gloo", timeout=collective_timeout())
 
     def step_dir(self, step: int) -> Path:
         """Folder of the checkpoint of ``step``."""

@@ -21,6 +21,10 @@ class JobConfig:
     """A name for the run, shown in logs."""
     cpu_threads: int = 0
     """Intra-op CPU threads per process (torch.set_num_threads); 0 = auto: OMP_NUM_THREADS when set, else on CPU runs the cores this process may use divided by the ranks on the host, else torch's default."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in one collective (the start-up rendezvous, a step's all-reduce, a checkpoint's gathers) for its peers before the run stops with an error naming the wait, exit 1 (a stopped, hung or lost rank; torch's own default is 30 minutes)."""
+    stop_timeout_s: float = 900.0
+    """blip run with torchrun flags: seconds the ranks get to save and exit after a stop signal; ranks still running then are killed (SIGCONT, SIGKILL) and blip run exits 1."""
 
 
 @dataclass

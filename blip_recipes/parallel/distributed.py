@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
 
 import torch
@@ -29,6 +30,42 @@ DP_REPLICATE = "dp_replicate"
 DP = "dp"
 
 DataParallel = Literal["fsdp", "hsdp", "ddp"]
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+"""``job.collective_timeout_s``'s default: how long a collective waits for a peer."""
+
+_timeout = timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S)
+
+
+def collective_timeout() -> timedelta:
+    """The timeout the default group was created with; give it to every ``dist.new_group`` (a
+    new group otherwise gets torch's default of 30 minutes)."""
+    return _timeout
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective waited ``job.collective_timeout_s`` for a peer rank that never came."""
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """True for the errors gloo, NCCL and the TCP store raise when a peer does not answer in
+    time (a stopped, hung or lost rank); also for a peer that closed its connection."""
+    text = str(error)
+    return isinstance(error, (CollectiveTimeoutError, dist.DistStoreError)) or any(
+        marker in text
+        for marker in ("Timed out waiting", "timed out", "Watchdog caught collective operation timeout",
+                       "Connection closed by peer", "Connection reset by peer")
+    )  # fmt: skip
+
+
+def describe_collective_timeout(error: BaseException) -> str:
+    """One line for a stalled peer: what was waited for, and for how long."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"a peer rank did not answer within job.collective_timeout_s="
+        f"{_timeout.total_seconds():g} s (a stopped, hung or lost rank; its log may say why); "
+        f"waiting for: {first[:300]}"
+    )
 
 
 @dataclass
@@ -85,10 +122,8 @@ def restart_scoped_store() -> dist.Store | None:
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    from torch.distributed.constants import default_pg_timeout
-
-    store, _, _ = next(dist.rendezvous("env://", timeout=default_pg_timeout))
-    store.set_timeout(default_pg_timeout)
+    store, _, _ = next(dist.rendezvous("env://", timeout=_timeout))
+    store.set_timeout(_timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"restart-{attempt}/default_pg", store)
 
@@ -108,6 +143,7 @@ def init_distributed(
     device_kind: Literal["auto", "cuda", "cpu"] = "auto",
     data_parallel: DataParallel = "fsdp",
     dp_replicate: int = 0,
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
 ) -> DistInfo:
     """Initialise the default process group, pick the device and build the data-parallel mesh.
 
@@ -119,10 +155,14 @@ def init_distributed(
         device_kind: ``auto`` (CUDA when present, else CPU), ``cuda`` or ``cpu``.
         data_parallel: ``fsdp``, ``hsdp`` or ``ddp`` (see :func:`build_data_parallel_mesh`).
         dp_replicate: hsdp replicas; 0 = one per node (``WORLD_SIZE / LOCAL_WORLD_SIZE``).
+        timeout_s: ``job.collective_timeout_s``: how long the rendezvous and every collective of
+            the default group (and of groups made with :func:`collective_timeout`) wait for a
+            peer before raising.
 
     Returns:
         DistInfo with rank, world size, local rank, device, mesh and data-parallel group.
     """
+    global _timeout
     device_type = resolve_device_type(device_kind)
     if _launched_by_torchrun():
         rank = int(os.environ["RANK"])
@@ -143,7 +183,10 @@ def init_distributed(
         backend = "gloo"
 
     if not dist.is_initialized():
-        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        _timeout = timedelta(seconds=timeout_s)
+        kwargs: dict = {"timeout": _timeout}
+        if device_type == "cuda":
+            kwargs["device_id"] = device
         if _launched_by_torchrun():
             store = restart_scoped_store()
             if store is None:
@@ -213,7 +256,7 @@ def build_data_parallel_mesh(
     return mesh, mesh._flatten(DP).get_group()
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(barrier: bool = True) -> None:
     """Tear the process group down so that gloo never aborts the interpreter at exit.
 
     FSDP2 on gloo can SIGABRT at interpreter exit ("terminate called without an active
@@ -221,7 +264,8 @@ def shutdown_distributed() -> None:
     reference to sharded modules and optimizers *before* calling this (the caller's job: ``del``
     them or let the recipe object go), then garbage-collect, synchronise the device, barrier so no
     rank tears down while another still communicates, and destroy the group. Safe to call twice
-    or without a group.
+    or without a group. ``barrier=False`` after a failed collective (a peer that stopped
+    answering would make the barrier wait a whole ``collective_timeout_s`` again).
     """
     gc.collect()
     if not dist.is_initialized():
@@ -229,7 +273,8 @@ def shutdown_distributed() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     try:
-        dist.barrier()
+        if barrier:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
     gc.collect()
