@@ -67,6 +67,7 @@ from blip_recipes.capfilt.outputs import (
 from blip_recipes.config import Config, ConfigError, parse_recipe_args, to_toml
 from blip_recipes.data import build_tokenizer
 from blip_recipes.parallel import init_distributed, shutdown_distributed
+from blip_recipes.recipe_errors import exit_status_for_error
 
 logger = logging.getLogger("blip_capfilt")
 
@@ -92,7 +93,9 @@ class CapfiltRecipe:
             self.kind = input_kind(c.inputs, c.input_kind)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.dist = init_distributed(self.cfg.parallel.device)
+        self.dist = init_distributed(
+            self.cfg.parallel.device, timeout_s=self.cfg.job.collective_timeout_s
+        )
         self.device = self.dist.device
         self.folder = RunFolder(self.cfg.job.output_dir)
         self._plan_units()
@@ -333,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # one line; the traceback before it (no rank log here)
+        return exit_status_for_error(e, "blip_capfilt", logging.getLogger("blip_capfilt"))
     finally:
         recipe.cleanup()
     return 0

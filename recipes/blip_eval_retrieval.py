@@ -48,6 +48,7 @@ from blip_recipes.interop.convert import (
     tokenizer_from_weights,
 )
 from blip_recipes.parallel import init_distributed, shutdown_distributed
+from blip_recipes.recipe_errors import exit_status_for_error
 
 logger = logging.getLogger("blip_eval_retrieval")
 
@@ -83,7 +84,7 @@ class RetrievalEvalRecipe:
             )
         if not ev.annotation:
             raise ValueError("set eval.annotation (COCO-Karpathy-style test annotations)")
-        self.dist = init_distributed(cfg.parallel.device)
+        self.dist = init_distributed(cfg.parallel.device, timeout_s=cfg.job.collective_timeout_s)
         self.device = self.dist.device
         self.output_dir = Path(cfg.job.output_dir)
         if ev.checkpoint == INIT:
@@ -240,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # one line; the traceback before it (no rank log here)
+        return exit_status_for_error(
+            e, "blip_eval_retrieval", logging.getLogger("blip_eval_retrieval")
+        )
     finally:
         recipe.cleanup()
     return 0
