@@ -108,7 +108,11 @@ checkpoint.resume=auto continues from it. Repeats of a stop signal are ignored (
 may deliver one twice), except SIGINT: a second Ctrl-C stops the ranks without waiting for the
 checkpoint (torchrun's shutdown: SIGINT, then SIGKILL after --shutdown-timeout seconds). With
 --max-restarts N, a failed worker group is restarted from the newest complete checkpoint. Ranks
-whose launcher was killed save and exit by themselves.
+whose launcher was killed save and exit by themselves. A stopped rank (SIGSTOP) is continued
+before a stop signal is forwarded; ranks still running job.stop_timeout_s seconds after the
+first stop signal are killed and `blip run` exits 1. A stop before training started exits 0
+without a checkpoint. A rank that waits longer than job.collective_timeout_s for a peer ends the
+job with exit 1.
 
 Config keys (section.key (type, default) and meaning):
 """
