@@ -13,7 +13,6 @@ enqueue) -> metrics -> checkpoint.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import signal
@@ -206,7 +205,8 @@ class BlipPretrainRecipe:
             return 1
         except Exception as e:  # one line on the console, the traceback in the rank log
             healthy = not is_collective_timeout(e)
-            return exit_status_for_error(e, Path(inspect.getfile(cls)).stem, logger)
+            source = getattr(sys.modules.get(cls.__module__), "__file__", None) or logger.name
+            return exit_status_for_error(e, Path(source).stem, logger)
         finally:
             recipe.cleanup(barrier=healthy)
         return 0
