@@ -64,7 +64,7 @@ def one_line(error: BaseException) -> str:
     if is_collective_timeout(error):
         return describe_collective_timeout(error)
     lines = str(error).strip().splitlines()
-    text = " / ".join(line.strip() for line in lines[:4] if line.strip())[:600]
+    text = " / ".join(line.strip() for line in lines if line.strip())[:2000]
     if isinstance(error, (RunStoppedError, ConfigError)):
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
