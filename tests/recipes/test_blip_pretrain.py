@@ -215,7 +215,10 @@ def test_init_from_another_run_loads_weights_and_momentum_only(tmp_path):
     assert [m["step"] for m in init.metrics] == [1]
     bad = run_recipe(tmp_path / "bad", "training.steps=1", "model.embed_dim=32",
                      f"checkpoint.init_from={source.checkpoints()[-1]}")  # fmt: skip
-    assert bad.proc.returncode != 0 and "shape mismatch" in bad.proc.stderr
+    # refused before launch, naming the field, both values and the override (no traceback)
+    assert bad.proc.returncode == 2, bad.proc.stderr
+    assert "'model.embed_dim' is 32" in bad.proc.stderr and "embed_dim 64" in bad.proc.stderr
+    assert "Traceback" not in bad.proc.stderr
 
 
 def test_float8_under_fsdp_two_ranks(tmp_path):
