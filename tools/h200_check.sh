@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device run that measures each step switch against its old path, in priority order, each
+# phase under its own timeout so a late failure keeps what came before. Writes JSON under
+# $RESULTS (default docs/results) and prints one table at the end.
+#   H200:     bash tools/h200_check.sh            (about 7 minutes)
+#   CPU dry:  MODE=eager DEVICE=cpu BASE=blip_pretrain_tiny LARGE=blip_pretrain_tiny BATCH_B=8 BATCH_L=8 \
+#             STEPS=2 WARMUP=1 PHASE_S=300 RESULTS=/tmp/r bash tools/h200_check.sh
+set -u
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+BASE=${BASE:-blip_pretrain_base}
+LARGE=${LARGE:-blip_pretrain_large}
+BATCH_B=${BATCH_B:-128}
+BATCH_L=${BATCH_L:-96}
+WARMUP=${WARMUP:-6}
+STEPS=${STEPS:-12}
+PHASE_S=${PHASE_S:-150}
+MODE=${MODE:-compile}  # eager for a CPU dry run (compiling on a CPU takes minutes)
+RESULTS=${RESULTS:-docs/results}
+mkdir -p "$RESULTS"
+COMMON=(--device "$DEVICE" --warmup "$WARMUP" --steps "$STEPS")
+if [ "$DEVICE" = cpu ]; then COMMON+=(--threads 1 --image-size 32); fi
+
+phase() {  # name, timeout seconds, benchmark arguments...
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout -k 10 "$limit" "$PY" tools/benchmark.py "${COMMON[@]}" "$@" \
+    --json "$RESULTS/h200-$name.json" >"$RESULTS/h200-$name.log" 2>&1
+  echo "   rc=$? ($RESULTS/h200-$name.log)"
+}
+
+# 1. ViT-B: the new step against each switch's old path, and the transformers baseline.
+phase switches "$PHASE_S" --model "$BASE" --batch-size "$BATCH_B" \
+  --variants $MODE-bf16,$MODE-bf16-autocast,$MODE-bf16-lmfull,$MODE-bf16-kvrecompute,$MODE-bf16-unfused
+# 2. ViT-L: bf16 vs float8 (no baseline).
+phase large "$PHASE_S" --model "$LARGE" --batch-size "$BATCH_L" --no-baseline \
+  --variants $MODE-bf16,$MODE-bf16-float8-tensorwise
+# 3. Time split of the new step.
+phase split "$PHASE_S" --model "$BASE" --batch-size "$BATCH_B" --no-baseline \
+  --variants $MODE-bf16 --profile --profile-steps 2
+# 4. Data wait with the real loader (synthetic source; photo-like shards: docs/performance.md).
+phase loader "$PHASE_S" --model "$BASE" --batch-size "$BATCH_B" --no-baseline \
+  --variants $MODE-bf16 --data loader --workers "${WORKERS:-14}"
+
+"$PY" - "$RESULTS" <<'PYEOF'
+import json, sys, pathlib
+rows = []
+for path in sorted(pathlib.Path(sys.argv[1]).glob("h200-*.json")):
+    data = json.loads(path.read_text())
+    for run in data.get("results", []):
+        rows.append((path.stem, run.get("name"), run.get("samples_per_sec"), run.get("effective_mfu"),
+                     run.get("data_wait_frac"), run.get("error")))
+print("| phase | run | samples/s | eff. MFU | data wait | error |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+    print("| " + " | ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+                            for v in r) + " |")
+PYEOF
