@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from blip_recipes import _API
-from blip_recipes.generation import caption_images  # noqa: F401  (re-exported)
+from blip_recipes.evaluation.generation import caption_images  # noqa: F401  (re-exported)
 
 __all__ = list(_API)  # the names `blip_recipes` re-exports lazily (one list for both)
 

@@ -67,7 +67,7 @@ from blip_recipes.capfilt.outputs import (
 from blip_recipes.config import Config, ConfigError, parse_recipe_args, to_toml
 from blip_recipes.data import build_tokenizer
 from blip_recipes.parallel import init_distributed, shutdown_distributed
-from blip_recipes.recipe_errors import exit_status_for_error
+from blip_recipes.runs.errors import exit_status_for_error
 
 logger = logging.getLogger("blip_capfilt")
 

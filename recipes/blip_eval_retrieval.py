@@ -48,7 +48,7 @@ from blip_recipes.interop.convert import (
     tokenizer_from_weights,
 )
 from blip_recipes.parallel import init_distributed, shutdown_distributed
-from blip_recipes.recipe_errors import exit_status_for_error
+from blip_recipes.runs.errors import exit_status_for_error
 
 logger = logging.getLogger("blip_eval_retrieval")
 
@@ -214,8 +214,8 @@ def _describe_tokenizer(kind: Any, path: Any) -> str:
 
 def _initial_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
     """What blip_pretrain starts from with this config (seed, text/vision init, init_from)."""
-    from blip_recipes.build import initial_weights, model_kwargs
     from blip_recipes.models import build_model
+    from blip_recipes.training.build import initial_weights, model_kwargs
 
     state = initial_weights(cfg, tokenizer)
     model = build_model(cfg.model.name, **model_kwargs(cfg, tokenizer))

@@ -33,8 +33,6 @@ from typing import Any
 
 import torch
 
-from blip_recipes.best_weights import BestWeights
-from blip_recipes.caption_step import CaptionStep, PromptedTokenizer, build_captioning
 from blip_recipes.checkpoint import (
     MOMENTUM,
 )
@@ -47,10 +45,12 @@ from blip_recipes.evaluation.captioning import (
     evaluate_captions,
     load_caption_data,
 )
-from blip_recipes.generation import prompt_ids
-from blip_recipes.optim import EpochCosineLR
+from blip_recipes.evaluation.generation import prompt_ids
 from blip_recipes.parallel.fsdp import reshard_all
-from blip_recipes.pretrain_step import StepResult
+from blip_recipes.training.best_weights import BestWeights
+from blip_recipes.training.caption import CaptionStep, PromptedTokenizer, build_captioning
+from blip_recipes.training.optim import EpochCosineLR
+from blip_recipes.training.pretrain import StepResult
 from recipes.blip_pretrain import BlipPretrainRecipe
 
 logger = logging.getLogger("blip_finetune_caption")

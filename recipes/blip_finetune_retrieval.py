@@ -33,16 +33,16 @@ from typing import Any
 
 import torch
 
-from blip_recipes.best_weights import BestWeights
-from blip_recipes.build import build_pretraining
 from blip_recipes.config import Config, to_toml
 from blip_recipes.data import normalize_images
 from blip_recipes.evaluation.retrieval import RetrievalData, evaluate_retrieval, load_retrieval_data
-from blip_recipes.momentum import MomentumState
-from blip_recipes.optim import EpochCosineLR
 from blip_recipes.parallel.fsdp import reshard_all
-from blip_recipes.retrieval_finetune import SELECTION_KEY, freeze_decoder, load_pretrained
-from blip_recipes.retrieval_step import RetrievalBatch, RetrievalStep
+from blip_recipes.training.best_weights import BestWeights
+from blip_recipes.training.build import build_pretraining
+from blip_recipes.training.momentum import MomentumState
+from blip_recipes.training.optim import EpochCosineLR
+from blip_recipes.training.retrieval import RetrievalBatch, RetrievalStep
+from blip_recipes.training.retrieval_setup import SELECTION_KEY, freeze_decoder, load_pretrained
 from recipes.blip_eval_retrieval import format_table
 from recipes.blip_pretrain import BlipPretrainRecipe
 

@@ -24,8 +24,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from blip_recipes._registry import class_file, recipe_record
-from blip_recipes.build import build_pretraining, compute_dtype, set_determinism
 from blip_recipes.checkpoint import (
     LOADER,
     LR_SCHEDULER,
@@ -45,8 +43,9 @@ from blip_recipes.checkpoint import (
     load_states,
     top_level_keys,
 )
-from blip_recipes.cli import STOP_REQUEST_ENV
+from blip_recipes.cli.dispatch import STOP_REQUEST_ENV
 from blip_recipes.config import Config, parse_recipe_args, to_toml
+from blip_recipes.config.registry import class_file, recipe_record
 from blip_recipes.data import TrainLoader, build_tokenizer, build_train_loader, normalize_images
 from blip_recipes.data.loader import STOP_SIGNALS
 from blip_recipes.data.watchdog import LoaderError
@@ -62,14 +61,11 @@ from blip_recipes.metrics import (
     require_wandb,
 )
 from blip_recipes.metrics.run_logging import attach_rank_log_file, configure_logging
-from blip_recipes.momentum import check_queue_batch
-from blip_recipes.optim import build_lr_scheduler, build_optimizer
 from blip_recipes.parallel import init_distributed, shutdown_distributed
 from blip_recipes.parallel.compile import FirstCallTimer
 from blip_recipes.parallel.distributed import is_collective_timeout
-from blip_recipes.pretrain_step import DeviceBatch, PretrainStep, StepResult
-from blip_recipes.recipe_errors import RunStoppedError, exit_status_for_error
-from blip_recipes.run_info import (
+from blip_recipes.runs.errors import RunStoppedError, exit_status_for_error
+from blip_recipes.runs.info import (
     collect_run_info,
     configure_cpu_threads,
     flat_config,
@@ -79,7 +75,11 @@ from blip_recipes.run_info import (
     update_run_info,
     write_run_info,
 )
-from blip_recipes.run_lock import RunLockedError, acquire_run_lock
+from blip_recipes.runs.lock import RunLockedError, acquire_run_lock
+from blip_recipes.training.build import build_pretraining, compute_dtype, set_determinism
+from blip_recipes.training.momentum import check_queue_batch
+from blip_recipes.training.optim import build_lr_scheduler, build_optimizer
+from blip_recipes.training.pretrain import DeviceBatch, PretrainStep, StepResult
 
 logger = logging.getLogger("blip_pretrain")
 

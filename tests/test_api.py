@@ -15,7 +15,7 @@ from PIL import Image
 
 import blip_recipes
 from blip_recipes import api
-from blip_recipes.generation import caption_images
+from blip_recipes.evaluation.generation import caption_images
 from blip_recipes.interop.convert import export_hf, save_consolidated, save_training_checkpoint
 from tests.evaluation.eval_helpers import tiny_model, tokenizer
 

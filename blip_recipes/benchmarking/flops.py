@@ -17,9 +17,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from blip_recipes.models import build_model, build_momentum_encoders
-from blip_recipes.momentum import MomentumState
 from blip_recipes.parallel import materialize
-from blip_recipes.pretrain_step import pretrain_losses
+from blip_recipes.training.momentum import MomentumState
+from blip_recipes.training.pretrain import pretrain_losses
 
 TEXT_LENGTH = 30
 

@@ -38,13 +38,13 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[int, dict[str, int]]:
 
 def step_saved_bytes(model_name: str, batch: int, single_rank_fsdp: bool, **overrides) -> int:
     """Saved bytes of one bf16 pretraining forward (one rank, CPU) built like the recipe."""
-    from blip_recipes.build import fsdp_mesh
     from blip_recipes.config import Config
     from blip_recipes.config.sections import ParallelConfig
     from blip_recipes.models import build_model, build_momentum_encoders
-    from blip_recipes.momentum import MomentumState
     from blip_recipes.parallel import init_distributed, parallelize_blip
-    from blip_recipes.pretrain_step import pretrain_losses
+    from blip_recipes.training.build import fsdp_mesh
+    from blip_recipes.training.momentum import MomentumState
+    from blip_recipes.training.pretrain import pretrain_losses
 
     info = init_distributed("cpu")
     cfg = Config()
@@ -86,8 +86,8 @@ def lm_region_peak_mb(
     rises)."""
     import resource
 
-    from blip_recipes import objective
     from blip_recipes.models.med import LMHead
+    from blip_recipes.objectives import pretrain as objective
 
     torch.manual_seed(0)
     head = LMHead(width, vocab).to(dtype)

@@ -105,7 +105,8 @@ def instrument_step(step: Any) -> Iterator[None]:
     ``objective.itc_loss`` -> itc, ``sample_hard_negatives`` / ``itm_loss`` -> itm,
     ``lm_loss`` -> lm.
     """
-    from blip_recipes import objective, pretrain_step
+    from blip_recipes.objectives import pretrain as objective
+    from blip_recipes.training import pretrain as pretrain_step
 
     model = step.model
     hooks = _RangeHooks()

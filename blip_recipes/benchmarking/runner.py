@@ -224,11 +224,11 @@ class _OursRun:
 
     @classmethod
     def build(cls, cfg: Any, with_loader: bool) -> _OursRun:
-        from blip_recipes.build import build_pretraining, compute_dtype
         from blip_recipes.data import build_tokenizer, build_train_loader
-        from blip_recipes.optim import build_lr_scheduler, build_optimizer
         from blip_recipes.parallel import init_distributed
-        from blip_recipes.pretrain_step import PretrainStep
+        from blip_recipes.training.build import build_pretraining, compute_dtype
+        from blip_recipes.training.optim import build_lr_scheduler, build_optimizer
+        from blip_recipes.training.pretrain import PretrainStep
 
         par = cfg.parallel
         info = init_distributed(par.device, par.data_parallel, par.dp_replicate)
@@ -264,7 +264,7 @@ def run_recipe_variant(
 ) -> dict[str, Any]:
     """Build the run of ``variant`` with the recipe's library calls and time its step."""
     from blip_recipes.data import normalize_images
-    from blip_recipes.pretrain_step import DeviceBatch
+    from blip_recipes.training.pretrain import DeviceBatch
 
     result: dict[str, Any] = {"name": variant.name, "kind": "ours", "batch_size": batch_size}
     run = None

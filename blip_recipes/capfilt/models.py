@@ -17,8 +17,8 @@ from torch import nn
 
 from blip_recipes.data import normalize_images, pre_caption
 from blip_recipes.data._seeding import derive_seed
+from blip_recipes.evaluation.generation import DEFAULT_PROMPT, generate, prompt_ids
 from blip_recipes.evaluation.retrieval import model_image_size
-from blip_recipes.generation import DEFAULT_PROMPT, generate, prompt_ids
 
 
 class TextScores(NamedTuple):
@@ -61,7 +61,7 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 class ModelCaptioner:
-    """Nucleus sampling through a `BlipPretrain`'s decoder (:func:`blip_recipes.generation.generate`).
+    """Nucleus sampling through a `BlipPretrain`'s decoder (:func:`blip_recipes.evaluation.generation.generate`).
 
     Caption ``n`` of an image given seed ``s`` is drawn with its own generator seeded by
     ``derive_seed(s, n)``: it does not depend on the batch or on other images.

@@ -59,6 +59,8 @@ from typing import Any, Union
 import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
+from blip_recipes.checkpoint.errors import CheckpointCorruptError  # noqa: F401  (re-exported)
+
 METADATA_FILE = ".metadata"
 MANIFEST_FILE = "checksums.json"
 MANIFEST_FORMAT = 1
@@ -67,10 +69,6 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 _CHUNK = 8 << 20
 
 PathLike = Union[str, Path]
-
-
-class CheckpointCorruptError(RuntimeError):
-    """A checkpoint is damaged (or no intact checkpoint is left to resume from)."""
 
 
 @dataclass(frozen=True)

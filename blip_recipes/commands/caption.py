@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from blip_recipes.config import TokenizerConfig
     from blip_recipes.data import build_tokenizer
-    from blip_recipes.generation import caption_images
+    from blip_recipes.evaluation.generation import caption_images
     from blip_recipes.interop.convert import (
         build_model_from_weights,
         read_weights,

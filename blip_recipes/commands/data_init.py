@@ -124,8 +124,8 @@ def _tokenizer(path: str | None) -> dict[str, Any]:
 def build_configs(train_json: Path, val_json: Path, image_root: str, runs: Path, sizes: dict,
                   model: str, device: str, tokenizer: dict, k_test: int) -> dict[str, Any]:  # fmt: skip
     """The stage configs (name -> Config), each reading the previous stage's outputs."""
-    from blip_recipes._registry import CONFIGS_DIR
     from blip_recipes.config import load_toml
+    from blip_recipes.config.registry import CONFIGS_DIR
     from blip_recipes.config.sections import DataSourceConfig
 
     cfg = load_toml(CONFIGS_DIR / ("debug.toml" if model == "tiny" else "base.toml"))

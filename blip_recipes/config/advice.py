@@ -112,9 +112,9 @@ def training_memory_estimate(cfg: Config) -> int | None:
     image tokens). A rough estimate, for telling a run that fits from one that cannot: for the
     base model at 224 px and batch 75 it gives 20.9 GiB (bert-base-uncased vocabulary), where such a CPU run was killed by the
     out-of-memory killer at about 21 GiB."""
-    from blip_recipes.config.validation import _preset, checkpoint_size_estimate
+    from blip_recipes.config.sizes import checkpoint_size_estimate, model_preset
 
-    preset = _preset(cfg.model.name)
+    preset = model_preset(cfg.model.name)
     if preset is None:
         return None
     try:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from blip_recipes.config.sections import Config
-from blip_recipes.config.validation import LaunchContext, _vocab_size_estimate, register_validator
+from blip_recipes.config.sizes import vocab_size_estimate
+from blip_recipes.config.validation import LaunchContext, register_validator
 
 
 def recorded_shape(step_dir: Path) -> dict[str, Any] | None:
@@ -77,7 +78,7 @@ def _init_from_matches(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
     tok, mine = shape.get("tokenizer"), cfg.tokenizer
     if tok is None or not tok.kind:
         return
-    theirs, ours = _vocab_size_estimate(tok), _vocab_size_estimate(mine)
+    theirs, ours = vocab_size_estimate(tok), vocab_size_estimate(mine)
     if tok.kind != mine.kind or (theirs and ours and theirs != ours):
         sizes = f" (vocabulary {ours} vs {theirs})" if theirs and ours and theirs != ours else ""
         fix = f"tokenizer.kind={tok.kind}" + (f" tokenizer.path={tok.path}" if tok.path else "")

@@ -45,7 +45,7 @@ def parse_recipe_args(
     ``--help`` prints the description and every config key with its documentation.
     ``saves_checkpoints=False`` (evaluation) skips the free-space check for a checkpoint.
     """
-    from blip_recipes._registry import resolve_config
+    from blip_recipes.config.registry import resolve_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:

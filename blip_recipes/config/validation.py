@@ -10,7 +10,6 @@ can be created and written, and that its file system has room for one checkpoint
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 from blip_recipes.config._schema import ConfigError
 from blip_recipes.config.sections import Config
+from blip_recipes.config.sizes import checkpoint_size_estimate, model_preset
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ def register_validator(fn: Validator) -> Validator:
 
 
 SECTION_CHECK_MODULES = (
-    "blip_recipes.retrieval_finetune",
-    "blip_recipes.caption_step",
+    "blip_recipes.training.retrieval_setup",
+    "blip_recipes.training.caption",
     "blip_recipes.config.checkpoint_match",
     "blip_recipes.config.data_checks",
 )
@@ -199,16 +199,10 @@ def _ranges(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
             )
 
 
-def _preset(name: str) -> dict[str, Any] | None:
-    from blip_recipes.models.builders import _PRESETS
-
-    return _PRESETS.get(name)
-
-
 @register_validator
 def _model_shape(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
     """What the model's shape allows: whole patches, captions within the position embeddings."""
-    preset = _preset(cfg.model.name)
+    preset = model_preset(cfg.model.name)
     if preset is None:
         return
     patch, positions = preset["patch_size"], preset["max_positions"]
@@ -249,80 +243,6 @@ def _not_writable(folder: Path) -> str | None:
     except OSError as e:
         return f"refuses new files ({e.strerror or e})"
     return None
-
-
-def _vocab_size_estimate(tok) -> int | None:
-    """The tokenizer's vocabulary size without loading it (None: unknown, use the preset's)."""
-    try:
-        if tok.kind == "synthetic":
-            from blip_recipes.data.tokenizers import synthetic_vocab
-
-            return len(synthetic_vocab())
-        if not tok.path:
-            return None
-        path = Path(tok.path)
-        if tok.kind == "wordpiece" and path.is_dir():
-            path = path / "vocab.txt"
-        if path.is_file():
-            with path.open("rb") as f:
-                lines = sum(1 for line in f if line.strip())
-            return lines + (2 if tok.kind == "wordpiece" else 7)  # added special tokens
-    except OSError:
-        pass
-    return None
-
-
-@functools.lru_cache(maxsize=16)
-def _parameter_counts(name: str, **kwargs: Any) -> tuple[int, int]:
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    from blip_recipes.models.builders import build_model, build_momentum_encoders
-
-    class _NoInit(TorchFunctionMode):
-        """Skip random initialisation: on meta it costs a torch._dynamo import, for nothing."""
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if getattr(func, "__name__", "") in ("normal_", "uniform_", "trunc_normal_"):
-                return args[0] if args else kwargs.get("tensor", kwargs.get("input"))
-            return func(*args, **kwargs)
-
-    with torch.device("meta"), _NoInit():
-        model = build_model(name, **kwargs)
-        encoders = build_momentum_encoders(name, **kwargs)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return count(model), count(encoders)
-
-
-def checkpoint_size_estimate(cfg: Config) -> dict[str, int]:
-    """Bytes of one training checkpoint of ``cfg``'s model, from its parameter counts.
-
-    A checkpoint holds, in fp32: the model's parameters, the two AdamW moments of each, the
-    momentum encoders' parameters, and the two ITC queues (``embed_dim x queue_size`` each);
-    loader, scheduler and RNG states are negligible. The model is built on the meta device
-    (no memory, no initialisation); the vocabulary size is read from the tokenizer file when it
-    can be without loading the tokenizer (otherwise the preset's, 30524).
-
-    Returns:
-        ``{"bytes", "parameters", "momentum_parameters", "queue_values"}``.
-    """
-    kwargs: dict[str, Any] = dict(
-        image_size=cfg.model.image_size,
-        embed_dim=cfg.model.embed_dim,
-        queue_size=cfg.model.queue_size,
-    )
-    vocab = _vocab_size_estimate(cfg.tokenizer)
-    if vocab is not None:
-        kwargs["vocab_size"] = vocab
-    params, momentum = _parameter_counts(cfg.model.name, **kwargs)
-    queues = 2 * cfg.model.embed_dim * cfg.model.queue_size
-    return {
-        "bytes": 4 * (3 * params + momentum + queues),
-        "parameters": params,
-        "momentum_parameters": momentum,
-        "queue_values": queues,
-    }
 
 
 def _gib(n: float) -> str:
@@ -435,7 +355,7 @@ def _examples(paths: list[str], limit: int = 3) -> str:
 
 def _download_hint(path: str) -> str:
     """`; fetch it with: blip download NAME` when ``path`` is a known asset's folder."""
-    from blip_recipes.download import asset_for_path, download_command
+    from blip_recipes.interop.download import asset_for_path, download_command
 
     asset = asset_for_path(path)
     return f"; fetch it with: {download_command(asset.name, path)}" if asset else ""
@@ -466,9 +386,9 @@ def _checkpoint_carries_tokenizer(source: str | None) -> bool:
     try:
         step = latest_dcp_step(source)
         if step is not None:
-            from blip_recipes.interop.convert import _dcp_side_files
+            from blip_recipes.config.recorded import recorded_model_and_tokenizer
 
-            tok = _dcp_side_files(step)[1] or {}
+            tok = recorded_model_and_tokenizer(step)[1] or {}
             return tok.get("kind") == "synthetic" or bool(
                 tok.get("path") and Path(tok["path"]).exists()
             )

@@ -37,14 +37,9 @@ from torchdata.nodes import BaseNode
 
 from blip_recipes.config.sections import DataConfig
 from blip_recipes.data._seeding import derive_seed
-from blip_recipes.data.loader import (
-    BatchContext,
-    EpochPlan,
-    SampleCounters,
-    bad_count,
-    load_map_samples,
-)
+from blip_recipes.data.counters import SampleCounters
 from blip_recipes.data.nodes import Pipeline, build_pipeline, stack
+from blip_recipes.data.samples import BatchContext, EpochPlan, bad_count, load_map_samples
 from blip_recipes.data.shards import ShardLoader, list_shards, shard_sizes
 
 logger = logging.getLogger("blip_recipes.data")

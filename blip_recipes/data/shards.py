@@ -44,17 +44,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from blip_recipes.config.sections import DataConfig
 from blip_recipes.data._seeding import derive_seed, private_generator
 from blip_recipes.data.captions import pre_caption
-from blip_recipes.data.loader import (
+from blip_recipes.data.counters import SampleCounters
+from blip_recipes.data.nodes import close_at_exit
+from blip_recipes.data.remote import is_remote, local_path, open_shard, read_small
+from blip_recipes.data.samples import (
     MAX_REPLACEMENTS,
     BadSampleError,
     IgnoreStopSignals,
-    SampleCounters,
     bad_count,
     bad_record,
     describe_bad,
 )
-from blip_recipes.data.nodes import close_at_exit
-from blip_recipes.data.remote import is_remote, local_path, open_shard, read_small
 from blip_recipes.data.transforms import BadImage, open_image
 from blip_recipes.data.watchdog import POLL_S, LoaderError
 

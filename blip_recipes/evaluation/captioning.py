@@ -27,8 +27,8 @@ from blip_recipes.data import normalize_images
 from blip_recipes.data.sources import load_retrieval_annotations
 from blip_recipes.evaluation._dist import is_sharded, rank_and_world, run_balanced, shard_range
 from blip_recipes.evaluation.caption_metrics import caption_scores
+from blip_recipes.evaluation.generation import DEFAULT_PROMPT, Method, generate, prompt_ids
 from blip_recipes.evaluation.retrieval import _Images, model_image_size
-from blip_recipes.generation import DEFAULT_PROMPT, Method, generate, prompt_ids
 
 SELECTION_KEY = "score"
 """Key of `CIDEr + Bleu_4` in the metrics (the reference keeps the checkpoint maximising it)."""
@@ -136,7 +136,7 @@ def generate_captions(
         batch_size: images per decoding batch.
         num_workers: image-decoding worker processes.
         device: default the model's device.
-        generate_kwargs: :func:`blip_recipes.generation.generate` options (num_beams,
+        generate_kwargs: :func:`blip_recipes.evaluation.generation.generate` options (num_beams,
             max_length, min_length, repetition_penalty...).
 
     Returns:

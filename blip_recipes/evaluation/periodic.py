@@ -52,7 +52,7 @@ class PeriodicEvaluator:
         if not self.due(step):
             return None
         assert self.data is not None
-        from blip_recipes.generation import caption_images
+        from blip_recipes.evaluation.generation import caption_images
 
         results = evaluate_retrieval(
             model,

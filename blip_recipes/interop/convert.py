@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from blip_recipes.config.recorded import MODEL_ARGS_FILE, recorded_model_and_tokenizer
 from blip_recipes.interop.files import (
     CheckpointLayoutError,
     compact_copies,
@@ -47,7 +48,6 @@ from blip_recipes.interop.reference import ours_to_reference, reference_to_ours
 
 logger = logging.getLogger(__name__)
 
-MODEL_ARGS_FILE = "model_args.json"
 """Written beside converted DCP checkpoints: the builder preset and overrides that rebuild it."""
 MOMENTUM_CROSS_ATTN = "momentum_cross_attn"
 """DCP top-level key (and flat-file key prefix) of a reference file's momentum cross-attention,
@@ -188,26 +188,6 @@ def weights_from_state_dict(
     return _from_hf(retrieval, captioning, source)
 
 
-def _dcp_side_files(step_dir: Path) -> tuple[dict | None, dict | None]:
-    """(model_args, tokenizer section) recorded beside a DCP checkpoint, if any."""
-    args_file = step_dir / MODEL_ARGS_FILE
-    if args_file.is_file():
-        recorded = json.loads(args_file.read_text())
-        return recorded.get("model"), recorded.get("tokenizer")
-    for config_file in (step_dir / "config.toml", step_dir.parent.parent / "config.toml"):
-        if config_file.is_file():
-            from blip_recipes.config import load_toml
-
-            cfg = load_toml(config_file)
-            model_args = {"name": cfg.model.name}
-            if cfg.model.drop_path_rate is not None:
-                model_args["drop_path_rate"] = cfg.model.drop_path_rate
-            tok = {"kind": cfg.tokenizer.kind, "path": cfg.tokenizer.path,
-                   "max_length": cfg.tokenizer.max_length}  # fmt: skip
-            return model_args, tok
-    return None, None
-
-
 def read_weights(path: str | Path, trust_pickle: bool = False) -> CheckpointWeights:
     """Read a checkpoint in any supported layout into our key space.
 
@@ -230,7 +210,7 @@ def read_weights(path: str | Path, trust_pickle: bool = False) -> CheckpointWeig
         sd |= {k: v for k, v in flat.items() if not k.startswith("model.")}
         weights = _from_ours(sd, str(step_dir))
         weights.layout = "dcp"
-        weights.model_args, weights.tokenizer = _dcp_side_files(step_dir)
+        weights.model_args, weights.tokenizer = recorded_model_and_tokenizer(step_dir)
         return weights
     if layout == "hf":
         retrieval = captioning = config = None
@@ -481,7 +461,7 @@ def build_momentum_from_weights(
             the checkpoint's queue length, else the preset's. Queues cannot be resized.
         kwargs: `MomentumState.build` options (momentum, train_mode).
     """
-    from blip_recipes.momentum import MomentumState
+    from blip_recipes.training.momentum import MomentumState
 
     args = dict(getattr(model, "model_args", {}))
     name = args.pop("name", "blip_pretrain_base")

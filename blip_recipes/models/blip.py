@@ -11,8 +11,8 @@ FSDP2 so that it is a proper sharded forward of the root unit:
   both hard-negative pairs and the captioning logits, in ONE pass over the MED;
 - `itm_logits(...)` and `next_token_logits(...)` for evaluation and generation.
 
-The loss maths lives in `blip_recipes.objective` (pure functions) and is composed with these
-entry points by `blip_recipes.pretrain_step`; the fp32 queues never enter the model.
+The loss maths lives in `blip_recipes.objectives.pretrain` (pure functions) and is composed with these
+entry points by `blip_recipes.training.pretrain`; the fp32 queues never enter the model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from blip_recipes import objective
+from blip_recipes.models import inputs
 from blip_recipes.models.heads import project_features
 from blip_recipes.models.med import (
     DECODER_ROWS,
@@ -173,14 +173,14 @@ class BlipPretrain(nn.Module):
     @torch.no_grad()
     def clamp_temperature_(self) -> None:
         """Clamp `temp` in place to [0.001, 0.5] (works on FSDP2-sharded DTensors)."""
-        self.temp.clamp_(objective.TEMP_MIN, objective.TEMP_MAX)
+        self.temp.clamp_(inputs.TEMP_MIN, inputs.TEMP_MAX)
 
     def forward(self, *args, **kwargs):
         """Not an entry point: BLIP has several (module docstring)."""
         raise TypeError(
             "BlipPretrain has no single forward: call encode_image, encode_text, temperature, "
             "multimodal, itm_logits or next_token_logits (a training step's losses: "
-            "blip_recipes.pretrain_step.pretrain_losses)"
+            "blip_recipes.training.pretrain.pretrain_losses)"
         )
 
     def encode_image(self, images: torch.Tensor) -> ImageEncoding:
@@ -195,7 +195,7 @@ class BlipPretrain(nn.Module):
 
     def temperature(self) -> torch.Tensor:
         """(1,) ITC temperature clamped to [0.001, 0.5], gradient passed straight through."""
-        clamped = self.temp.clamp(objective.TEMP_MIN, objective.TEMP_MAX)
+        clamped = self.temp.clamp(inputs.TEMP_MIN, inputs.TEMP_MAX)
         return self.temp + (clamped - self.temp).detach()
 
     def multimodal(
@@ -225,7 +225,7 @@ class BlipPretrain(nn.Module):
             negative_kv: how the hard-negative images get their keys/values in each layer:
                 `select`ed from the batch's own (a one-hot matmul, projected once per image) or
                 `recompute`d from their gathered tokens (2B images projected per layer).
-            lm_loss: `objective.ChunkedLMLoss` (or alike): the LM loss is computed here, inside
+            lm_loss: `objectives.pretrain.ChunkedLMLoss` (or alike): the LM loss is computed here, inside
                 the entry point, on the parameters as FSDP2 gathered them (compute dtype), and
                 no logits are returned; None returns the fp32 logits instead.
 
@@ -233,8 +233,8 @@ class BlipPretrain(nn.Module):
             `MultimodalOutput(itm_logits (3B, 2), lm_logits (B * (L - 1), V) fp32)`.
         """
         batch = input_ids.shape[0]
-        encoder_ids = objective.replace_first_token(input_ids, self.enc_token_id)
-        decoder_ids = objective.replace_first_token(input_ids, self.dec_token_id)
+        encoder_ids = inputs.replace_first_token(input_ids, self.enc_token_id)
+        decoder_ids = inputs.replace_first_token(input_ids, self.dec_token_id)
         own_image_ids = torch.stack([encoder_ids, encoder_ids[neg_text], decoder_ids], 1)
         own_image_mask = torch.stack([attention_mask, attention_mask[neg_text], attention_mask], 1)
         ids = torch.cat([own_image_ids.flatten(0, 1), encoder_ids])
@@ -252,7 +252,7 @@ class BlipPretrain(nn.Module):
         word_embeddings = self.text.embeddings.word_embeddings.weight
         decoder_hidden = own[:, 2, :-1].flatten(0, 1)
         if lm_loss is not None:
-            targets = objective.lm_labels(decoder_ids, self.pad_token_id)[:, 1:].flatten()
+            targets = inputs.lm_labels(decoder_ids, self.pad_token_id)[:, 1:].flatten()
             loss_lm = lm_loss(self.lm_head.transform(decoder_hidden), word_embeddings,
                               self.lm_head.bias, targets, self.label_smoothing)  # fmt: skip
             return MultimodalOutput(self.itm_head(cls), None, loss_lm)
@@ -277,7 +277,7 @@ class BlipPretrain(nn.Module):
         Returns:
             (R, 2) logits; column 1 is "match".
         """
-        ids = objective.replace_first_token(input_ids, self.enc_token_id)
+        ids = inputs.replace_first_token(input_ids, self.enc_token_id)
         hidden = self.text(
             ids, attention_mask, image_embeds, ENCODER_ROWS, image_rows=image_rows
         ).hidden_states

@@ -9,7 +9,7 @@ import torch
 
 from blip_recipes.benchmarking.host_reads import HostReads
 from blip_recipes.parallel._testing import spawn_ranks
-from blip_recipes.pretrain_step import DeviceBatch, PretrainStep
+from blip_recipes.training.pretrain import DeviceBatch, PretrainStep
 from tests.models.tiny_blip import make_model, make_text, momentum_state
 
 
@@ -55,7 +55,9 @@ def test_a_default_step_has_no_host_reads_and_the_unfused_skip_has_one():
     assert _reads_over_two_steps(_step(0, None, fused=True), 0) == []
     reads = _reads_over_two_steps(_step(0, None, fused=False), 0)
     assert len(reads) == 2, reads
-    assert all("pretrain_step.py" in r and "apply_update" in r and "bool(ok)" in r for r in reads)
+    assert all(
+        "training/pretrain.py" in r and "apply_update" in r and "bool(ok)" in r for r in reads
+    )
 
 
 def reads_worker(rank: int, world: int, out_dir: str) -> None:

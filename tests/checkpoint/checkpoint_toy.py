@@ -18,7 +18,7 @@ from blip_recipes.checkpoint import (
     TrainState,
 )
 from blip_recipes.config.sections import LRSchedulerConfig
-from blip_recipes.optim import build_lr_scheduler
+from blip_recipes.training.optim import build_lr_scheduler
 
 
 class Block(nn.Module):

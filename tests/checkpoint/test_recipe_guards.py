@@ -10,9 +10,9 @@ import signal
 import pytest
 import torch
 
-from blip_recipes._registry import resolve_config, resolve_recipe
 from blip_recipes.checkpoint import NonFiniteCheckpointError, verify_checkpoint
 from blip_recipes.config import parse_recipe_args
+from blip_recipes.config.registry import resolve_config, resolve_recipe
 from tests.recipes.launch import TINY
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from blip_recipes.checkpoint.integrity import step_dirs
-from blip_recipes.cli import main as cli_main
+from blip_recipes.cli.dispatch import main as cli_main
 from tests.checkpoint.damage import DAMAGE
 from tests.recipes.launch import run_recipe
 

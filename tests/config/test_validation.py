@@ -150,9 +150,9 @@ def test_free_disk_space_below_one_checkpoint(tmp_path, monkeypatch):
 def test_checkpoint_estimate_counts_the_real_model():
     import torch
 
-    from blip_recipes.build import model_kwargs
     from blip_recipes.data import build_tokenizer
     from blip_recipes.models.builders import build_model, build_momentum_encoders
+    from blip_recipes.training.build import model_kwargs
 
     cfg = load_config(DEBUG, [])
     tokenizer = build_tokenizer(cfg.tokenizer)

@@ -120,8 +120,8 @@ def test_init_weights(tmp_path):
 
 
 def test_none_starts_from_random_weights(tmp_path):
-    from blip_recipes.build import _load_pretrained_parts
     from blip_recipes.interop.init_checkpoints import init_source
+    from blip_recipes.training.build import _load_pretrained_parts
 
     toml = tmp_path / "c.toml"
     toml.write_text(DEBUG.read_text() + '\n[model]\ntext_init = "none"\nvision_init = "None"\n'

@@ -62,7 +62,7 @@ def score_worker(rank: int, world: int, out_dir: str, fsdp: bool, k_test: int) -
 
 def tiny_captions(model, rank: int = 0) -> dict[str, list[str]]:
     """Greedy and beam captions of (rank-dependent) tiny images: early stops differ by rank."""
-    from blip_recipes.generation import caption_images
+    from blip_recipes.evaluation.generation import caption_images
 
     images = list(tiny_data(n_images=3, seed=rank).images)
     return {m: caption_images(model, tokenizer(), images, method=m, max_length=12, num_beams=2)

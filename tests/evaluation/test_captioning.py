@@ -17,7 +17,7 @@ from blip_recipes.evaluation.captioning import (
     load_caption_data,
     score_captions,
 )
-from blip_recipes.generation import caption_images
+from blip_recipes.evaluation.generation import caption_images
 from blip_recipes.parallel._testing import spawn_ranks
 from tests.evaluation.eval_helpers import tiny_data, tiny_model, tokenizer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blip_recipes import objective
 from blip_recipes.models.med import DECODER_ROWS
+from blip_recipes.objectives import pretrain as objective
 from tests.models.tiny_blip import DEC_ID, ENC_ID, PAD_ID, SEP_ID, TINY, make_model, make_text
 
 #: Builder arguments that the tensors cannot tell (heads) for the tiny test model.

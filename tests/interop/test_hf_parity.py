@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip_recipes import objective
 from blip_recipes.interop._names import strip_prefixes
 from blip_recipes.interop.hf import (
     hf_blip_config,
@@ -14,6 +13,7 @@ from blip_recipes.interop.hf import (
     ours_to_hf_retrieval,
 )
 from blip_recipes.models.med import DECODER_ROWS
+from blip_recipes.objectives import pretrain as objective
 from tests.models.tiny_blip import DEC_ID, ENC_ID, PAD_ID, SEP_ID, make_model, make_text
 
 transformers = pytest.importorskip("transformers")

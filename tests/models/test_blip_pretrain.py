@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip_recipes import objective
 from blip_recipes.models import (
     blip_pretrain_base,
     blip_pretrain_large,
@@ -15,8 +14,9 @@ from blip_recipes.models import (
 )
 from blip_recipes.models.heads import project_features
 from blip_recipes.models.med import DECODER_ROWS
-from blip_recipes.momentum import MomentumState
-from blip_recipes.pretrain_step import pretrain_losses
+from blip_recipes.objectives import pretrain as objective
+from blip_recipes.training.momentum import MomentumState
+from blip_recipes.training.pretrain import pretrain_losses
 from tests.models.tiny_blip import TINY, make_model, make_text
 
 

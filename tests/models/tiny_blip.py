@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from blip_recipes.models import BlipPretrain, build_model
-from blip_recipes.momentum import MomentumState
+from blip_recipes.training.momentum import MomentumState
 
 VOCAB = 100
 DEC_ID, ENC_ID, PAD_ID, CLS_ID, SEP_ID = 98, 99, 0, 1, 2
@@ -82,7 +82,7 @@ def fsdp_step_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
 
     from blip_recipes.config.sections import ParallelConfig
     from blip_recipes.parallel import parallelize_blip
-    from blip_recipes.pretrain_step import pretrain_losses
+    from blip_recipes.training.pretrain import pretrain_losses
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -7,7 +7,6 @@ import torch
 
 from blip_recipes.config.sections import OptimizerConfig
 from blip_recipes.metrics import peak_flops
-from blip_recipes.optim import build_optimizer
 from blip_recipes.parallel import (
     apply_compile,
     apply_float8,
@@ -16,6 +15,7 @@ from blip_recipes.parallel import (
     init_distributed,
     shutdown_distributed,
 )
+from blip_recipes.training.optim import build_optimizer
 from tests.parallel.parallel_toy import ToyModel, toy_batch, toy_loss
 
 pytestmark = [

@@ -11,7 +11,7 @@ import torch
 from blip_recipes.config.sections import ParallelConfig
 from blip_recipes.parallel import parallelize_blip
 from blip_recipes.parallel._testing import spawn_ranks
-from blip_recipes.pretrain_step import DeviceBatch, PretrainStep
+from blip_recipes.training.pretrain import DeviceBatch, PretrainStep
 from tests.models.tiny_blip import make_model, make_text, momentum_state
 
 
@@ -110,8 +110,8 @@ def test_compiled_step_runs_every_block_compiled_with_bounded_recompiles():
     multimodal, momentum text), and evaluation / generation add none (they run eager)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+    from blip_recipes.evaluation.generation import generate
     from blip_recipes.evaluation.retrieval import score_retrieval
-    from blip_recipes.generation import generate
     from blip_recipes.models.med import MEDLayer
     from blip_recipes.models.vit import VisionBlock
     from tests.evaluation.eval_helpers import tiny_data, tokenizer

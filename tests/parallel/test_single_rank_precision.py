@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blip_recipes.build import fsdp_mesh
 from blip_recipes.config import Config
 from blip_recipes.config.sections import ParallelConfig
-from blip_recipes.momentum import MomentumState
 from blip_recipes.parallel import init_distributed, parallelize_blip
-from blip_recipes.pretrain_step import pretrain_losses, step_options
+from blip_recipes.training.build import fsdp_mesh
+from blip_recipes.training.momentum import MomentumState
+from blip_recipes.training.pretrain import pretrain_losses, step_options
 from tests.models.tiny_blip import TINY, make_model, make_text
 
 

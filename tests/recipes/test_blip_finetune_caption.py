@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_recipes._registry import resolve_config
 from blip_recipes.api import load_model
-from blip_recipes.build import model_kwargs
-from blip_recipes.caption_step import as_captioner, captioning_initial_weights
 from blip_recipes.config import load_config
+from blip_recipes.config.registry import resolve_config
 from blip_recipes.data import build_tokenizer
 from blip_recipes.data.synthetic import synthetic_sample
 from blip_recipes.evaluation.captioning import evaluate_captions, load_caption_data
 from blip_recipes.models import build_model
+from blip_recipes.training.build import model_kwargs
+from blip_recipes.training.caption import as_captioner, captioning_initial_weights
 from tests.recipes.launch import REPO, TINY, Run, env, run_recipe
 from tests.recipes.test_blip_pretrain import final_weights
 

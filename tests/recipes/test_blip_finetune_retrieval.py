@@ -63,7 +63,7 @@ def write_start_checkpoint(path: Path) -> Path:
     from blip_recipes.data import build_tokenizer
     from blip_recipes.interop.convert import save_training_checkpoint
     from blip_recipes.models import build_model, build_momentum_encoders
-    from blip_recipes.momentum import MomentumState
+    from blip_recipes.training.momentum import MomentumState
 
     tok = build_tokenizer(TokenizerConfig(kind="synthetic", max_length=30))
     kwargs = dict(vocab_size=tok.vocab_size, image_size=32, embed_dim=32, queue_size=32,

@@ -1,0 +1,25 @@
+"""How the model formats its text inputs, and the bounds of its learnable temperature.
+
+The model and the objectives share these conventions; they live with the model so that the model
+imports nothing from the objectives.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TEMP_MIN = 0.001
+TEMP_MAX = 0.5
+LM_IGNORE_INDEX = -100
+
+
+def replace_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """(B, L) ids -> a copy with column 0 set to `token_id` ([ENC] for ITM, [DEC] for LM)."""
+    ids = input_ids.clone()
+    ids[:, 0] = token_id
+    return ids
+
+
+def lm_labels(decoder_input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """(B, L) decoder ids -> labels with padding set to -100 (ignored by the LM loss)."""
+    return decoder_input_ids.masked_fill(decoder_input_ids == pad_token_id, LM_IGNORE_INDEX)

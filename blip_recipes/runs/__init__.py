@@ -1,0 +1,1 @@
+"""Run bookkeeping: the output folder's lock and run information."""

@@ -1,0 +1,1 @@
+"""The training machinery: the optimizer step and each task's micro-batch, momentum state, optimizer and schedules, building, best weights."""

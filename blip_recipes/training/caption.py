@@ -1,0 +1,361 @@
+"""Caption fine-tuning: the decoder's LM loss on `[DEC] prompt caption [SEP]`, and its optimizer step.
+
+BLIP's captioning fine-tuning trains the image encoder and the text decoder only (no ITC, no
+ITM, no momentum encoders) with a label-smoothed (0.1) LM loss whose targets exclude the prompt
+("a picture of "): the first `prompt_length` positions (`[DEC]` and the prompt's tokens) and
+padding are labelled -100. `BlipCaptioner` is the pretraining model with one more entry point,
+`decoder_logits` (the teacher-forced decoder over whole captions, no encoder rows), so the
+checkpoint layout stays that of `BlipPretrain` and every tool that reads it (evaluation,
+captioning, conversion) reads fine-tuned checkpoints too.
+
+`CaptionStep` is the optimizer step the fine-tuning recipe runs, the pretraining step without the
+momentum parts: for each micro-batch loss -> backward (gradient sync on the last one) -> global
+gradient norm -> one "ok" flag agreed by all ranks -> optimizer step (skipped when not ok) ->
+LR scheduler step. No host sync except the skip decision of a non-fused optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import register_fsdp_forward_method
+
+from blip_recipes.config import Config, LaunchContext, register_validator
+from blip_recipes.models import build_model
+from blip_recipes.models.blip import BlipPretrain
+from blip_recipes.models.med import DECODER_ROWS
+from blip_recipes.objectives import pretrain as objective
+from blip_recipes.parallel import DistInfo, ParallelPlan, materialize, parallelize_blip
+from blip_recipes.training.build import fsdp_mesh, initial_weights, model_kwargs
+from blip_recipes.training.pretrain import (
+    DeviceBatch,
+    StepResult,
+    agree_ok,
+    apply_update,
+    global_grad_norm,
+    step_options,
+)
+
+logger = logging.getLogger(__name__)
+
+CAPTION_ENTRY_POINT = "decoder_logits"
+_CAPTIONING_PARTS = ("visual_encoder.", "lm_head.", "text.embeddings.")
+_UNUSED_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.")
+"""Weights a captioning start point must provide (the MED layers are checked by shape)."""
+
+
+@register_validator
+def _caption_section(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
+    """`[caption]` checks (registered when the caption fine-tuning recipe imports this module)."""
+    cap = cfg.caption
+    if cap.eval_every_epochs < 0:
+        yield f"'caption.eval_every_epochs' must be >= 0, got {cap.eval_every_epochs}"
+    if cap.num_beams < 1:
+        yield f"'caption.num_beams' must be >= 1, got {cap.num_beams}"
+    if not 0 <= cap.min_length <= cap.max_length:
+        yield (
+            f"'caption.min_length' ({cap.min_length}) must be between 0 and 'caption.max_length' "
+            f"({cap.max_length})"
+        )
+    if cap.repetition_penalty <= 0:
+        yield f"'caption.repetition_penalty' must be positive, got {cap.repetition_penalty}"
+    if cap.min_lr < 0 or cap.min_lr > cfg.optimizer.lr:
+        yield (
+            f"'caption.min_lr' ({cap.min_lr}) must be between 0 and 'optimizer.lr' "
+            f"({cfg.optimizer.lr})"
+        )
+    if cap.test_annotation and not Path(cap.test_annotation).is_file():
+        yield f"'caption.test_annotation' {cap.test_annotation} does not exist (or is not a file)"
+
+
+class BlipCaptioner(BlipPretrain):
+    """`BlipPretrain` with the teacher-forced decoder pass as an extra entry point.
+
+    Same parameters and state dict as `BlipPretrain`; use :func:`as_captioner` to turn a built
+    model into one (before `parallelize_blip`, so FSDP2 wraps this class).
+    """
+
+    def decoder_logits(
+        self, image_embeds: torch.Tensor, decoder_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Next-token logits of every caption position (decoder rows only, causal).
+
+        Args:
+            image_embeds: (B, 1 + N, D_vision) from `encode_image`.
+            decoder_ids: (B, L) `[DEC] prompt caption [SEP] [PAD]...` (padding trailing).
+            attention_mask: (B, L).
+
+        Returns:
+            (B * (L - 1), V) fp32; row b * (L - 1) + t predicts token t + 1 of caption b.
+        """
+        hidden = self.text(decoder_ids, attention_mask, image_embeds, DECODER_ROWS,
+                           causal_fast_path=True).hidden_states  # fmt: skip
+        word_embeddings = self.text.embeddings.word_embeddings.weight
+        return self.lm_head(hidden[:, :-1].flatten(0, 1), word_embeddings)
+
+
+def as_captioner(model: BlipPretrain) -> BlipCaptioner:
+    """The same module object, now a `BlipCaptioner` (its class is switched in place, as FSDP2
+    does for its own wrapper classes). Call before `parallelize_blip`."""
+    if not isinstance(model, BlipCaptioner):
+        if type(model) is not BlipPretrain:
+            raise TypeError(f"expected a plain BlipPretrain, got {type(model).__name__}")
+        model.__class__ = BlipCaptioner
+    return model  # type: ignore[return-value]
+
+
+def register_caption_entry_point(model: BlipCaptioner) -> None:
+    """Make `decoder_logits` an FSDP2 forward of the root unit (after `parallelize_blip`; a
+    no-op for an unsharded model)."""
+    register_fsdp_forward_method(model, CAPTION_ENTRY_POINT)
+
+
+def freeze_unused_parameters(model: BlipPretrain) -> list[str]:
+    """Turn off gradients of what captioning never runs: the temperature, the ITC projections,
+    the ITM head and the MED's bidirectional (encoder) self-attention. They stay in the model
+    and its checkpoints, unchanged (and out of the optimizer, as the reference's captioning
+    model does not have them). Returns their names."""
+    frozen = []
+    for name, param in model.named_parameters():
+        if name == "temp" or name.startswith(_UNUSED_PREFIXES) or ".self_attn." in name:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def caption_labels(
+    decoder_ids: torch.Tensor, prompt_length: int, pad_token_id: int
+) -> torch.Tensor:
+    """(B, L) decoder ids -> LM labels: padding and the first `prompt_length` columns (`[DEC]` and
+    the prompt) set to -100, so only the caption and its `[SEP]` are predicted."""
+    labels = objective.lm_labels(decoder_ids, pad_token_id)
+    labels[:, :prompt_length] = objective.LM_IGNORE_INDEX
+    return labels
+
+
+def caption_loss(
+    model: BlipCaptioner,
+    images: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+) -> torch.Tensor:
+    """Label-smoothed LM loss of the captions given their images (BLIP_Decoder's forward).
+
+    Args:
+        model: a `BlipCaptioner` (plain or FSDP2-sharded with the entry point registered).
+        images: (B, 3, H, W) normalised.
+        input_ids: (B, L) `[CLS] prompt caption [SEP] [PAD]...` ([CLS] becomes [DEC] here).
+        attention_mask: (B, L).
+        prompt_length: `[DEC]` plus the prompt's tokens (4 for "a picture of ").
+
+    Returns:
+        0-d fp32 mean over the caption tokens (smoothing `model.label_smoothing`).
+    """
+    image_embeds = model.encode_image(images).embeds
+    decoder_ids = objective.replace_first_token(input_ids, model.dec_token_id)
+    logits = model.decoder_logits(image_embeds, decoder_ids, attention_mask)
+    labels = caption_labels(decoder_ids, prompt_length, model.pad_token_id)
+    return objective.lm_loss(logits, labels, model.label_smoothing)
+
+
+@dataclass
+class CaptionOutput:
+    """What one caption step reports: `loss` (0-d, the mean over its micro-batches)."""
+
+    loss: torch.Tensor
+
+
+class CaptionStep:
+    """The optimizer step of caption fine-tuning (module docstring).
+
+    Args:
+        model: the `BlipCaptioner`, after `parallelize_blip`.
+        optimizer: AdamW over the model's parameters.
+        lr_scheduler: stepped once per call (skipped updates included).
+        prompt_length: `[DEC]` plus the prompt's tokens, excluded from the loss.
+        group: data-parallel process group for the agreed flag; None with one process.
+        grad_clip: clip the global gradient norm to this value; None = no clipping.
+        autocast_dtype: autocast to this dtype (unsharded bf16 runs); None = no autocast.
+        grad_accum_steps: micro-batches per optimizer step.
+        after_optimizer_step: called after each optimizer step (float8 scale precompute).
+    """
+
+    def __init__(
+        self,
+        model: BlipCaptioner,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        prompt_length: int,
+        group: dist.ProcessGroup | None = None,
+        grad_clip: float | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        grad_accum_steps: int = 1,
+        after_optimizer_step: Callable[[], object] | None = None,
+    ) -> None:
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.prompt_length = prompt_length
+        self.group = group
+        self.grad_clip = grad_clip
+        self.autocast_dtype = autocast_dtype
+        self.grad_accum_steps = grad_accum_steps
+        self.after_optimizer_step = after_optimizer_step
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.fused = bool(optimizer.defaults.get("fused"))
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        model: BlipCaptioner,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        dist_info: DistInfo,
+        compute_dtype: torch.dtype,
+        prompt_length: int,
+    ) -> CaptionStep:
+        """The step a run of `cfg` takes on this rank (clipping, precision, float8, accumulation)."""
+        return cls(
+            model,
+            optimizer,
+            lr_scheduler,
+            prompt_length,
+            **step_options(cfg, model, dist_info, compute_dtype),
+        )
+
+    def autocast(self, device_type: str) -> AbstractContextManager:
+        """The step's autocast context (also what evaluation should run under)."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def __call__(self, batches: Sequence[DeviceBatch], step: int) -> StepResult:
+        """One optimizer step over `grad_accum_steps` micro-batches already on the device.
+
+        Returns:
+            `StepResult` whose `output` is a `CaptionOutput`.
+        """
+        accum = self.grad_accum_steps
+        if len(batches) != accum:
+            raise ValueError(f"expected {accum} micro-batches, got {len(batches)}")
+        device_type = batches[0].images.device.type
+        losses = []
+        all_finite = None
+        for index, batch in enumerate(batches):
+            last = index == accum - 1
+            if accum > 1 and hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(last)
+            with self.autocast(device_type):
+                loss = caption_loss(self.model, *batch, self.prompt_length)
+            (loss if accum == 1 else loss / accum).backward()
+            losses.append(loss.detach())
+            if not last:
+                finite = agree_ok(loss, None, self.group)
+                all_finite = finite if all_finite is None else all_finite & finite
+        grad_norm = global_grad_norm(self.parameters, self.grad_clip)
+        ok = agree_ok(losses[-1], grad_norm, self.group)
+        if all_finite is not None:
+            ok = ok & all_finite
+        apply_update(self.optimizer, ok, self.fused)
+        if self.after_optimizer_step is not None:
+            self.after_optimizer_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        mean = losses[0] if accum == 1 else torch.stack(losses).mean()
+        return StepResult(CaptionOutput(mean), ok, grad_norm)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- building the model
+def captioning_initial_weights(cfg: Config, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Full initial weights of a caption fine-tuning run: the seeded init (and `model.text_init`
+    / `model.vision_init`), overwritten by `checkpoint.init_from` read in any layout
+    `blip_recipes.interop.convert.read_weights` knows, with the ViT position embedding
+    interpolated (bicubic) when the checkpoint was trained at another resolution (224 -> 384).
+
+    Raises:
+        ValueError: the checkpoint has weights the model does not, weights of another shape
+            (other than the position embedding), or lacks weights captioning needs (the ViT,
+            the word embeddings, the LM head); other missing weights keep their initial values.
+    """
+    init_from = cfg.checkpoint.init_from
+    state = initial_weights(replace(cfg, checkpoint=replace(cfg.checkpoint, init_from=None)),
+                            tokenizer)  # fmt: skip
+    if not init_from:
+        return state
+    from blip_recipes.interop.convert import read_weights
+    from blip_recipes.training.retrieval_setup import fit_state_dict
+
+    source = read_weights(init_from).model
+    needed = [k for k in state if k.startswith(_CAPTIONING_PARTS) and k not in source]
+    if needed:
+        raise ValueError(
+            f"checkpoint.init_from={init_from!r} lacks weights captioning needs: {needed[:5]}"
+        )
+    logger.info("model initialised from %s (%d tensors)", init_from, len(source))
+    return fit_state_dict(source, state, "checkpoint.init_from")
+
+
+def build_captioning(
+    cfg: Config, tokenizer: Any, dist_info: DistInfo, param_dtype: torch.dtype | None
+) -> tuple[BlipCaptioner, ParallelPlan]:
+    """The captioning model, parallelized (no momentum encoders), on this rank's device, loaded,
+    with the parts captioning does not run frozen (:func:`freeze_unused_parameters`).
+
+    Same order as `blip_recipes.training.build.build_pretraining`: meta -> `parallelize_blip` -> the
+    `decoder_logits` entry point registered with FSDP2 -> materialize -> full weights built on
+    rank 0 (:func:`captioning_initial_weights`) and broadcast into every rank's shards.
+    """
+    with torch.device("meta"):
+        model = as_captioner(build_model(cfg.model.name, **model_kwargs(cfg, tokenizer)))
+    freeze_unused_parameters(model)
+    plan = parallelize_blip(model, None, cfg.parallel, fsdp_mesh(cfg, dist_info, param_dtype),
+                            param_dtype)  # fmt: skip
+    register_caption_entry_point(model)
+    materialize(model, dist_info.device)
+    weights = captioning_initial_weights(cfg, tokenizer) if dist_info.is_main else {}
+    options = StateDictOptions(full_state_dict=True, strict=True,
+                               broadcast_from_rank0=dist_info.world_size > 1)  # fmt: skip
+    set_model_state_dict(model, weights, options=options)
+    return model, plan
+
+
+class PromptedTokenizer:
+    """Tokenizes `prompt + text` (the training loader's tokenizer for caption fine-tuning: the
+    loader cleans each caption with `pre_caption`, this prepends the prompt, as the reference's
+    caption dataset does). Picklable for loader workers."""
+
+    def __init__(self, tokenizer: Any, prompt: str) -> None:
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+
+    def __call__(
+        self, texts: list[str], max_length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokenizer([self.prompt + t for t in texts], max_length=max_length)
+
+
+__all__ = [
+    "BlipCaptioner",
+    "CaptionOutput",
+    "CaptionStep",
+    "PromptedTokenizer",
+    "as_captioner",
+    "build_captioning",
+    "caption_labels",
+    "caption_loss",
+    "captioning_initial_weights",
+    "freeze_unused_parameters",
+    "register_caption_entry_point",
+]
