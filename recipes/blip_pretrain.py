@@ -47,7 +47,7 @@ from blip_recipes.cli.dispatch import STOP_REQUEST_ENV
 from blip_recipes.config import Config, parse_recipe_args, to_toml
 from blip_recipes.config.registry import class_file, recipe_record
 from blip_recipes.data import TrainLoader, build_tokenizer, build_train_loader, normalize_images
-from blip_recipes.data.loader import STOP_SIGNALS
+from blip_recipes.data.nodes import STOP_SIGNALS
 from blip_recipes.data.watchdog import LoaderError
 from blip_recipes.evaluation.periodic import PeriodicEvaluator
 from blip_recipes.metrics import (
