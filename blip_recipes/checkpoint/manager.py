@@ -51,7 +51,12 @@ from blip_recipes.checkpoint.integrity import (
     verify_checkpoint,
     write_manifest,
 )
-from blip_recipes.checkpoint.safe_read import SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from blip_recipes.checkpoint.safe_read import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    read_metadata,
+    single_process_io,
+)
 from blip_recipes.checkpoint.states import MODEL, MOMENTUM, ModelWrapper
 
 logger = logging.getLogger(__name__)
@@ -244,10 +249,11 @@ def load_states(
     if strict:
         check_against_metadata(path, flat, set(states))
     try:
-        dcp.load(
-            flat, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)),
-            planner=SafeLoadPlanner(), no_dist=_no_dist(),
-        )  # fmt: skip
+        with single_process_io():
+            dcp.load(
+                flat, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)),
+                planner=SafeLoadPlanner(), no_dist=_no_dist(),
+            )  # fmt: skip
     except (CheckpointException, CheckpointCorruptError, EOFError, pickle.UnpicklingError,
             OSError, RuntimeError) as e:  # fmt: skip
         cause = e

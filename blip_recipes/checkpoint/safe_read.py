@@ -21,6 +21,9 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
@@ -70,6 +73,20 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise _refusal(self.what, f"{module}.{name}")
+
+
+@contextmanager
+def single_process_io() -> Iterator[None]:
+    """Around a ``dcp.load``/``dcp.save`` with ``no_dist=True``: DCP warns "torch.distributed is
+    disabled ... assuming the intent is to load in a single process" on every such call, even
+    when the caller asked for exactly that. Harmless (one process reads/writes every shard), so
+    only that message is silenced, only inside this block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized",
+            category=UserWarning,
+        )  # fmt: skip
+        yield
 
 
 def read_metadata(path: Union[str, Path], rank: Any = None) -> Metadata:

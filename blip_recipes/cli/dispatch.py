@@ -42,6 +42,7 @@ from blip_recipes.config.registry import (
     resolve_recipe,
 )
 from blip_recipes.metrics.console import guard_console
+from blip_recipes.metrics.run_logging import quiet_harmless_records
 
 MAIN_HELP = """blip: BLIP vision-language pretraining recipes
 
@@ -632,6 +633,7 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     guard_console()  # a closed stdout/stderr (`blip ... | head`, a dead `| tee`) stops no command
+    quiet_harmless_records()  # library noise on import (see metrics/run_logging.py)
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(MAIN_HELP)

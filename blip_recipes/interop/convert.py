@@ -712,13 +712,27 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> d
         hf_model = cls(config).eval()
         hf_model.load_state_dict(mapping(state), strict=True)
         folder = out_dir / sub
-        hf_model.save_pretrained(folder)
+        _save_quietly(hf_model, folder)
         backend = getattr(tokenizer, "backend", None)
         if backend is not None and hasattr(backend, "save_pretrained"):
             backend.save_pretrained(folder)
         _save_image_processor(model, folder)
         written[sub] = folder
     return written
+
+
+def _save_quietly(hf_model: Any, folder: Path) -> None:
+    """``save_pretrained`` without its "Writing model shards" progress bar: a tiny export is one
+    shard written in milliseconds, and the bar would be the command's only output on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        hf_model.save_pretrained(folder)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _save_image_processor(model: nn.Module, folder: Path) -> None:

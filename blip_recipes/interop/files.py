@@ -269,7 +269,11 @@ def read_dcp(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from blip_recipes.checkpoint.safe_read import SafeFileSystemReader, read_metadata
+    from blip_recipes.checkpoint.safe_read import (
+        SafeFileSystemReader,
+        read_metadata,
+        single_process_io,
+    )
 
     metadata = read_metadata(path).state_dict_metadata
     state = {
@@ -282,7 +286,8 @@ def read_dcp(
             f"DCP checkpoint {path} has no tensors under {list(prefixes)}; top-level keys: "
             f"{sorted({k.split('.', 1)[0] for k in metadata})}"
         )
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
+    with single_process_io():
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
     return state
 
 
@@ -292,12 +297,14 @@ def save_dcp(state: dict[str, Any], path: str | Path) -> Path:
     import torch.distributed.checkpoint as dcp
 
     from blip_recipes.checkpoint.integrity import write_checksums
+    from blip_recipes.checkpoint.safe_read import single_process_io
 
     path = Path(path)
     if (path / METADATA_FILE).exists():
         raise FileExistsError(f"{path} already holds a DCP checkpoint; not overwriting it")
     path.mkdir(parents=True, exist_ok=True)
-    dcp.save(state, checkpoint_id=str(path), no_dist=True)
+    with single_process_io():
+        dcp.save(state, checkpoint_id=str(path), no_dist=True)
     write_checksums(path)
     return path
 

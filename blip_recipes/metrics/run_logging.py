@@ -23,8 +23,42 @@ RANK_FORMAT = "%(asctime)s [rank{rank}] %(name)s %(levelname)s %(message)s"
 _HANDLER_FLAG = "_blip_rank_handler"
 
 # Known harmless warnings, filtered once here rather than printed by every rank on every run
-# (none at present: fix a warning at its source when possible, list it here with why otherwise).
-HARMLESS_WARNINGS: tuple[tuple[type[Warning], str], ...] = ()
+# (fix a warning at its source when possible, list it here with why otherwise).
+HARMLESS_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # torch's DataLoader says this once per loader (train and eval: twice); `blip validate` and
+    # `blip run` already say it once, before launch (config/advice.py, more workers than cores).
+    (UserWarning, r"This DataLoader will create \d+ worker processes in total"),
+)
+
+# Known harmless log records of libraries imported by every load (``transformers`` imports
+# torchao): (logger name, text in the message), dropped by a filter on exactly that logger.
+HARMLESS_LOG_RECORDS: tuple[tuple[str, str], ...] = (
+    # torchao's optional CUDA kernels (MX-FP8, CUTLASS sm90a) are built for another Python/CUDA;
+    # float8 training here uses torchao's torch-level float8 path, which does not need them.
+    ("torchao", "Failed to load "),
+    # torchao's int matmul kernels need Triton (CUDA only); nothing here calls them.
+    ("torchao.kernel.intmm", "Warning: Detected no triton"),
+    # torchao registers its Enum types (KernelPreference, ScaleCalculationMode) as pytree
+    # constants, which newer torch supports natively and deprecates; a torchao matter.
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile"),
+)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_harmless_records() -> None:
+    """Install the :data:`HARMLESS_LOG_RECORDS` filters (idempotent); call before the imports."""
+    for name, text in HARMLESS_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropRecords(text))
 
 
 def env_rank() -> int:
@@ -46,6 +80,7 @@ def configure_logging(rank: Optional[int] = None, level: int = logging.INFO) -> 
     console = logging.getLogger().handlers[0]
     console.setLevel(level if rank == 0 else logging.ERROR)
     logging.captureWarnings(True)
+    quiet_harmless_records()
     for category, message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
 
