@@ -451,9 +451,11 @@ def run_through_torchrun(
 
 def cmd_validate(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
-        print("usage: blip validate --config FILE [--world-size N] [overrides...]")
+        print("usage: blip validate [--config] FILE [--world-size N] [overrides...]")
         return 0
     config_arg, rest = split_config_arg(args)
+    if config_arg is None and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        config_arg = rest.pop(0)  # `blip validate CFG`, TorchTune's positional form
     world_size = 1
     if "--world-size" in rest:
         j = rest.index("--world-size")
@@ -473,6 +475,12 @@ def cmd_validate(args: list[str]) -> int:
 
 
 def cmd_ls(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print("usage: blip ls\n\nLists the packaged recipes and the configs each ships with "
+              "(`blip cp NAME DEST` copies one to edit).")  # fmt: skip
+        return 0
+    if args:
+        raise UsageError(f"blip ls takes no arguments, got {' '.join(args)}")
     print(f"{'RECIPE':<24}CONFIGS")
     for entry in RECIPES.values():
         print(f"{entry.name:<24}{', '.join(entry.configs)}")

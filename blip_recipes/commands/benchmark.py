@@ -31,14 +31,13 @@ from pathlib import Path
 from blip_recipes.benchmarking.report import format_table, nan_to_none
 from blip_recipes.benchmarking.runner import DATA_MODES, BenchmarkSettings, run_benchmark
 from blip_recipes.benchmarking.variants import parse_variants
+from blip_recipes.cli.help import HelpFormatter
 
 MODELS = ("blip_pretrain_tiny", "blip_pretrain_base", "blip_pretrain_large")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=MODELS, default="blip_pretrain_tiny")
     p.add_argument(
         "--image-size",

@@ -42,6 +42,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from blip_recipes.benchmarking.photo_like import photo_like_jpeg, photo_like_size
+from blip_recipes.cli.help import HelpFormatter
 
 
 def plain_pillow(image_size: int, fast_paths: bool = False):
@@ -202,7 +203,9 @@ def report(results: dict[str, float], args) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--images", help="folder of JPEGs (default: generate)")
     parser.add_argument("--num", type=int, default=200, help="images to generate")
     parser.add_argument("--short-side", type=int, default=384, help="short side of generated JPEGs")

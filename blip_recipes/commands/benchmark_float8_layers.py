@@ -38,15 +38,14 @@ from blip_recipes.benchmarking.float8_layers import (
     image_tokens_of,
     summarize,
 )
+from blip_recipes.cli.help import HelpFormatter
 from blip_recipes.parallel.float8 import FLOAT8_RECIPES, FLOAT8_SKIP_FQNS
 
 MODELS = ("blip_pretrain_base", "blip_pretrain_large", "blip_pretrain_tiny")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=MODELS, default="blip_pretrain_base")
     p.add_argument("--batch", type=int, default=128, help="images per pass (per device)")
     p.add_argument(

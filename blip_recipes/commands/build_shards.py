@@ -24,6 +24,7 @@ import tarfile
 
 from PIL import Image
 
+from blip_recipes.cli.help import HelpFormatter
 from blip_recipes.data.captions import pre_caption
 from blip_recipes.data.sources import AnnotationError, iter_annotations
 from blip_recipes.data.transforms import BadImage, check_size, load_rgb, open_image
@@ -84,7 +85,9 @@ def _write_sizes(folder: str, sizes: dict[str, int]) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--ann", nargs="+", required=True,
                         help="BLIP annotation files (.json lists or .jsonl lines)")  # fmt: skip
     parser.add_argument("--image-root", default="", help="folder the image paths are relative to")

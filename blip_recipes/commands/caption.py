@@ -3,7 +3,8 @@
     blip caption outputs/blip_base cat.jpg dog.png --tokenizer pretrained/bert-base-uncased
     blip caption hf_blip/captioning *.jpg --method nucleus --top-p 0.9 --seed 0
 
-CHECKPOINT: a DCP checkpoint of blip_pretrain (or its run folder), a reference BLIP .pth, a
+CHECKPOINT: a DCP checkpoint of blip_pretrain (or a run folder: its best/ weights when it has
+them, else its newest step; the checkpoint used is named on stderr), a reference BLIP .pth, a
 Hugging Face BLIP folder (captioning, or one holding retrieval + captioning), or a consolidated
 .pt / .safetensors. Prints one `path<TAB>caption` line per image (`--json` for JSON lines).
 """
@@ -15,34 +16,58 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
+
+from blip_recipes.cli.help import HelpFormatter
+
+
+def run_checkpoint(path: str) -> str:
+    """``path``, or for a run folder the checkpoint to caption with: its ``best/`` weights (what
+    fine-tuning kept by validation score) when complete, else its newest complete step."""
+    from blip_recipes.interop.files import latest_dcp_step
+
+    folder = Path(path)
+    if not folder.is_dir() or (folder / ".metadata").is_file():
+        return path
+    chosen = latest_dcp_step(folder / "best") or latest_dcp_step(folder)
+    return str(chosen) if chosen is not None else path
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )  # fmt: skip
     parser.add_argument("checkpoint", help="model to caption with")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--tokenizer", help="wordpiece vocab.txt / folder (default: the one "
                         "recorded with the checkpoint)")  # fmt: skip
     parser.add_argument(
-        "--tokenizer-kind", default="wordpiece", choices=["wordpiece", "bpe", "synthetic"]
+        "--tokenizer-kind",
+        default="wordpiece",
+        choices=["wordpiece", "bpe", "synthetic"],
+        help="tokenizer kind",
     )
-    parser.add_argument("--method", default="beam", choices=["greedy", "beam", "nucleus"])
-    parser.add_argument("--prompt", default="a picture of ", help='decoder prompt ("" for none)')
-    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--method", default="beam", choices=["greedy", "beam", "nucleus"],
+                        help="decoding")  # fmt: skip
+    parser.add_argument(
+        "--prompt",
+        default="a picture of ",
+        help='decoder prompt ("" for none; default: "a picture of ")',
+    )
+    parser.add_argument("--num-beams", type=int, default=3, help="beams (beam search)")
     parser.add_argument("--max-length", type=int, default=30, help="tokens, prompt included")
     parser.add_argument("--min-length", type=int, default=5, help="tokens, prompt included")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (nucleus)")
+    parser.add_argument("--top-k", type=int, default=50, help="candidates kept (nucleus)")
     parser.add_argument("--repetition-penalty", type=float, default=None,
-                        help="default 1.0 (beam, greedy) / 1.1 (nucleus), as the reference")  # fmt: skip
+                        help="1.0 (beam, greedy) / 1.1 (nucleus) when unset, as the reference")  # fmt: skip
     parser.add_argument("--image-size", type=int, help="input side (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (nucleus)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: cuda when available")  # fmt: skip
     parser.add_argument("--model", help="builder preset for what the checkpoint shapes cannot tell")
     parser.add_argument("--json", action="store_true", help="print JSON lines {image, caption}")
     args = parser.parse_args(argv)
@@ -65,7 +90,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 1
     try:
-        weights = read_weights(args.checkpoint)
+        source = run_checkpoint(args.checkpoint)
+        if source != args.checkpoint:
+            print(f"blip caption: using {source}", file=sys.stderr)
+        weights = read_weights(source)
         if args.tokenizer or args.tokenizer_kind != "wordpiece":
             cfg = TokenizerConfig(kind=args.tokenizer_kind, path=args.tokenizer)
             tokenizer = build_tokenizer(cfg)

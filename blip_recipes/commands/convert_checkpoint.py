@@ -27,6 +27,8 @@ import logging
 import sys
 from pathlib import Path
 
+from blip_recipes.cli.help import HelpFormatter
+
 
 def _value(text: str):
     try:
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )  # fmt: skip
     parser.add_argument("source", help="checkpoint to read")
     parser.add_argument("dest", help="where to write (folder for dcp / hf, file otherwise)")

@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from blip_recipes.cli.help import HelpFormatter
 from blip_recipes.config.advice import cpu_cores
 
 PRESETS = {
@@ -228,7 +229,7 @@ def commands(out: Path, runs: Path, world_size: int, device: str) -> list[str]:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )  # fmt: skip
     parser.add_argument("--ann", nargs="+", required=True,
                         help="BLIP annotation files (.json lists or .jsonl lines)")  # fmt: skip

@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from blip_recipes.cli.help import HelpFormatter
 from blip_recipes.data.img2dataset import img2dataset_command, write_img2dataset_input
 from blip_recipes.data.sources import AnnotationError
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("annotations", nargs="+", help="BLIP annotation files (.json or .jsonl)")
     parser.add_argument("--out", required=True, help="output file: .csv, .tsv or .jsonl")
     parser.add_argument(

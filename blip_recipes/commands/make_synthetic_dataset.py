@@ -27,12 +27,15 @@ import os
 import sys
 
 from blip_recipes.benchmarking.photo_like import photo_like_image, photo_like_size
+from blip_recipes.cli.help import HelpFormatter
 from blip_recipes.data.shards import write_shard
 from blip_recipes.data.synthetic import synthetic_sample
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
     parser.add_argument("--num", type=int, required=True, help="number of samples")

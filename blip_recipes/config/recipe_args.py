@@ -15,7 +15,8 @@ USAGE = "usage: RECIPE --config FILE [section.key=value | --section.key value ..
 
 
 def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Take ``--config FILE`` / ``--config=FILE`` / ``-c FILE`` out of argv.
+    """Take ``--config FILE`` / ``--config=FILE`` / ``-c FILE`` out of argv (``--job.config_file``,
+    TorchTitan's spelling, is accepted too).
 
     Returns:
         The config argument (None if absent) and the remaining override arguments.
@@ -25,11 +26,11 @@ def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("--config", "-c"):
+        if arg in ("--config", "-c", "--job.config_file"):  # the last: TorchTitan's spelling
             if i + 1 >= len(argv):
                 raise ConfigError(f"{arg} needs a file or config name")
             config, i = argv[i + 1], i + 2
-        elif arg.startswith("--config="):
+        elif arg.startswith(("--config=", "--job.config_file=")):
             config, i = arg.split("=", 1)[1], i + 1
         else:
             rest.append(arg)

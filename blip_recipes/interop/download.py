@@ -188,6 +188,14 @@ def main(args: list[str]) -> int:
     unknown = [n for n in names if n not in ASSETS]
     if unknown or not names:
         what = f"unknown asset(s) {', '.join(unknown)}" if unknown else "missing NAME"
+        hub = [n for n in unknown if "/" in n]
+        if hub:  # a hub id (org/name): say which short name fetches it, if one does
+            known = {a.repo_id: short for short, a in ASSETS.items()}
+            hint = "; ".join(
+                f"{n} is `blip download {known[n]}`" if n in known else f"{n} is not a known asset"
+                for n in hub
+            )
+            what += f" (names here are short names, not hub ids: {hint})"
         print(
             f"blip download: {what}; `blip download --list` shows the known ones", file=sys.stderr
         )

@@ -31,7 +31,7 @@ def test_caption_and_convert_print_only_their_result(tmp_path):
     caption = _blip("caption", str(run.output_dir), str(image))
     assert caption.returncode == 0, caption.stderr
     assert caption.stdout.startswith(f"{image}\t") and len(caption.stdout.splitlines()) == 1
-    assert caption.stderr == ""
+    assert caption.stderr == f"blip caption: using {run.checkpoints()[-1]}\n"  # and nothing else
 
     convert = _blip("convert", str(run.output_dir), str(tmp_path / "hf"), "--to", "hf")
     assert convert.returncode == 0, convert.stderr
