@@ -190,10 +190,32 @@ def _metric_rows(record: dict[str, Any]) -> list[str]:
     return rows
 
 
+_SYNTHETIC_ONLY = ("num_samples", "image_size")  # fields of [[data.sources]] only synthetic reads
+
+
 def _source_text(source: dict[str, Any]) -> str:
     kind = source.get("kind", "?")
-    rest = ", ".join(f"{k}={v}" for k, v in source.items() if k != "kind" and v not in (None, ""))
+    skip = {"kind"} | (set() if kind == "synthetic" else set(_SYNTHETIC_ONLY))
+    rest = ", ".join(
+        f"{k}={v}" for k, v in source.items() if k not in skip and v not in (None, "", [])
+    )
     return f"- `{kind}`" + (f": {rest}" if rest else "")
+
+
+def _prompt_text(recipe: str | None, config: dict[str, Any]) -> str:
+    """What the decoder was trained to continue: caption fine-tuning's prompt, else none."""
+    if recipe == "blip_finetune_caption":
+        prompt = config.get("caption", {}).get("prompt", "a picture of ")
+        return (
+            f"Captioning was fine-tuned with the decoder prompt `{prompt}`: start captions with it."
+        )
+    if recipe is None:
+        return "The recipe that made these weights was not recorded; its decoder prompt is unknown."
+    return (
+        f"`{recipe}` trains the decoder without a prompt (captions follow [DEC] directly); "
+        '`blip caption` starts from `a picture of ` as the reference BLIP does, `--prompt ""` '
+        "from nothing."
+    )
 
 
 def model_card(
@@ -205,6 +227,7 @@ def model_card(
     metrics: dict[str, Any] | None = None,
     eval_metrics: dict[str, Any] | None = None,
     model_args: dict[str, Any] | None = None,
+    recipe: str | None = None,
 ) -> str:
     """A Hugging Face model card (``README.md`` text with YAML front matter) for an export.
 
@@ -217,6 +240,8 @@ def model_card(
         metrics: the last record of the run's ``metrics.jsonl``.
         eval_metrics: the last record of the run's ``eval.jsonl``.
         model_args: builder arguments of the model (preset name and sizes).
+        recipe: the recipe that made the weights (from the run's ``run_info.json``); the card's
+            prompt line follows it (only caption fine-tuning trains with a decoder prompt).
     """
     config: dict[str, Any] = {}
     if config_text:
@@ -240,12 +265,17 @@ def model_card(
         'retriever = BlipForImageTextRetrieval.from_pretrained("THIS_FOLDER/retrieval")',
         "```",
         "",
-        "Captions start from the prompt `a picture of ` as in the reference BLIP; the same "
-        "folder also loads with `blip_recipes.load_model` and `blip caption`.",
+        _prompt_text(recipe, config),
+        "",
+        "The same folder also loads with `blip_recipes.load_model` and `blip caption`.",
         "",
         "## Training",
         "",
     ]
+    if recipe:
+        lines.append(f"- recipe: `{recipe}`")
+    if config.get("job", {}).get("name"):
+        lines.append(f"- job.name: `{config['job']['name']}`")
     if step is not None:
         lines.append(f"- step: {step}")
     if source:
@@ -280,6 +310,15 @@ def model_card(
     return "\n".join(lines).replace("\n\n\n", "\n\n").rstrip() + "\n"
 
 
+def _recipe_of(run_dir: Path) -> str | None:
+    """The recipe ``run_info.json`` records (its file's stem), None when absent or unreadable."""
+    try:
+        info = json.loads((run_dir / "run_info.json").read_text())
+        return Path(info["recipe"]["path"]).stem
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_model_card(out_dir: str | Path, source: str | Path, **extra: Any) -> Path:
     """Write ``out_dir/README.md`` for an HF export of ``source``.
 
@@ -308,11 +347,9 @@ def write_model_card(out_dir: str | Path, source: str | Path, **extra: Any) -> P
                 break
         metrics = _last_record(run_dir / "metrics.jsonl")
         eval_metrics = _last_record(run_dir / "eval.jsonl")
-    if config_text:
-        try:
-            name = tomllib.loads(config_text).get("job", {}).get("name") or name
-        except tomllib.TOMLDecodeError:
-            pass
+        extra.setdefault("recipe", _recipe_of(run_dir))
+    # the title is the run's folder (what the user named the run), not job.name, which a config
+    # shares with every run made from it
     text = model_card(name, step=step, source=str(source), config_text=config_text,
                       metrics=metrics, eval_metrics=eval_metrics, **extra)  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,9 @@ def test_export_of_a_run_carries_step_config_data_and_metrics(model, tmp_path):
     assert meta["license"] == "other"
     assert meta["library_name"] == "transformers"
     assert {"blip", "image-text-retrieval", "image-captioning"} <= set(meta["tags"])
-    assert "# debug" in text  # job.name
+    assert "\n# run\n" in text  # the run's folder; job.name is shared by every run of a config
+    assert "- job.name: `debug`" in text
+    assert "recipe that made these weights was not recorded" in text  # no run_info.json here
     assert "- step: 40" in text
     assert "model preset: `blip_pretrain_tiny`" in text
     assert "- `synthetic`: num_samples=4096" in text  # data sources from config.toml
@@ -97,3 +99,23 @@ def test_model_card_function():
     assert "- step: 3" in text and "`blip_pretrain_base`" in text
     assert "| txt_r1 | 0.5 |" in text and "nested" not in text
     assert "\n\n\n" not in text
+
+
+def test_card_describes_the_recipe_and_data_of_the_run(model, tmp_path):
+    run = tmp_path / "my-captioner"
+    save_training_checkpoint(model, None, run / "checkpoints" / "step-8", {"kind": "synthetic"})
+    (run / "config.toml").write_text(
+        '[caption]\nprompt = "a photo of "\n\n[[data.sources]]\nkind = "json"\n'
+        'paths = ["mine.json"]\nimage_root = "imgs"\nnum_samples = 4096\nimage_size = 128\n'
+    )
+    recipe = {"recipe": {"path": "/somewhere/recipes/blip_finetune_caption.py"}}
+    (run / "run_info.json").write_text(json.dumps(recipe))
+    out = tmp_path / "hf"
+    assert convert_main([str(run), str(out), "--to", "hf"]) == 0
+    text = (out / "README.md").read_text()
+    assert "\n# my-captioner\n" in text and "- recipe: `blip_finetune_caption`" in text
+    assert "fine-tuned with the decoder prompt `a photo of `" in text
+    assert "a picture of" not in text
+    data = text.split("## Training data")[1].split("##")[0]
+    assert "- `json`: paths=['mine.json'], image_root=imgs" in data
+    assert "num_samples" not in data and "image_size" not in data  # synthetic-only fields
