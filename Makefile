@@ -33,6 +33,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/blip run blip_pretrain --config debug job.output_dir=outputs/demo-$$(date +%Y%m%d-%H%M%S)
+	@echo "blip is $(BIN)/blip (not on PATH): run it as $(BIN)/blip, or '. $(BIN)/activate' first"
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)

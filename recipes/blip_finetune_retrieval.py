@@ -179,8 +179,9 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
         else:
             self.metrics.log_eval(step, record)
         self.best.offer(step, epoch, results, self.model)
-        logger.info("epoch %d (step %d): val r_mean %.2f; best %.2f at epoch %d", epoch, step,
-                    results[SELECTION_KEY], self.best.score, self.best.epoch)  # fmt: skip
+        # log lines count epochs from 1 (as the caption recipe's); saved state stays 0-based
+        logger.info("epoch %d (step %d): val r_mean %.2f; best %.2f at epoch %d", epoch + 1, step,
+                    results[SELECTION_KEY], self.best.score, self.best.epoch + 1)  # fmt: skip
         return results
 
     # ------------------------------------------------------------------ end of run
@@ -213,7 +214,7 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
             (self.output_dir / RESULT_FILE).write_text(json.dumps(report, indent=2) + "\n")
             for split in ("val", "test"):
                 if report[split]:
-                    logger.info("%s (best epoch %d, step %d):\n%s", split, self.best.epoch,
+                    logger.info("%s (best epoch %d, step %d):\n%s", split, self.best.epoch + 1,
                                 self.best.step, format_table(report[split]))  # fmt: skip
         return report
 
