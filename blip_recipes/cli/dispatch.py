@@ -451,7 +451,7 @@ def run_through_torchrun(
 
 def cmd_validate(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
-        print("usage: blip validate [--config] FILE [--world-size N] [overrides...]")
+        print("usage: blip validate [--config] FILE [--world-size N (default: 1)] [overrides...]")
         return 0
     config_arg, rest = split_config_arg(args)
     if config_arg is None and rest and "=" not in rest[0] and not rest[0].startswith("-"):

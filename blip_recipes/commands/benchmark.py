@@ -38,7 +38,7 @@ MODELS = ("blip_pretrain_tiny", "blip_pretrain_base", "blip_pretrain_large")
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="blip_pretrain_tiny")
+    p.add_argument("--model", choices=MODELS, default="blip_pretrain_tiny", help="model preset")
     p.add_argument(
         "--image-size",
         type=int,
@@ -93,11 +93,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="profile extra steps and report the time split per part",
     )
-    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile-steps", type=int, default=2, help="steps traced by the profiler")
     p.add_argument(
         "--trace-dir", default=None, help="write Chrome traces of the profiled steps here"
     )
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="device to run on"
+    )
     p.add_argument(
         "--queue-size",
         type=int,
@@ -124,7 +126,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=1,
         help="run everything this many rounds; report the median (for noisy shared hosts)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--json", dest="json_path", default=None, help="write all results as JSON here")
     return p  # fmt: skip
 

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="transform output side")
     parser.add_argument("--repeats", type=int, default=5, help="passes over the images")
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
     parser.add_argument("--steps", type=int, default=20, help="loader batches per source")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument(

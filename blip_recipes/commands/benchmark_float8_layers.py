@@ -46,7 +46,7 @@ MODELS = ("blip_pretrain_base", "blip_pretrain_large", "blip_pretrain_tiny")
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="blip_pretrain_base")
+    p.add_argument("--model", choices=MODELS, default="blip_pretrain_base", help="model preset")
     p.add_argument("--batch", type=int, default=128, help="images per pass (per device)")
     p.add_argument(
         "--text-batch",

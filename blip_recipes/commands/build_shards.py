@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     parser.add_argument("--resize", type=int, default=0, help="pre-resize to this short side")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
-    parser.add_argument("--max-aspect-ratio", type=float, default=20.0)
+    parser.add_argument(
+        "--max-aspect-ratio",
+        type=float,
+        default=20.0,
+        help="images with a longer side / shorter side above this are skipped",
+    )
     parser.add_argument("--max-words", type=int, default=0, help="check captions (0: 30)")
     args = parser.parse_args(argv)
     if not args.force and os.path.isdir(args.out) and os.listdir(args.out):

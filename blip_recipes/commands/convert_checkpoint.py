@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer vocab.txt / folder (wordpiece) of the run; "
                         "sets the [ENC]/[DEC]/[SEP] ids and is copied into HF folders")  # fmt: skip
     parser.add_argument(
-        "--tokenizer-kind", default="wordpiece", choices=["wordpiece", "bpe", "synthetic"]
+        "--tokenizer-kind",
+        default="wordpiece",
+        choices=["wordpiece", "bpe", "synthetic"],
+        help="tokenizer kind",
     )
     parser.add_argument(
         "--queue-size", type=int, help="momentum queue length of the run (model.queue_size)"

@@ -18,9 +18,14 @@ from blip_recipes.cli.help import HelpFormatter
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", nargs="+", default=["blip_pretrain_base", "blip_pretrain_large"])
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=["blip_pretrain_base", "blip_pretrain_large"],
+        help="model preset",
+    )
     p.add_argument("--batch", type=int, default=8, help="per-rank batch (default 8)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="input side in pixels")
     p.add_argument("--json", help="also write the counts to this file")
     args = p.parse_args(argv)
     results = []

@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         "default: the built-in synthetic tokenizer")  # fmt: skip
     parser.add_argument("--model", choices=sorted(PRESETS), default=None,
                         help="model size (default: tiny on a CPU, base on a GPU)")  # fmt: skip
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="device to run on"
+    )
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to train on (default: the GPUs of this machine, else 1)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None,
