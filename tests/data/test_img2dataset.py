@@ -151,7 +151,12 @@ def test_validation_takes_size_from_stats_or_asks_for_it(tmp_path):
     for s in range(2):
         _write_img2dataset_shard(tmp_path, s, 2)
     paths = f"data.sources.0.paths={tmp_path}/{{00000..00001}}.tar"
-    overrides = [f"job.output_dir={tmp_path / 'run'}", "data.sources.0.kind=shards", paths]
+    overrides = [
+        f"job.output_dir={tmp_path / 'run'}",
+        "data.sources.0.kind=shards",
+        paths,
+        "data.batch_size=2",
+    ]  # the 4 samples hold one global batch
     validate(load_config(debug, overrides), LaunchContext())
     (tmp_path / "00001_stats.json").unlink()
     with pytest.raises(ConfigError) as info:
