@@ -13,7 +13,8 @@ Public surface (what recipes use):
 """
 
 from blip_recipes.data.captions import pre_caption
-from blip_recipes.data.loader import BadSampleError, TrainLoader, build_train_loader
+from blip_recipes.data.loader import TrainLoader, build_train_loader
+from blip_recipes.data.samples import BadSampleError
 from blip_recipes.data.sources import (
     AnnotationError,
     JsonlSource,

@@ -42,8 +42,7 @@ import logging
 import os
 
 from blip_recipes.config.sections import DataConfig
-from blip_recipes.data.counters import (  # noqa: F401  (re-exported)
-    BadSampleLog,
+from blip_recipes.data.counters import (
     SampleCounters,
 )
 from blip_recipes.data.nodes import (
@@ -51,20 +50,10 @@ from blip_recipes.data.nodes import (
     SamplePositions,
     build_pipeline,
 )
-from blip_recipes.data.samples import (  # noqa: F401  (re-exported)
-    MAX_REPLACEMENTS,
-    BadSampleError,
+from blip_recipes.data.samples import (
     BatchContext,
     EpochPlan,
-    IgnoreStopSignals,
     MapBatchMaker,
-    _single_thread,
-    _worker_init,
-    bad_count,
-    bad_record,
-    describe_bad,
-    load_map_samples,
-    load_sample,
 )
 from blip_recipes.data.sources import build_map_source
 from blip_recipes.data.transforms import TrainTransform

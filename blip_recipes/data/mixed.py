@@ -1,7 +1,7 @@
 """Tar shards and map-style sources (JSON, JSONL, synthetic) mixed by weight in every batch.
 
 **Share.** An epoch is ``N_map + N_shards`` samples: ``N_map`` the map-style sources' epoch
-(:class:`~blip_recipes.data.loader.EpochPlan`, each source repeated or subsampled by its
+(:class:`~blip_recipes.data.samples.EpochPlan`, each source repeated or subsampled by its
 weight) and ``N_shards = sum(weight_k x samples_k)`` over the shard sources (sizes from
 ``sizes.json`` or img2dataset stats: :func:`~blip_recipes.data.shards.shard_sizes`). Each of the
 ``G = batch_size x world_size`` sample slots of step ``s`` is a shard sample with probability

@@ -228,10 +228,3 @@ class IgnoreStopSignals:
             signal.signal(sig, signal.SIG_IGN)
         if self.inner is not None:
             self.inner(worker_id)
-
-
-def _single_thread(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-_worker_init = IgnoreStopSignals(_single_thread)

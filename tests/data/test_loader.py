@@ -5,7 +5,7 @@ import torch
 
 from blip_recipes.config import DataConfig, DataSourceConfig
 from blip_recipes.data import build_train_loader
-from blip_recipes.data.loader import EpochPlan
+from blip_recipes.data.samples import EpochPlan
 
 
 def _cfg(batch_size=4, num_workers=0, num_samples=40, **kw):

@@ -289,7 +289,7 @@ def test_bad_sample_log_after_a_restart(broken_dataset, tmp_path):
 
 
 def test_rank_zero_handles_log_files_of_ranks_gone(tmp_path):
-    from blip_recipes.data.loader import BadSampleLog
+    from blip_recipes.data.counters import BadSampleLog
 
     for r in (0, 1, 2, 3):
         (tmp_path / f"bad_samples.rank{r}.jsonl").write_text('{"step": 9, "sample": "x"}\n')
