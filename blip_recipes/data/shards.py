@@ -33,6 +33,7 @@ import os
 import random
 import re
 import tarfile
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -62,6 +63,8 @@ logger = logging.getLogger("blip_recipes.data")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
+#: Seconds a rank looks for a dead worker after its connection to the workers broke.
+WORKER_EXIT_WAIT_S = 2.0
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -589,12 +592,27 @@ class ShardLoader(SampleCounters):
             except (RuntimeError, EOFError, ConnectionError) as e:  # EOF: killed mid-send
                 if isinstance(e, LoaderError):
                     raise
-                try:
-                    watchdog.check(list(getattr(self._iterator, "_workers", [])))
-                except LoaderError as error:
+                timed_out = str(e).startswith("DataLoader timed out")
+                broken = isinstance(e, (EOFError, ConnectionError))
+                # A worker killed while it hands over a batch breaks the connection a moment
+                # before the kernel reports its exit: look for the dead worker for a while.
+                deadline = time.monotonic() + (WORKER_EXIT_WAIT_S if broken else 0)
+                while True:
+                    try:
+                        watchdog.check(list(getattr(self._iterator, "_workers", [])))
+                    except LoaderError as error:
+                        self._failed = True
+                        raise error from None
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.05)
+                if broken:
                     self._failed = True
-                    raise error from None
-                if not str(e).startswith("DataLoader timed out"):
+                    raise LoaderError(
+                        f"rank {watchdog.rank}: the data loader's worker connection broke "
+                        f"({type(e).__name__}: {e}) and no worker exited"
+                    ) from e
+                if not timed_out:
                     raise
 
     def __next__(self) -> dict:
