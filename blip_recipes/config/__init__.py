@@ -1,6 +1,7 @@
 """Typed run configuration: TOML sections as dataclasses, overrides, validation."""
 
 from blip_recipes.config._schema import ConfigError, field_docs
+from blip_recipes.config.checks import LaunchContext, register_advice, register_validator
 from blip_recipes.config.loader import (
     all_keys,
     apply_override,
@@ -26,7 +27,7 @@ from blip_recipes.config.sections import (
     TokenizerConfig,
     TrainingConfig,
 )
-from blip_recipes.config.validation import LaunchContext, register_validator, validate
+from blip_recipes.config.validation import validate
 
 __all__ = [
     "CheckpointConfig",
@@ -51,6 +52,7 @@ __all__ = [
     "help_text",
     "load_config",
     "load_toml",
+    "register_advice",
     "register_validator",
     "split_overrides",
     "to_toml",

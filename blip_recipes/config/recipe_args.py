@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from blip_recipes.config._schema import ConfigError
+from blip_recipes.config.checks import LaunchContext
 from blip_recipes.config.loader import help_text, load_config
 from blip_recipes.config.sections import Config
-from blip_recipes.config.validation import LaunchContext, validate
+from blip_recipes.config.validation import validate
 
 USAGE = "usage: RECIPE --config FILE [section.key=value | --section.key value ...]"
 

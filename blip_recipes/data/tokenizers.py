@@ -207,6 +207,26 @@ def synthetic_vocab() -> list[str]:
     return [*SPECIAL_TOKENS, *words, *punctuation, DEC_TOKEN, ENC_TOKEN]
 
 
+def vocab_size_estimate(tok: TokenizerConfig) -> int | None:
+    """The vocabulary size of tokenizer section ``tok`` (anything with ``kind`` and ``path``)
+    without loading it (None: unknown, use the preset's)."""
+    try:
+        if tok.kind == "synthetic":
+            return len(synthetic_vocab())
+        if not tok.path:
+            return None
+        path = Path(tok.path)
+        if tok.kind == "wordpiece" and path.is_dir():
+            path = path / "vocab.txt"
+        if path.is_file():
+            with path.open("rb") as f:
+                lines = sum(1 for line in f if line.strip())
+            return lines + (2 if tok.kind == "wordpiece" else 7)  # added special tokens
+    except OSError:
+        pass
+    return None
+
+
 def _load_wordpiece_backend(path: str):
     from transformers import BertTokenizerFast
 

@@ -164,6 +164,12 @@ _MODEL_ARGS = (
 )
 
 
+def preset(name: str) -> dict[str, Any] | None:
+    """The hyperparameters of preset ``name`` (a copy: patch size, positions, widths, depths,
+    heads...), or None for an unknown name."""
+    return dict(_PRESETS[name]) if name in _PRESETS else None
+
+
 def _spec(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if name not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(_PRESETS)}")

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from blip_recipes.config import load_config
-from blip_recipes.config.advice import advice, dataset_size, total_steps, training_memory_estimate
+from blip_recipes.config.advice import advice
+from blip_recipes.data.config_checks import samples_per_epoch, total_steps
+from blip_recipes.training.sizes import training_memory_estimate
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "recipes" / "configs"
@@ -53,7 +55,7 @@ def test_steps_and_sizes_from_the_annotations(tmp_path):
                            for i in range(50)))  # fmt: skip
     cfg = _cfg("debug", "data.sources.0.kind=jsonl", f'data.sources.0.paths=["{ann}"]',
                "training.steps=none", "training.epochs=3")  # fmt: skip
-    assert dataset_size(cfg) == 50
+    assert samples_per_epoch(cfg) == 50
     assert total_steps(cfg, world_size=2, samples=50) == 3  # 50 // (16 x 2) = 1 step per epoch
     assert training_memory_estimate(_cfg("debug")) < 2**30
 

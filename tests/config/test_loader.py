@@ -182,19 +182,19 @@ def test_queue_batch_invariant_names_both_numbers():
 
 
 def test_register_validator_hook():
-    from blip_recipes.config import validation
+    from blip_recipes.config import checks
 
     def no_odd_seed(cfg, ctx):
         if cfg.job.seed % 2:
             yield "'job.seed' must be even in this test"
 
-    validation.register_validator(no_odd_seed)
+    checks.register_validator(no_odd_seed)
     try:
         cfg = load_config(None, ["job.seed=3", "tokenizer.kind=synthetic", "model.queue_size=75"])
         with pytest.raises(ConfigError, match="must be even"):
             validate(cfg, LaunchContext(world_size=1))
     finally:
-        validation._VALIDATORS.remove(no_odd_seed)
+        checks.VALIDATORS.remove(no_odd_seed)
 
 
 def test_every_field_is_documented():

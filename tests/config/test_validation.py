@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from blip_recipes.config import ConfigError, LaunchContext, load_config, validate, validation
-from blip_recipes.config.validation import checkpoint_size_estimate
+from blip_recipes.config import ConfigError, LaunchContext, load_config, paths, validate
+from blip_recipes.training import config_checks
+from blip_recipes.training.sizes import checkpoint_size_estimate
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = REPO / "recipes" / "configs" / "debug.toml"
@@ -99,7 +100,7 @@ def test_output_dir_not_writable(tmp_path, monkeypatch):
     cfg = _debug(tmp_path)
     real_access = os.access
     monkeypatch.setattr(
-        validation.os,
+        paths.os,
         "access",
         lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode),
     )
@@ -117,7 +118,7 @@ def test_output_dir_on_a_read_only_file_system(tmp_path, monkeypatch):
     def refuse(dir=None, **kw):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(validation.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(paths.tempfile, "TemporaryFile", refuse)
     assert "refuses new files (Read-only file system)" in _errors(_debug(tmp_path))
 
 
@@ -137,7 +138,7 @@ def test_free_disk_space_below_one_checkpoint(tmp_path, monkeypatch):
     cfg = _debug(tmp_path)
     need = checkpoint_size_estimate(cfg)["bytes"]
     usage = SimpleNamespace(total=10 * need, used=0, free=need - 1)
-    monkeypatch.setattr(validation.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(config_checks.shutil, "disk_usage", lambda path: usage)
     text = _errors(cfg)
     assert f"'job.output_dir' {tmp_path / 'run'}: 0.00 GiB free on its file system" in text
     assert "one checkpoint of blip_pretrain_tiny needs about" in text

@@ -16,9 +16,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from blip_recipes.config.checks import LaunchContext, register_validator
+from blip_recipes.config.loader import load_toml
 from blip_recipes.config.sections import Config
-from blip_recipes.config.sizes import vocab_size_estimate
-from blip_recipes.config.validation import LaunchContext, register_validator
+from blip_recipes.data.tokenizers import vocab_size_estimate
+from blip_recipes.interop.files import latest_dcp_step
 
 
 def recorded_shape(step_dir: Path) -> dict[str, Any] | None:
@@ -26,8 +28,6 @@ def recorded_shape(step_dir: Path) -> dict[str, Any] | None:
     checkpoint folder (None when it records nothing)."""
     for config_file in (step_dir / "config.toml", step_dir.parent.parent / "config.toml"):
         if config_file.is_file():
-            from blip_recipes.config import load_toml
-
             cfg = load_toml(config_file)
             return {"name": cfg.model.name, "embed_dim": cfg.model.embed_dim,
                     "tokenizer": cfg.tokenizer}  # fmt: skip
@@ -54,8 +54,6 @@ def _init_from_matches(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
     source = cfg.checkpoint.init_from
     if not source or not Path(source).is_dir():
         return
-    from blip_recipes.interop.files import latest_dcp_step
-
     try:
         step = latest_dcp_step(source)
         shape = recorded_shape(step) if step is not None else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from blip_recipes.config import LaunchContext, load_config, to_toml
-from blip_recipes.config.checkpoint_match import _init_from_matches
+from blip_recipes.interop.checkpoint_match import _init_from_matches
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 
