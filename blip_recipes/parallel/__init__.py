@@ -23,11 +23,12 @@ from blip_recipes.parallel.float8 import (
     float8_precompute_scales,
     float8_skip_reason,
 )
-from blip_recipes.parallel.fsdp import apply_fsdp, reshard_all
+from blip_recipes.parallel.fsdp import ReduceOnce, apply_fsdp, reshard_all
 from blip_recipes.parallel.parallelize import (
     ParallelPlan,
     materialize,
     parallelize_blip,
+    reused_units,
     transformer_blocks,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "FLOAT8_FILTER_DEFAULT",
     "FLOAT8_SKIP_FQNS",
     "ParallelPlan",
+    "ReduceOnce",
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_float8",
@@ -53,6 +55,7 @@ __all__ = [
     "materialize",
     "parallelize_blip",
     "reshard_all",
+    "reused_units",
     "resolve_device_type",
     "shutdown_distributed",
     "transformer_blocks",

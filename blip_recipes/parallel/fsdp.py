@@ -82,3 +82,65 @@ def reshard_all(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.reshard()
+
+
+class ReduceOnce:
+    """One gradient reduction per optimizer step for FSDP2 units that forward runs several times.
+
+    FSDP2 reduce-scatters a unit's gradients in the post-backward of each forward use, so a unit
+    used twice in one step (BLIP's MED layers: text pass and multimodal pass; the root: every
+    entry point) sends its full gradient twice. Here such units keep gradient sync off and stay
+    gathered for the whole backward (each use's gradient is summed into one unsharded fp32
+    buffer, and the later use needs no second all-gather), and a callback queued at the start of
+    backward, so that it runs after the last autograd node and before FSDP2's own end-of-backward
+    callback (which then waits on the reductions as usual), reduces each of them once.
+
+    Costs: the units' unsharded fp32 gradients and gathered parameters live until the end of
+    backward, and their reductions are issued at the end of backward (no overlap with the rest
+    of it). Gradients equal the per-use path's up to fp32 summation order.
+
+    Args:
+        units: the FSDP2 modules forward calls more than once, in the order to reduce them
+            (the same on every rank: collectives must match).
+    """
+
+    def __init__(self, units: Sequence[FSDPModule]) -> None:
+        self.units = list(units)
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """``loss.backward()`` reducing each unit once; ``sync=False`` (a micro-batch whose
+        gradients are only accumulated) runs the plain backward."""
+        if not sync or not self.units:
+            loss.backward()
+            return
+        for unit in self.units:
+            unit.set_requires_gradient_sync(False, recurse=False)
+            unit.set_reshard_after_backward(False, recurse=False)
+        loss.register_hook(self._queue_reduce)
+        try:
+            loss.backward()
+        finally:
+            self._restore()
+
+    def _queue_reduce(self, grad: torch.Tensor) -> torch.Tensor:
+        # the loss's own gradient: the first thing backward computes, so this callback is queued
+        # before the one FSDP2 queues in its first pre-backward hook
+        torch.autograd.Variable._execution_engine.queue_callback(self._reduce)
+        return grad
+
+    def _reduce(self) -> None:
+        for unit in self.units:
+            group = unit._get_fsdp_state()._fsdp_param_group
+            if group is None:
+                continue
+            # sync still off: fold every gradient that arrived after the unit's last
+            # post-backward into the fp32 accumulator, so all reduce in one dtype
+            group.post_backward()
+            unit.set_requires_gradient_sync(True, recurse=False)
+            unit.set_reshard_after_backward(True, recurse=False)
+            group.post_backward()  # reduce the accumulated gradients, then reshard
+
+    def _restore(self) -> None:
+        for unit in self.units:
+            unit.set_requires_gradient_sync(True, recurse=False)
+            unit.set_reshard_after_backward(True, recurse=False)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from blip_recipes.config.sections import ParallelConfig
 from blip_recipes.models.blip import ENTRY_POINTS, BlipPretrain
@@ -114,6 +114,15 @@ def parallelize_blip(
         plan.checkpointed_blocks,
     )
     return plan
+
+
+def reused_units(model: nn.Module) -> list[FSDPModule]:
+    """The FSDP2 units of the online model that forward runs more than once per step, in
+    backward order: the MED layers (text pass, multimodal pass), last first, then the root
+    (every entry point). Empty when the model is not sharded (`ReduceOnce` reduces these)."""
+    if not isinstance(model, FSDPModule):
+        return []
+    return [*reversed(list(model.text.layers)), model]  # type: ignore[list-item]
 
 
 def materialize(module: nn.Module, device: torch.device) -> None:
