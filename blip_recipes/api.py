@@ -87,11 +87,8 @@ def load_model(
     """
     from blip_recipes.config import TokenizerConfig
     from blip_recipes.data import build_tokenizer
-    from blip_recipes.interop.convert import (
-        build_model_from_weights,
-        read_weights,
-        tokenizer_from_weights,
-    )
+    from blip_recipes.interop.loading import build_model_from_weights, tokenizer_from_weights
+    from blip_recipes.interop.readers import read_weights
 
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or folder")

@@ -151,11 +151,8 @@ def load_checkpoint(path: str, fallback_tokenizer: Any = None, model_name: str |
     Raises:
         ValueError: no tokenizer recorded and no fallback.
     """
-    from blip_recipes.interop.convert import (
-        build_model_from_weights,
-        read_weights,
-        tokenizer_from_weights,
-    )
+    from blip_recipes.interop.loading import build_model_from_weights, tokenizer_from_weights
+    from blip_recipes.interop.readers import read_weights
 
     weights = read_weights(path)
     tokenizer, where = tokenizer_from_weights(weights), "recorded with the checkpoint"

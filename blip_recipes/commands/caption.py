@@ -78,12 +78,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from blip_recipes.config import TokenizerConfig
     from blip_recipes.data import build_tokenizer
     from blip_recipes.evaluation.generation import caption_images
-    from blip_recipes.interop.convert import (
-        build_model_from_weights,
-        read_weights,
-        tokenizer_from_weights,
-    )
     from blip_recipes.interop.files import CheckpointLayoutError
+    from blip_recipes.interop.loading import build_model_from_weights, tokenizer_from_weights
+    from blip_recipes.interop.readers import read_weights
 
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:

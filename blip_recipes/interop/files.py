@@ -1,4 +1,5 @@
-"""Reading and writing checkpoint files and folders (no key mapping here; see `convert.py`).
+"""Reading and writing checkpoint files and folders (no key mapping here; see `readers.py` and
+`exporters.py`).
 
 Layouts on disk:
 - ``dcp``: a DCP checkpoint folder of the pretraining recipe (``step-N/`` with ``.metadata``;

@@ -281,7 +281,7 @@ class CaptionStep:
 def captioning_initial_weights(cfg: Config, tokenizer: Any) -> dict[str, torch.Tensor]:
     """Full initial weights of a caption fine-tuning run: the seeded init (and `model.text_init`
     / `model.vision_init`), overwritten by `checkpoint.init_from` read in any layout
-    `blip_recipes.interop.convert.read_weights` knows, with the ViT position embedding
+    `blip_recipes.interop.readers.read_weights` knows, with the ViT position embedding
     interpolated (bicubic) when the checkpoint was trained at another resolution (224 -> 384).
 
     Raises:
@@ -294,7 +294,7 @@ def captioning_initial_weights(cfg: Config, tokenizer: Any) -> dict[str, torch.T
                             tokenizer)  # fmt: skip
     if not init_from:
         return state
-    from blip_recipes.interop.convert import read_weights
+    from blip_recipes.interop.readers import read_weights
     from blip_recipes.training.retrieval_setup import fit_state_dict
 
     source = read_weights(init_from).model

@@ -125,7 +125,7 @@ def load_pretrained(
     Returns:
         `{"momentum": bool, "queues": bool}`: what besides the model the checkpoint provided.
     """
-    from blip_recipes.interop.convert import read_weights
+    from blip_recipes.interop.readers import read_weights
 
     model_full, momentum_full = _full_state(model), _full_state(momentum.encoders)
     found = {"momentum": False, "queues": False}

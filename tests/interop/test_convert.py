@@ -15,15 +15,12 @@ from blip_recipes.checkpoint import (
     load_model_weights,
 )
 from blip_recipes.interop import ours_to_reference
-from blip_recipes.interop.convert import (
-    CheckpointLayoutError,
-    build_model_from_weights,
+from blip_recipes.interop.exporters import export_hf, save_consolidated, save_reference
+from blip_recipes.interop.files import CheckpointLayoutError
+from blip_recipes.interop.loading import build_model_from_weights, load_model
+from blip_recipes.interop.readers import read_weights
+from blip_recipes.interop.training_checkpoint import (
     build_momentum_from_weights,
-    export_hf,
-    load_model,
-    read_weights,
-    save_consolidated,
-    save_reference,
     save_training_checkpoint,
 )
 from blip_recipes.models import build_model

@@ -9,8 +9,9 @@ import torch
 
 from blip_recipes.commands.convert_checkpoint import main as convert_main
 from blip_recipes.interop import convert
-from blip_recipes.interop.convert import convert_checkpoint, save_training_checkpoint
+from blip_recipes.interop.convert import convert_checkpoint
 from blip_recipes.interop.files import staged_output
+from blip_recipes.interop.training_checkpoint import save_training_checkpoint
 from tests.interop.convert_helpers import HEADS, TINY
 from tests.interop.reference_tree import ReferencePretrainTree, randomised, shared_groups
 from tests.models.tiny_blip import make_model, momentum_state

@@ -61,7 +61,7 @@ def write_start_checkpoint(path: Path) -> Path:
     """A tiny model (and momentum state) at 32 px as a DCP checkpoint, like a pretraining run's."""
     from blip_recipes.config import TokenizerConfig
     from blip_recipes.data import build_tokenizer
-    from blip_recipes.interop.convert import save_training_checkpoint
+    from blip_recipes.interop.training_checkpoint import save_training_checkpoint
     from blip_recipes.models import build_model, build_momentum_encoders
     from blip_recipes.training.momentum import MomentumState
 
@@ -188,7 +188,7 @@ def evaluate_checkpoint(path: Path, annotation: Path, data, image_size=None) -> 
     from blip_recipes.config import TokenizerConfig
     from blip_recipes.data import build_tokenizer
     from blip_recipes.evaluation import evaluate_retrieval, load_retrieval_data
-    from blip_recipes.interop.convert import load_model
+    from blip_recipes.interop.loading import load_model
 
     tok = build_tokenizer(TokenizerConfig(kind="synthetic", max_length=30))
     model = load_model(path, tokenizer=tok)

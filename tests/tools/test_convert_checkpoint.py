@@ -12,7 +12,7 @@ import torch
 
 from blip_recipes.checkpoint import load_model_weights
 from blip_recipes.interop import ours_to_reference
-from blip_recipes.interop.convert import load_model
+from blip_recipes.interop.loading import load_model
 from blip_recipes.models import build_model
 from tests.evaluation.eval_helpers import tiny_model, tokenizer
 from tests.interop.convert_helpers import assert_outputs_close, hf_outputs, our_outputs

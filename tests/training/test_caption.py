@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from blip_recipes.config import Config, ConfigError, LaunchContext, validate
 from blip_recipes.data import build_tokenizer
-from blip_recipes.interop.convert import save_training_checkpoint
+from blip_recipes.interop.training_checkpoint import save_training_checkpoint
 from blip_recipes.models import build_model
 from blip_recipes.models.med import DECODER_ROWS
 from blip_recipes.models.vit import interpolate_pos_embed
