@@ -105,13 +105,17 @@ class TrainLoader(SampleCounters):
         )
         return build_pipeline(
             positions,
-            MapBatchMaker(self.plan, ctx),
+            self._batch_maker(),
             batch_size=ctx.batch_size,
             num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor,
             pin_memory=self.cfg.pin_memory,
             watchdog=self._watchdog(),
         )
+
+    def _batch_maker(self) -> MapBatchMaker:
+        """What the workers run to make a batch (a subclass may make other batches)."""
+        return MapBatchMaker(self.plan, self.ctx)
 
     def close(self) -> None:
         """Stop the worker processes and threads (a later ``next()`` starts them again)."""

@@ -178,10 +178,13 @@ class MapBatchMaker:
         }
 
 
-def load_map_samples(plan: EpochPlan, ctx: BatchContext, epoch: int, positions: list[int]):
+def load_map_samples(
+    plan: EpochPlan, ctx: BatchContext, epoch: int, positions: list[int], load=load_sample
+):
     """(images, captions, image ids, bad-sample records) of the samples at global ``positions``
     of ``epoch``; a bad sample is replaced by the one at a position drawn from ``(seed, epoch,
-    position, attempt)``."""
+    position, attempt)``. ``load(source, index, rng, ctx) -> (image, text)`` reads one sample
+    (:func:`load_sample`; VQA passes its own, whose "text" is a question with its answers)."""
     order = plan.order(epoch)
     images, captions, image_ids, bad = [], [], [], []
     for pos in positions:
@@ -190,7 +193,7 @@ def load_map_samples(plan: EpochPlan, ctx: BatchContext, epoch: int, positions: 
             rng = random.Random(derive_seed(ctx.seed, epoch, pos, attempt))
             source, index = plan.locate(int(order[sample_pos]))
             try:
-                image, caption = load_sample(source, index, rng, ctx)
+                image, caption = load(source, index, rng, ctx)
                 break
             except BadImage as e:
                 where = f"{source.name}[{index}]"

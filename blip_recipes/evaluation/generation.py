@@ -16,7 +16,7 @@ cache: the MED layer has none), which is cheap at caption lengths.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -228,15 +228,51 @@ def generate(
         image_embeds = model.encode_image(images).embeds
         decoder = _Decoder(model, image_embeds, num_beams if method == "beam" else 1)
         prompt = prompt_ids.to(image_embeds.device)[None, :]
-        batch = images.shape[0]
         stop_early = not is_sharded(model)  # FSDP2 forwards are collectives: same count per rank
-        if method == "beam":
-            return _beam_search(decoder, prompt, batch, num_beams, max_length, min_length,
-                                eos_token_id, repetition_penalty, length_penalty,
-                                stop_early)  # fmt: skip
-        return _greedy_or_sample(decoder, prompt, batch, max_length, min_length, eos_token_id,
-                                 pad_token_id, repetition_penalty, method == "nucleus", top_k,
-                                 top_p, temperature, generator, stop_early)  # fmt: skip
+        return decode(decoder, prompt, images.shape[0], eos_token_id, pad_token_id, method,
+                      max_length, min_length, num_beams, top_p, top_k, temperature,
+                      repetition_penalty, length_penalty, generator, stop_early)  # fmt: skip
+
+
+def decode(
+    decoder: Callable[[torch.Tensor], torch.Tensor],
+    prompt: torch.Tensor,
+    batch: int,
+    eos_token_id: int,
+    pad_token_id: int = 0,
+    method: Method = "beam",
+    max_length: int = 30,
+    min_length: int = 5,
+    num_beams: int = 3,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    temperature: float = 1.0,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    stop_early: bool = True,
+) -> list[torch.Tensor]:
+    """The decoding loop of :func:`generate` over any next-token function (VQA's answer decoder
+    uses it too).
+
+    Args:
+        decoder: (rows, T) prefixes, source-major (`num_beams` rows per source for "beam", one
+            otherwise) -> (rows, V) fp32 logits of the next token.
+        prompt: (1, P) int64 decoder prefix.
+        batch: number of sources (images, questions).
+        stop_early: stop once every row is finished (False with FSDP2: same call count per rank).
+        others: as :func:`generate`.
+
+    Returns:
+        `batch` tensors of generated ids (prompt and EOS excluded).
+    """
+    if method == "beam":
+        return _beam_search(decoder, prompt, batch, num_beams, max_length, min_length,
+                            eos_token_id, repetition_penalty, length_penalty,
+                            stop_early)  # fmt: skip
+    return _greedy_or_sample(decoder, prompt, batch, max_length, min_length, eos_token_id,
+                             pad_token_id, repetition_penalty, method == "nucleus", top_k,
+                             top_p, temperature, generator, stop_early)  # fmt: skip
 
 
 def prompt_ids(tokenizer: Any, prompt: str = DEFAULT_PROMPT) -> torch.Tensor:
@@ -310,4 +346,4 @@ def caption_images(
     return captions
 
 
-__all__ = ["DEFAULT_PROMPT", "Method", "caption_images", "generate", "prompt_ids"]
+__all__ = ["DEFAULT_PROMPT", "Method", "caption_images", "decode", "generate", "prompt_ids"]

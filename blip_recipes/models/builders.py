@@ -98,6 +98,7 @@ def med(
     norm_eps: float = 1e-12,
     pad_token_id: int = 0,
     text_only: bool = False,
+    self_attention: str = "both",
 ) -> MED:
     """Build a MED (BERT with cross-attention and a causal copy of self-attention per layer).
 
@@ -114,20 +115,29 @@ def med(
         norm_eps: LayerNorm eps (1e-12 in BERT).
         pad_token_id: padding row of the word embeddings.
         text_only: build only the bidirectional self-attention and FFN (momentum text encoder).
+        self_attention: which self-attentions each layer has: "both" (BLIP's shared MED),
+            "bidirectional" (an encoder only, VQA's question encoder) or "causal" (a decoder
+            only, VQA's answer decoder).
 
     Returns:
         `MED` with BERT-initialised weights.
     """
     attention_dropout = dropout if attention_dropout is None else attention_dropout
+    if self_attention not in ("both", "bidirectional", "causal"):
+        raise ValueError(
+            f"self_attention must be 'both', 'bidirectional' or 'causal', got {self_attention!r}"
+        )
+    bidirectional = self_attention != "causal"
+    causal = self_attention != "bidirectional" and not text_only
 
     def attention(kv_width: int) -> BertAttention:
         return BertAttention(width, heads, kv_width, dropout, attention_dropout, norm_eps)
 
     layers = [
         MEDLayer(
-            self_attn=attention(width),
+            self_attn=attention(width) if bidirectional else None,
             ffn=BertFeedForward(width, ffn_dim, dropout, norm_eps),
-            causal_self_attn=None if text_only else attention(width),
+            causal_self_attn=attention(width) if causal else None,
             cross_attn=None if text_only else attention(vision_width),
         )
         for _ in range(depth)

@@ -11,7 +11,11 @@ unit FSDP2 shards. What a pass computes is data, not a mode string:
   the same images share one pass, and all rows of an image attend its keys/values together.
 
 A text-only MED (the momentum text encoder) is built with `causal_self_attn=None` and
-`cross_attn=None`; it only runs without images.
+`cross_attn=None`; it only runs without images. A MED may also have one self-attention only
+(VQA's question encoder: bidirectional; its answer decoder: causal, `self_attn=None`).
+
+Cross-attention sources without padding (image tokens) need no mask; a padded source (VQA's
+question states, attended by the answer decoder) passes `cross_mask`, one row per source.
 
 Post-LN BERT arithmetic throughout (LayerNorm eps 1e-12 in the reference); attention through
 `F.scaled_dot_product_attention` with boolean masks (True = attend), which equals the reference's
@@ -311,7 +315,7 @@ class MEDLayer(nn.Module):
     """One MED depth: both self-attentions, the shared cross-attention and the shared FFN.
 
     Args:
-        self_attn: bidirectional self-attention (encoder).
+        self_attn: bidirectional self-attention (encoder); None for a decoder-only MED.
         ffn: feed-forward sublayer (shared).
         causal_self_attn: causal self-attention (decoder); None for a text-only encoder.
         cross_attn: cross-attention to image tokens (shared); None for a text-only encoder.
@@ -319,7 +323,7 @@ class MEDLayer(nn.Module):
 
     def __init__(
         self,
-        self_attn: BertAttention,
+        self_attn: BertAttention | None,
         ffn: BertFeedForward,
         causal_self_attn: BertAttention | None = None,
         cross_attn: BertAttention | None = None,
@@ -340,6 +344,7 @@ class MEDLayer(nn.Module):
         image_rows: torch.Tensor | None = None,
         return_kv: bool = False,
         image_select: torch.Tensor | None = None,
+        cross_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, CrossKV | None]:
         """Self-attention (per row kind) -> cross-attention (when images are given) -> FFN.
 
@@ -358,6 +363,8 @@ class MEDLayer(nn.Module):
                 the M images given (`image_embeds` then holds only those M): their keys/values
                 are selected from the M images' keys/values, not projected again (see
                 `select_kv`).
+            cross_mask: (G * M, S) bool, True = a source token to attend (a padded source);
+                None attends every source token.
 
         Returns:
             hidden (R, L, D) and the image keys/values (None unless `return_kv`).
@@ -370,7 +377,7 @@ class MEDLayer(nn.Module):
                 cross_kv = self.cross_attn.key_value(image_embeds)
             if image_select is not None:
                 cross_kv = select_kv(cross_kv, image_select)
-            hidden = self._cross_attention(hidden, layout, cross_kv, image_rows)
+            hidden = self._cross_attention(hidden, layout, cross_kv, image_rows, cross_mask)
         if return_kv and cross_kv is not None:
             return self.ffn(hidden), (cross_kv[0].contiguous(), cross_kv[1].contiguous())
         return self.ffn(hidden), None
@@ -379,6 +386,8 @@ class MEDLayer(nn.Module):
         self, hidden: torch.Tensor, masks: SelfAttentionMasks, layout: RowLayout
     ) -> torch.Tensor:
         if layout.encoder_only:
+            if self.self_attn is None:
+                raise ValueError("this MED layer has no bidirectional self-attention (decoder)")
             return self.self_attn(hidden, masks.encoder)
         if self.causal_self_attn is None:
             raise ValueError("this MED layer has no causal self-attention (text-only build)")
@@ -387,6 +396,7 @@ class MEDLayer(nn.Module):
             return self.causal_self_attn(hidden, masks.decoder, is_causal=causal)
         images = hidden.shape[0] // layout.rows_per_image()
         encoder, decoder = layout.split(hidden, images)
+        assert self.self_attn is not None
         encoder = self.self_attn(encoder, masks.encoder)
         decoder = self.causal_self_attn(decoder, masks.decoder, is_causal=causal)
         return layout.merge(encoder, decoder, images)
@@ -397,14 +407,18 @@ class MEDLayer(nn.Module):
         layout: RowLayout,
         cross_kv: CrossKV,
         image_rows: torch.Tensor | None,
+        cross_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         attn = self.cross_attn
         assert attn is not None
         queries = attn.query(hidden)  # (R, L, D): one projection for every row
         keys, values = cross_kv
+        source_mask = None if cross_mask is None else cross_mask[:, None, None, :]
         if image_rows is not None:
             keys, values = keys.index_select(0, image_rows), values.index_select(0, image_rows)
-            return attn.residual(hidden, attn.attend(queries, (keys, values)))
+            if source_mask is not None:
+                source_mask = source_mask.index_select(0, image_rows)
+            return attn.residual(hidden, attn.attend(queries, (keys, values), source_mask))
         rows, length, width = queries.shape
         images = rows // layout.rows_per_image()
         contexts, row_at = [], 0
@@ -413,7 +427,10 @@ class MEDLayer(nn.Module):
             packed = queries[row_at : row_at + size].reshape(images, group.rows * length, width)
             kv = (keys[index * images : (index + 1) * images],
                   values[index * images : (index + 1) * images])  # fmt: skip
-            contexts.append(attn.attend(packed, kv).reshape(size, length, width))
+            mask = None
+            if source_mask is not None:
+                mask = source_mask[index * images : (index + 1) * images]
+            contexts.append(attn.attend(packed, kv, mask).reshape(size, length, width))
             row_at += size
         return attn.residual(hidden, _cat(contexts))
 
@@ -474,6 +491,7 @@ class MED(nn.Module):
         causal_fast_path: bool = False,
         return_cross_kv: bool = False,
         image_select: torch.Tensor | None = None,
+        cross_mask: torch.Tensor | None = None,
     ) -> MEDOutput:
         """Encode and/or decode a batch of token ids in one pass.
 
@@ -498,6 +516,8 @@ class MED(nn.Module):
             image_select: (S,) int64: the layout's later groups attend images `image_select` of
                 the M images in `image_embeds`, whose keys/values each layer selects instead of
                 projecting them again (pretraining's hard-negative images).
+            cross_mask: (G * M, S), 1 = a source token to attend, for a padded cross-attention
+                source (VQA's question states); None attends every token (image tokens).
 
         Returns:
             `MEDOutput(hidden_states (R, L, D), cross_kv)`, `cross_kv` None unless asked for.
@@ -507,11 +527,13 @@ class MED(nn.Module):
             raise ValueError(f"{rows} text rows do not fit layout {layout}")
         hidden = self.embeddings(input_ids)
         masks = self._masks(attention_mask, layout, causal_fast_path)
+        if cross_mask is not None:
+            cross_mask = cross_mask.bool()
         new_kv: list[CrossKV] = []
         for index, layer in enumerate(self.layers):
             layer_kv = None if cross_kv is None else cross_kv[index]
             hidden, layer_kv = layer(hidden, masks, layout, image_embeds, layer_kv, image_rows,
-                                     return_cross_kv, image_select)  # fmt: skip
+                                     return_cross_kv, image_select, cross_mask)  # fmt: skip
             if layer_kv is not None:
                 new_kv.append(layer_kv)
         return MEDOutput(hidden, new_kv if return_cross_kv else None)
