@@ -185,7 +185,7 @@ def read_vqa_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, 
         return reference_vqa_to_ours(state, source)
     if kind == "hf":
         return hf_vqa_to_ours(state, source)
-    from blip_recipes.interop.convert import read_weights, weights_from_state_dict
+    from blip_recipes.interop.readers import read_weights, weights_from_state_dict
 
     if kind == "ours_pretrain":
         return vqa_from_pretrain(weights_from_state_dict(state, source).model)

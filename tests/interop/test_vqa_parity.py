@@ -163,3 +163,18 @@ def test_vqa_from_pretrain_takes_encoder_and_decoder_sides():
     assert torch.equal(dec.causal_self_attn.query.weight, text.causal_self_attn.query.weight)
     assert torch.equal(enc.cross_attn.key.weight, dec.cross_attn.key.weight)
     assert enc.cross_attn.key.weight.data_ptr() != dec.cross_attn.key.weight.data_ptr()
+
+
+def test_read_vqa_weights_from_files(setup, tmp_path):
+    from blip_recipes.interop.vqa import export_hf_vqa, read_vqa_weights
+
+    model = setup[0]
+    state = model.state_dict()
+    torch.save({"model": ours_to_reference_vqa(state)}, tmp_path / "model_vqa.pth")
+    export_hf_vqa(model, tmp_path / "hf", sep_token_id=SEP_ID)
+    torch.save({"model": make_model(seed=1, vision_width=32).state_dict()}, tmp_path / "ours.pt")
+    for source in (tmp_path / "model_vqa.pth", tmp_path / "hf"):
+        read = read_vqa_weights(source)
+        assert set(read) == set(state) and all(torch.allclose(read[k], state[k]) for k in state)
+    started = read_vqa_weights(tmp_path / "ours.pt")  # a pretraining model: the VQA start
+    assert set(started) == set(state)
