@@ -205,7 +205,10 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.mark.parametrize("rendezvous", ["standalone", "static"])
+@pytest.mark.parametrize(
+    "rendezvous",
+    ["standalone", pytest.param("static", marks=pytest.mark.slow)],  # ~50 s each on 2 cores
+)
 def test_restarted_worker_group_connects(tmp_path, rendezvous):
     """The restarted group must not read the previous attempt's gloo addresses from a store that
     outlived it (a fresh c10d store per round; a per-attempt key prefix on torchrun's reused

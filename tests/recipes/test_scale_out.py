@@ -70,6 +70,7 @@ def _adam_bounded(a: dict, b: dict, lr_sum: float) -> None:
             assert (left.float() - right.float()).abs().max().item() <= bound, (key, bound)
 
 
+@pytest.mark.slow  # 2 runs x 4 gloo ranks (~2.5 min on 2 cores); HSDP(2x2) per step: test_parallel_fsdp
 def test_fsdp4_and_hsdp_2x2_train_the_same(tmp_path):
     """4 ranks as FSDP(4) and as HSDP(2 replicas x 2 shards): the same reduced gradient on the
     first step (to fp32 summation order), the same losses, weights within what AdamW can make of
