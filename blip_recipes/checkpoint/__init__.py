@@ -13,17 +13,15 @@ from blip_recipes.checkpoint.integrity import (
     verify_checkpoint,
     write_checksums,
 )
-from blip_recipes.checkpoint.manager import (
-    CheckpointManager,
+from blip_recipes.checkpoint.loading import (
     CheckpointMismatchError,
-    CheckpointWriteError,
-    NonFiniteCheckpointError,
     check_against_metadata,
     is_complete,
     load_model_weights,
     load_states,
     top_level_keys,
 )
+from blip_recipes.checkpoint.manager import CheckpointManager
 from blip_recipes.checkpoint.states import (
     LOADER,
     LR_SCHEDULER,
@@ -39,6 +37,7 @@ from blip_recipes.checkpoint.states import (
     rank_key,
     restore_rng_state,
 )
+from blip_recipes.checkpoint.write_errors import CheckpointWriteError, NonFiniteCheckpointError
 
 __all__ = [
     "LOADER",

@@ -26,14 +26,14 @@ from blip_recipes.checkpoint import (
     load_states,
     verify_checkpoint,
 )
-from blip_recipes.checkpoint.manager import _find_oserror
 from blip_recipes.checkpoint.safe_read import UnsafeCheckpointError, read_metadata
 from blip_recipes.checkpoint.states import from_bytes, restore_rng_state, to_bytes
+from blip_recipes.checkpoint.write_errors import find_oserror
 from tests.checkpoint.checkpoint_toy import Setup, full_params
 from tests.checkpoint.damage import flip_bytes
 from tests.small_fs import fill, small_fs
 
-LOGGER = "blip_recipes.checkpoint.manager"
+LOGGER = "blip_recipes.checkpoint"
 
 
 def _snapshot(folder):
@@ -74,15 +74,15 @@ def test_torch_writer_failing_on_a_full_disk_counts_as_no_space(tmp_path):
         with pytest.raises(RuntimeError) as raised, open(fs / "big.pt", "wb") as f:
             torch.save(torch.zeros(1 << 17), f)  # 512 KiB
         assert "inline_container" in str(raised.value) or "PytorchStreamWriter" in str(raised.value)
-        found = _find_oserror(raised.value, fs)
+        found = find_oserror(raised.value, fs)
         assert found is not None and found.errno == errno.ENOSPC
         os.unlink(fs / "big.pt")
-        found = _find_oserror(RuntimeError("[enforce fail at inline_container.cc:672] x"), fs)
+        found = find_oserror(RuntimeError("[enforce fail at inline_container.cc:672] x"), fs)
         assert found is not None and found.errno == errno.EIO  # space left: another failure
         short = RuntimeError(
             "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
         )
-        assert _find_oserror(short, fs).errno == errno.ENOSPC  # a short write, whatever is free
+        assert find_oserror(short, fs).errno == errno.ENOSPC  # a short write, whatever is free
 
 
 def test_disk_filled_by_another_process_between_saves(tmp_path):

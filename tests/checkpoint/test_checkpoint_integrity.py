@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-import blip_recipes.checkpoint.manager as manager_module
+import blip_recipes.checkpoint.coordination as coordination
 from blip_recipes.checkpoint import (
     MANIFEST_FILE,
     CheckpointCorruptError,
@@ -25,7 +25,7 @@ from blip_recipes.checkpoint import (
 from tests.checkpoint.checkpoint_toy import Setup
 from tests.checkpoint.damage import DAMAGE, truncate_manifest
 
-LOGGER = "blip_recipes.checkpoint.manager"
+LOGGER = "blip_recipes.checkpoint"
 
 
 def _two_checkpoints(folder, **kwargs):
@@ -223,7 +223,7 @@ def test_disk_full_while_writing_shards(tmp_path, monkeypatch, caplog):
 
 def test_write_errors_in_the_manifest_or_extra_files(tmp_path, monkeypatch):
     manager, run = _two_checkpoints(tmp_path)
-    monkeypatch.setattr(manager_module, "write_manifest", _raise(errno.ENOSPC))
+    monkeypatch.setattr(coordination, "write_manifest", _raise(errno.ENOSPC))
     with pytest.raises(CheckpointWriteError, match="no space left on device"):
         manager.save(3, run.states())
     assert not (tmp_path / "step-3").exists()
