@@ -50,7 +50,7 @@ from blip_recipes.parallel.fsdp import reshard_all
 from blip_recipes.training.best_weights import BestWeights
 from blip_recipes.training.caption import CaptionStep, PromptedTokenizer, build_captioning
 from blip_recipes.training.optim import EpochCosineLR
-from blip_recipes.training.pretrain import StepResult
+from blip_recipes.training.step import StepResult
 from recipes.blip_pretrain import BlipPretrainRecipe
 
 logger = logging.getLogger("blip_finetune_caption")
@@ -129,7 +129,7 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
         self.prompt_length = len(prompt_ids(self.tokenizer, self.cfg.caption.prompt))
         return CaptionStep.from_config(
             self.cfg, self.model, self.optimizer, self.lr_scheduler, self.dist,
-            self.compute_dtype, self.prompt_length,
+            self.compute_dtype, prompt_length=self.prompt_length,
         )  # fmt: skip
 
     def _build_evaluator(self) -> Any:

@@ -107,8 +107,8 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
 
     def _build_step(self) -> RetrievalStep:
         return RetrievalStep.from_config(
-            self.cfg, self.model, self.momentum, self.optimizer, self.lr_scheduler, self.dist,
-            self.compute_dtype,
+            self.cfg, self.model, self.optimizer, self.lr_scheduler, self.dist,
+            self.compute_dtype, momentum=self.momentum,
         )  # fmt: skip
 
     def _build_evaluator(self) -> BlipFinetuneRetrievalRecipe:

@@ -79,7 +79,8 @@ from blip_recipes.runs.lock import RunLockedError, acquire_run_lock
 from blip_recipes.training.build import build_pretraining, compute_dtype, set_determinism
 from blip_recipes.training.momentum import check_queue_batch
 from blip_recipes.training.optim import build_lr_scheduler, build_optimizer
-from blip_recipes.training.pretrain import DeviceBatch, PretrainStep, StepResult
+from blip_recipes.training.pretrain import PretrainStep
+from blip_recipes.training.step import DeviceBatch, StepResult
 
 logger = logging.getLogger("blip_pretrain")
 
@@ -382,8 +383,8 @@ class BlipPretrainRecipe:
     def _build_step(self) -> PretrainStep:
         """The library's optimizer step for this run's config."""
         return PretrainStep.from_config(
-            self.cfg, self.model, self.momentum, self.optimizer, self.lr_scheduler, self.dist,
-            self.compute_dtype,
+            self.cfg, self.model, self.optimizer, self.lr_scheduler, self.dist,
+            self.compute_dtype, momentum=self.momentum,
         )  # fmt: skip
 
     def _build_evaluator(self) -> Any:

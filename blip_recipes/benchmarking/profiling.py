@@ -106,7 +106,7 @@ def instrument_step(step: Any) -> Iterator[None]:
     ``lm_loss`` -> lm.
     """
     from blip_recipes.objectives import pretrain as objective
-    from blip_recipes.training import pretrain as pretrain_step
+    from blip_recipes.training import step as optimizer_step
 
     model = step.model
     hooks = _RangeHooks()
@@ -125,7 +125,7 @@ def instrument_step(step: Any) -> Iterator[None]:
             (step.optimizer, "step", "optimizer"),
             (step.optimizer, "zero_grad", "optimizer"),
             (step.lr_scheduler, "step", "optimizer"),
-            (pretrain_step, "global_grad_norm", "optimizer"),
+            (optimizer_step, "global_grad_norm", "optimizer"),
             (objective, "itc_loss", "itc"),
             (objective, "sample_hard_negatives", "itm"),
             (objective, "itm_loss", "itm"),

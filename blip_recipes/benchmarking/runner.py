@@ -244,8 +244,8 @@ class _OursRun:
         steps = cfg.training.steps
         lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
                                           steps_per_epoch=steps, total_steps=steps)  # fmt: skip
-        step_fn = PretrainStep.from_config(cfg, model, momentum, optimizer, lr_scheduler, info,
-                                           dtype)  # fmt: skip
+        step_fn = PretrainStep.from_config(cfg, model, optimizer, lr_scheduler, info, dtype,
+                                           momentum=momentum)  # fmt: skip
         return cls(cfg, tokenizer, step_fn, dtype, loader)
 
     def close(self) -> None:
@@ -264,7 +264,7 @@ def run_recipe_variant(
 ) -> dict[str, Any]:
     """Build the run of ``variant`` with the recipe's library calls and time its step."""
     from blip_recipes.data import normalize_images
-    from blip_recipes.training.pretrain import DeviceBatch
+    from blip_recipes.training.step import DeviceBatch
 
     result: dict[str, Any] = {"name": variant.name, "kind": "ours", "batch_size": batch_size}
     run = None

@@ -3,50 +3,42 @@
 BLIP's captioning fine-tuning trains the image encoder and the text decoder only (no ITC, no
 ITM, no momentum encoders) with a label-smoothed (0.1) LM loss whose targets exclude the prompt
 ("a picture of "): the first `prompt_length` positions (`[DEC]` and the prompt's tokens) and
-padding are labelled -100. `BlipCaptioner` is the pretraining model with one more entry point,
-`decoder_logits` (the teacher-forced decoder over whole captions, no encoder rows), so the
+padding are labelled -100. `BlipCaptioner` is the pretraining model with two more entry points,
+`decoder_logits` and `decoder_loss` (the teacher-forced decoder over whole captions, no encoder
+rows), so the
 checkpoint layout stays that of `BlipPretrain` and every tool that reads it (evaluation,
 captioning, conversion) reads fine-tuned checkpoints too.
 
-`CaptionStep` is the optimizer step the fine-tuning recipe runs, the pretraining step without the
-momentum parts: for each micro-batch loss -> backward (gradient sync on the last one) -> global
-gradient norm -> one "ok" flag agreed by all ranks -> optimizer step (skipped when not ok) ->
-LR scheduler step. No host sync except the skip decision of a non-fused optimizer.
+`CaptionStep` is the optimizer step the fine-tuning recipe runs: the shared
+`blip_recipes.training.step.OptimizerStep` without a momentum state, with `caption_loss` as its
+micro-batch (and the same chunked LM loss option as pretraining, `parallel.lm_loss`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import register_fsdp_forward_method
 
 from blip_recipes.config import Config, LaunchContext, register_validator
 from blip_recipes.models import build_model
 from blip_recipes.models.blip import BlipPretrain
+from blip_recipes.models.inputs import replace_first_token
 from blip_recipes.models.med import DECODER_ROWS
 from blip_recipes.objectives import pretrain as objective
 from blip_recipes.parallel import DistInfo, ParallelPlan, materialize, parallelize_blip
 from blip_recipes.training.build import fsdp_mesh, initial_weights, model_kwargs
-from blip_recipes.training.pretrain import (
-    DeviceBatch,
-    StepResult,
-    agree_ok,
-    apply_update,
-    global_grad_norm,
-    step_options,
-)
+from blip_recipes.training.step import DeviceBatch, OptimizerStep, StepOptions
 
 logger = logging.getLogger(__name__)
 
-CAPTION_ENTRY_POINT = "decoder_logits"
+CAPTION_ENTRY_POINTS = ("decoder_logits", "decoder_loss")
 _CAPTIONING_PARTS = ("visual_encoder.", "lm_head.", "text.embeddings.")
 _UNUSED_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.")
 """Weights a captioning start point must provide (the MED layers are checked by shape)."""
@@ -77,11 +69,19 @@ def _caption_section(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
 
 
 class BlipCaptioner(BlipPretrain):
-    """`BlipPretrain` with the teacher-forced decoder pass as an extra entry point.
+    """`BlipPretrain` with the teacher-forced decoder pass as two extra entry points.
 
     Same parameters and state dict as `BlipPretrain`; use :func:`as_captioner` to turn a built
     model into one (before `parallelize_blip`, so FSDP2 wraps this class).
     """
+
+    def _decoder_hidden(
+        self, image_embeds: torch.Tensor, decoder_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B * (L - 1), D) decoder states; row b * (L - 1) + t predicts token t + 1 of b."""
+        hidden = self.text(decoder_ids, attention_mask, image_embeds, DECODER_ROWS,
+                           causal_fast_path=True).hidden_states  # fmt: skip
+        return hidden[:, :-1].flatten(0, 1)
 
     def decoder_logits(
         self, image_embeds: torch.Tensor, decoder_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -96,10 +96,33 @@ class BlipCaptioner(BlipPretrain):
         Returns:
             (B * (L - 1), V) fp32; row b * (L - 1) + t predicts token t + 1 of caption b.
         """
-        hidden = self.text(decoder_ids, attention_mask, image_embeds, DECODER_ROWS,
-                           causal_fast_path=True).hidden_states  # fmt: skip
-        word_embeddings = self.text.embeddings.word_embeddings.weight
-        return self.lm_head(hidden[:, :-1].flatten(0, 1), word_embeddings)
+        hidden = self._decoder_hidden(image_embeds, decoder_ids, attention_mask)
+        return self.lm_head(hidden, self.text.embeddings.word_embeddings.weight)
+
+    def decoder_loss(
+        self,
+        image_embeds: torch.Tensor,
+        decoder_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        targets: torch.Tensor,
+        lm_loss: Callable[..., torch.Tensor],
+        label_smoothing: float,
+    ) -> torch.Tensor:
+        """The LM loss computed inside the entry point by `lm_loss` (`ChunkedLMLoss`), on the
+        parameters as FSDP2 gathered them; no logits leave the model.
+
+        Args:
+            image_embeds, decoder_ids, attention_mask: as `decoder_logits`.
+            targets: (B * (L - 1),) int64 next-token targets, -100 where ignored.
+            lm_loss: called as `lm_loss(hidden, weight, bias, targets, label_smoothing)`.
+            label_smoothing: passed to `lm_loss`.
+
+        Returns:
+            0-d fp32 mean over the non-ignored targets.
+        """
+        hidden = self._decoder_hidden(image_embeds, decoder_ids, attention_mask)
+        return lm_loss(self.lm_head.transform(hidden), self.text.embeddings.word_embeddings.weight,
+                       self.lm_head.bias, targets, label_smoothing)  # fmt: skip
 
 
 def as_captioner(model: BlipPretrain) -> BlipCaptioner:
@@ -113,9 +136,10 @@ def as_captioner(model: BlipPretrain) -> BlipCaptioner:
 
 
 def register_caption_entry_point(model: BlipCaptioner) -> None:
-    """Make `decoder_logits` an FSDP2 forward of the root unit (after `parallelize_blip`; a
-    no-op for an unsharded model)."""
-    register_fsdp_forward_method(model, CAPTION_ENTRY_POINT)
+    """Make `decoder_logits` and `decoder_loss` FSDP2 forwards of the root unit (after
+    `parallelize_blip`; a no-op for an unsharded model)."""
+    for name in CAPTION_ENTRY_POINTS:
+        register_fsdp_forward_method(model, name)
 
 
 def freeze_unused_parameters(model: BlipPretrain) -> list[str]:
@@ -147,23 +171,29 @@ def caption_loss(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     prompt_length: int,
+    lm_loss: objective.ChunkedLMLoss | None = None,
 ) -> torch.Tensor:
     """Label-smoothed LM loss of the captions given their images (BLIP_Decoder's forward).
 
     Args:
-        model: a `BlipCaptioner` (plain or FSDP2-sharded with the entry point registered).
+        model: a `BlipCaptioner` (plain or FSDP2-sharded with the entry points registered).
         images: (B, 3, H, W) normalised.
         input_ids: (B, L) `[CLS] prompt caption [SEP] [PAD]...` ([CLS] becomes [DEC] here).
         attention_mask: (B, L).
         prompt_length: `[DEC]` plus the prompt's tokens (4 for "a picture of ").
+        lm_loss: a chunked LM loss computed inside the model (`decoder_loss`); None = fp32
+            logits (`decoder_logits`) and `objective.lm_loss` (the same number in fp32).
 
     Returns:
         0-d fp32 mean over the caption tokens (smoothing `model.label_smoothing`).
     """
     image_embeds = model.encode_image(images).embeds
-    decoder_ids = objective.replace_first_token(input_ids, model.dec_token_id)
-    logits = model.decoder_logits(image_embeds, decoder_ids, attention_mask)
+    decoder_ids = replace_first_token(input_ids, model.dec_token_id)
     labels = caption_labels(decoder_ids, prompt_length, model.pad_token_id)
+    if lm_loss is not None:
+        return model.decoder_loss(image_embeds, decoder_ids, attention_mask,
+                                  labels[:, 1:].flatten(), lm_loss, model.label_smoothing)  # fmt: skip
+    logits = model.decoder_logits(image_embeds, decoder_ids, attention_mask)
     return objective.lm_loss(logits, labels, model.label_smoothing)
 
 
@@ -174,19 +204,15 @@ class CaptionOutput:
     loss: torch.Tensor
 
 
-class CaptionStep:
-    """The optimizer step of caption fine-tuning (module docstring).
+class CaptionStep(OptimizerStep):
+    """The optimizer step of caption fine-tuning: `OptimizerStep` (no momentum state) with
+    `caption_loss` as its micro-batch.
 
     Args:
         model: the `BlipCaptioner`, after `parallelize_blip`.
-        optimizer: AdamW over the model's parameters.
-        lr_scheduler: stepped once per call (skipped updates included).
+        optimizer, lr_scheduler, options: as `OptimizerStep` (`options.lm_loss`: the chunked LM
+            loss, as in pretraining).
         prompt_length: `[DEC]` plus the prompt's tokens, excluded from the loss.
-        group: data-parallel process group for the agreed flag; None with one process.
-        grad_clip: clip the global gradient norm to this value; None = no clipping.
-        autocast_dtype: autocast to this dtype (unsharded bf16 runs); None = no autocast.
-        grad_accum_steps: micro-batches per optimizer step.
-        after_optimizer_step: called after each optimizer step (float8 scale precompute).
     """
 
     def __init__(
@@ -194,87 +220,19 @@ class CaptionStep:
         model: BlipCaptioner,
         optimizer: torch.optim.Optimizer,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        options: StepOptions | None = None,
+        *,
         prompt_length: int,
-        group: dist.ProcessGroup | None = None,
-        grad_clip: float | None = None,
-        autocast_dtype: torch.dtype | None = None,
-        grad_accum_steps: int = 1,
-        after_optimizer_step: Callable[[], object] | None = None,
     ) -> None:
-        if grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-        self.model = model
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
+        super().__init__(model, optimizer, lr_scheduler, options)
         self.prompt_length = prompt_length
-        self.group = group
-        self.grad_clip = grad_clip
-        self.autocast_dtype = autocast_dtype
-        self.grad_accum_steps = grad_accum_steps
-        self.after_optimizer_step = after_optimizer_step
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.fused = bool(optimizer.defaults.get("fused"))
 
-    @classmethod
-    def from_config(
-        cls,
-        cfg: Config,
-        model: BlipCaptioner,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-        dist_info: DistInfo,
-        compute_dtype: torch.dtype,
-        prompt_length: int,
-    ) -> CaptionStep:
-        """The step a run of `cfg` takes on this rank (clipping, precision, float8, accumulation)."""
-        return cls(
-            model,
-            optimizer,
-            lr_scheduler,
-            prompt_length,
-            **step_options(cfg, model, dist_info, compute_dtype),
-        )
-
-    def autocast(self, device_type: str) -> AbstractContextManager:
-        """The step's autocast context (also what evaluation should run under)."""
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
-
-    def __call__(self, batches: Sequence[DeviceBatch], step: int) -> StepResult:
-        """One optimizer step over `grad_accum_steps` micro-batches already on the device.
-
-        Returns:
-            `StepResult` whose `output` is a `CaptionOutput`.
-        """
-        accum = self.grad_accum_steps
-        if len(batches) != accum:
-            raise ValueError(f"expected {accum} micro-batches, got {len(batches)}")
-        device_type = batches[0].images.device.type
-        losses = []
-        all_finite = None
-        for index, batch in enumerate(batches):
-            last = index == accum - 1
-            if accum > 1 and hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(last)
-            with self.autocast(device_type):
-                loss = caption_loss(self.model, *batch, self.prompt_length)
-            (loss if accum == 1 else loss / accum).backward()
-            losses.append(loss.detach())
-            if not last:
-                finite = agree_ok(loss, None, self.group)
-                all_finite = finite if all_finite is None else all_finite & finite
-        grad_norm = global_grad_norm(self.parameters, self.grad_clip)
-        ok = agree_ok(losses[-1], grad_norm, self.group)
-        if all_finite is not None:
-            ok = ok & all_finite
-        apply_update(self.optimizer, ok, self.fused)
-        if self.after_optimizer_step is not None:
-            self.after_optimizer_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
-        mean = losses[0] if accum == 1 else torch.stack(losses).mean()
-        return StepResult(CaptionOutput(mean), ok, grad_norm)  # type: ignore[arg-type]
+    def micro_batch(  # type: ignore[override]
+        self, batch: DeviceBatch, targets: None
+    ) -> CaptionOutput:
+        """`caption_loss` of one micro-batch."""
+        return CaptionOutput(caption_loss(self.model, *batch, self.prompt_length,
+                                          self.options.lm_loss))  # fmt: skip
 
 
 # ---------------------------------------------------------------------- building the model

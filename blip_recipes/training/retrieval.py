@@ -7,14 +7,15 @@
        over the global batch with `negatives_group`) -> one ITM pass of 3B rows (`itm_logits`,
        `[ENC]` first): B positives, B (text, negative image), B (negative text, image)
 
-The captioning decoder is not run. `RetrievalStep` is `PretrainStep`'s optimizer step
-(temperature clamp, EMA, micro-batches, one agreed "ok" flag, optimizer skip, scheduler) with
-these losses and an id-carrying enqueue.
+The captioning decoder is not run. `RetrievalStep` is the shared optimizer step
+(`blip_recipes.training.step.OptimizerStep`: temperature clamp, EMA, micro-batches, one agreed
+flag, optimizer skip, enqueue, scheduler) with these losses; its momentum state tracks image ids,
+which the step enqueues with the features.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -25,9 +26,7 @@ from blip_recipes.objectives import pretrain as objective
 from blip_recipes.objectives.retrieval import itc_loss_with_ids, sample_negatives_by_id
 from blip_recipes.parallel.distributed import DistInfo
 from blip_recipes.training.momentum import MomentumState
-from blip_recipes.training.pretrain import (
-    PretrainStep,
-)
+from blip_recipes.training.step import OptimizerStep, StepOptions
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -143,48 +142,47 @@ def retrieval_losses(
     )
 
 
-class RetrievalStep(PretrainStep):
-    """The optimizer step of retrieval fine-tuning: `PretrainStep` with `retrieval_losses`.
+class RetrievalStep(OptimizerStep):
+    """The optimizer step of retrieval fine-tuning: `OptimizerStep` with `retrieval_losses`.
 
-    Same arguments as `PretrainStep`, plus `negatives_group` (see `retrieval_losses`). The
-    momentum state must track ids (`MomentumState(track_ids=True)`): every micro-batch's ITC
-    reads the id queue as it stands and enqueues its ids with its momentum features.
+    The momentum state must track ids (`MomentumState(track_ids=True)`): every micro-batch's ITC
+    reads the id queue as it stands and enqueues its ids with its momentum features. Call as
+    `step(batches, step_index, alpha=...)`.
+
+    Args:
+        model, optimizer, lr_scheduler, options, momentum: as `OptimizerStep`.
+        negatives_group: draw hard negatives from the global batch of this group (see
+            `retrieval_losses`); None = within the local batch.
     """
 
-    negatives_group: dist.ProcessGroup | None = None
+    needs_momentum = True
 
-    @classmethod
-    def from_config(  # type: ignore[override]
-        cls,
-        cfg: Config,
+    def __init__(
+        self,
         model: BlipPretrain,
-        momentum: MomentumState,
         optimizer: torch.optim.Optimizer,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-        dist_info: DistInfo,
-        compute_dtype: torch.dtype,
-    ) -> RetrievalStep:
-        """`PretrainStep.from_config`, negatives over every data-parallel rank when
-        `retrieval.negatives_all_ranks` and more than one rank."""
-        if momentum.id_queue is None:
+        options: StepOptions | None = None,
+        momentum: MomentumState | None = None,
+        negatives_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, lr_scheduler, options, momentum)
+        assert self.momentum is not None
+        if self.momentum.id_queue is None:
             raise ValueError("retrieval fine-tuning needs a momentum state with track_ids=True")
-        step = super().from_config(cfg, model, momentum, optimizer, lr_scheduler, dist_info,
-                                   compute_dtype)  # fmt: skip
-        assert isinstance(step, RetrievalStep)
-        if cfg.retrieval.negatives_all_ranks and dist_info.world_size > 1:
-            step.negatives_group = dist_info.dp_group
-        return step
+        self.negatives_group = negatives_group
 
-    def _losses(  # type: ignore[override]
+    @classmethod
+    def config_arguments(cls, cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
+        """Negatives over every data-parallel rank when `retrieval.negatives_all_ranks` and more
+        than one rank."""
+        many = cfg.retrieval.negatives_all_ranks and dist_info.world_size > 1
+        return {"negatives_group": dist_info.dp_group if many else None}
+
+    def micro_batch(  # type: ignore[override]
         self, batch: RetrievalBatch, targets: MomentumTargets, alpha: float
     ) -> BlipOutput:
         """`retrieval_losses`: the id queue as it stands before this micro-batch enqueues."""
+        assert self.momentum is not None and self.momentum.id_queue is not None
         return retrieval_losses(self.model, batch, targets, self.momentum.id_queue, alpha,
                                 self.generator, self.negatives_group)  # fmt: skip
-
-    def _enqueue(  # type: ignore[override]
-        self, targets: MomentumTargets, batch: RetrievalBatch, valid: torch.Tensor
-    ) -> None:
-        """The momentum features with the micro-batch's image ids."""
-        self.momentum.enqueue(targets.image_feat_m, targets.text_feat_m, valid=valid,
-                              ids=batch.image_ids)  # fmt: skip

@@ -9,7 +9,8 @@ import torch
 
 from blip_recipes.benchmarking.host_reads import HostReads
 from blip_recipes.parallel._testing import spawn_ranks
-from blip_recipes.training.pretrain import DeviceBatch, PretrainStep
+from blip_recipes.training.pretrain import PretrainStep
+from blip_recipes.training.step import DeviceBatch, StepOptions
 from tests.models.tiny_blip import make_model, make_text, momentum_state
 
 
@@ -25,7 +26,8 @@ def _step(rank: int, mesh, fused: bool) -> PretrainStep:
     kind = {"fused": True} if fused else {"foreach": True}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **kind)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return PretrainStep(model, momentum, optimizer, schedule, seed=0, rank=rank, group=group)
+    options = StepOptions(seed=0, rank=rank, group=group)
+    return PretrainStep(model, optimizer, schedule, options, momentum=momentum)
 
 
 def _reads_over_two_steps(step: PretrainStep, rank: int) -> list[str]:
@@ -55,9 +57,7 @@ def test_a_default_step_has_no_host_reads_and_the_unfused_skip_has_one():
     assert _reads_over_two_steps(_step(0, None, fused=True), 0) == []
     reads = _reads_over_two_steps(_step(0, None, fused=False), 0)
     assert len(reads) == 2, reads
-    assert all(
-        "training/pretrain.py" in r and "apply_update" in r and "bool(ok)" in r for r in reads
-    )
+    assert all("training/step.py" in r and "apply_update" in r and "bool(ok)" in r for r in reads)
 
 
 def reads_worker(rank: int, world: int, out_dir: str) -> None:

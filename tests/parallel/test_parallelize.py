@@ -11,7 +11,8 @@ import torch
 from blip_recipes.config.sections import ParallelConfig
 from blip_recipes.parallel import parallelize_blip
 from blip_recipes.parallel._testing import spawn_ranks
-from blip_recipes.training.pretrain import DeviceBatch, PretrainStep
+from blip_recipes.training.pretrain import PretrainStep
+from blip_recipes.training.step import DeviceBatch, StepOptions
 from tests.models.tiny_blip import make_model, make_text, momentum_state
 
 
@@ -22,8 +23,8 @@ def _step_parts(mesh, parallel: ParallelConfig, group=None, accum: int = 1, **mo
     parallelize_blip(model, momentum.encoders, parallel, mesh, compile_backend="eager")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return PretrainStep(model, momentum, optimizer, schedule, seed=0, group=group,
-                        grad_accum_steps=accum)  # fmt: skip
+    options = StepOptions(seed=0, group=group, grad_accum_steps=accum)
+    return PretrainStep(model, optimizer, schedule, options, momentum=momentum)
 
 
 def budget_worker(rank: int, world: int, out_dir: str, layout: str, accum: int) -> None:

@@ -10,7 +10,8 @@ from blip_recipes.config.sections import ParallelConfig
 from blip_recipes.parallel import init_distributed, parallelize_blip
 from blip_recipes.training.build import fsdp_mesh
 from blip_recipes.training.momentum import MomentumState
-from blip_recipes.training.pretrain import pretrain_losses, step_options
+from blip_recipes.training.pretrain import pretrain_losses
+from blip_recipes.training.step import StepOptions
 from tests.models.tiny_blip import TINY, make_model, make_text
 
 
@@ -24,7 +25,7 @@ def _block_dtypes(single_rank_fsdp: bool) -> dict[str, set[torch.dtype]]:
     momentum.copy_from(model)
     mesh = fsdp_mesh(cfg, info, torch.bfloat16)
     parallelize_blip(model, None, cfg.parallel, mesh, torch.bfloat16)
-    autocast = step_options(cfg, model, info, torch.bfloat16)["autocast_dtype"]
+    autocast = StepOptions.from_config(cfg, model, info, torch.bfloat16).autocast_dtype
     assert (mesh is None) == (autocast == torch.bfloat16)
     seen: dict[str, set[torch.dtype]] = {"norm": set(), "block": set()}
 

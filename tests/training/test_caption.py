@@ -25,7 +25,7 @@ from blip_recipes.training.caption import (
     freeze_unused_parameters,
     register_caption_entry_point,
 )
-from blip_recipes.training.pretrain import DeviceBatch
+from blip_recipes.training.step import DeviceBatch, StepOptions
 from tests.models.tiny_blip import DEC_ID, PAD_ID, make_model
 
 PROMPT_LENGTH = 4  # [DEC] a picture of
@@ -73,6 +73,25 @@ def test_loss_equals_direct_computation():
     assert caption_loss(model, images, ids, mask, 1) != loss  # with the prompt's targets
 
 
+def test_chunked_lm_loss_equals_the_fp32_logits_loss_and_its_gradients():
+    """`parallel.lm_loss=chunked` (`decoder_loss`, inside the model) against full fp32 logits."""
+    from blip_recipes.objectives.pretrain import ChunkedLMLoss
+
+    results = []
+    for lm_loss in (None, ChunkedLMLoss(chunks=3)):
+        model = as_captioner(make_model())
+        freeze_unused_parameters(model)
+        loss = caption_loss(model, *captions_batch(), PROMPT_LENGTH, lm_loss)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (full, full_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=0)
+    assert full_grads.keys() == chunked_grads.keys() and "lm_head.bias" in full_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
 def test_decoder_logits_match_step_by_step_decoding():
     model = as_captioner(make_model())
     images, ids, mask = captions_batch(batch=2)
@@ -107,7 +126,8 @@ def test_step_updates_and_reports_mean_loss():
     model = as_captioner(make_model()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    step = CaptionStep(model, optimizer, scheduler, PROMPT_LENGTH, grad_accum_steps=2)
+    step = CaptionStep(model, optimizer, scheduler, StepOptions(grad_accum_steps=2),
+                       prompt_length=PROMPT_LENGTH)  # fmt: skip
     images, ids, mask = captions_batch()
     batches = [DeviceBatch(images, ids, mask), DeviceBatch(images.flip(0), ids, mask)]
     before = model.lm_head.dense.weight.detach().clone()
@@ -163,7 +183,7 @@ def fsdp_loss_worker(rank: int, world: int, out_dir: str) -> None:
 
     from blip_recipes.config.sections import ParallelConfig
     from blip_recipes.parallel import parallelize_blip
-    from blip_recipes.training.pretrain import global_grad_norm
+    from blip_recipes.training.step import global_grad_norm
 
     torch.set_num_threads(1)
     model = as_captioner(make_model())

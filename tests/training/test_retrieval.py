@@ -90,7 +90,7 @@ def test_step_updates_and_enqueues_ids():
     momentum.copy_from(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters()], lr=1e-3, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    step = RetrievalStep(model, momentum, optimizer, schedule, seed=0)
+    step = RetrievalStep(model, optimizer, schedule, momentum=momentum)
     before = model.itm_head.weight.detach().clone()
     for index, ids in enumerate(([1, 1, 2, 3], [4, 5, 5, 6])):
         result = step([_batch(ids, seed=index)], index, 0.4)

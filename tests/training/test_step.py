@@ -1,14 +1,23 @@
-"""PretrainStep: one agreed decision per step on every rank, the gradient norm, the skip."""
+"""OptimizerStep (through PretrainStep and a toy task): one agreed decision per step on every
+rank, the gradient norm, the skip, accumulation, the options read from a config."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from blip_recipes.parallel._testing import spawn_ranks
-from blip_recipes.training.pretrain import DeviceBatch, PretrainStep, agree_ok, global_grad_norm
+from blip_recipes.training.pretrain import PretrainStep
+from blip_recipes.training.step import (
+    DeviceBatch,
+    OptimizerStep,
+    StepOptions,
+    all_ranks_finite,
+    global_grad_norm,
+)
 from tests.models.tiny_blip import make_model, make_text, momentum_state
 
 
@@ -35,7 +44,8 @@ def _build_step(rank: int, mesh) -> PretrainStep:
     parallelize_blip(model, momentum.encoders, ParallelConfig(), mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return PretrainStep(model, momentum, optimizer, schedule, seed=0, rank=rank, group=group)
+    options = StepOptions(seed=0, rank=rank, group=group)
+    return PretrainStep(model, optimizer, schedule, options, momentum=momentum)
 
 
 def _snapshot(step: PretrainStep) -> dict[str, torch.Tensor]:
@@ -123,8 +133,89 @@ def test_grad_norm_matches_a_direct_computation_and_clips():
         global_grad_norm([torch.nn.Parameter(torch.zeros(2))])
 
 
-def test_agree_ok_is_false_for_any_non_finite_input():
+def test_all_ranks_finite_is_false_for_any_non_finite_input():
     one = torch.tensor(1.0)
-    assert bool(agree_ok(one, one, None))
-    assert not bool(agree_ok(torch.tensor(float("inf")), one, None))
-    assert not bool(agree_ok(one, torch.tensor(float("nan")), None))
+    assert bool(all_ranks_finite(one, one, None))
+    assert bool(all_ranks_finite(one, None, None))
+    assert not bool(all_ranks_finite(torch.tensor(float("inf")), one, None))
+    assert not bool(all_ranks_finite(one, torch.tensor(float("nan")), None))
+
+
+@dataclass
+class _ToyOutput:
+    loss: torch.Tensor
+    rows: torch.Tensor
+
+
+class _SquareTask(OptimizerStep):
+    """A toy task: the mean square of a linear layer's output (no momentum state)."""
+
+    def micro_batch(self, batch, targets):
+        assert targets is None
+        return _ToyOutput(self.model(batch[0]).square().mean(), torch.tensor(float(len(batch[0]))))
+
+
+def _toy_step(accum: int, clip: float | None = None) -> _SquareTask:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
+    return _SquareTask(layer, optimizer, schedule, StepOptions(grad_accum_steps=accum,
+                                                               grad_clip=clip))  # fmt: skip
+
+
+def test_accumulated_micro_batches_update_like_one_batch_of_their_mean():
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    whole, halves = _toy_step(1), _toy_step(2)
+    one = whole([(x,)], 0)
+    two = halves([(x[:2],), (x[2:],)], 0)
+    for a, b in zip(whole.model.parameters(), halves.model.parameters()):
+        torch.testing.assert_close(a, b)  # equal halves: mean of losses = loss of the whole
+    torch.testing.assert_close(one.grad_norm, two.grad_norm)
+    torch.testing.assert_close(one.output.loss, two.output.loss)
+    assert not one.output.loss.requires_grad and float(two.output.rows) == 2.0
+    assert whole.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # scheduled once
+    assert halves.lr_scheduler.last_epoch == 1
+    with pytest.raises(ValueError, match="expected 2 micro-batches"):
+        halves([(x,)], 1)
+
+
+def test_clipping_scales_the_update_and_reports_the_norm_before():
+    x = 10 * torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    free, clipped = _toy_step(1), _toy_step(1, clip=1e-3)
+    start = [p.detach().clone() for p in free.model.parameters()]
+    norm_free = free([(x,)], 0).grad_norm
+    norm_clipped = clipped([(x,)], 0).grad_norm
+    assert norm_free == norm_clipped and float(norm_free) > 1.0
+    moved = torch.cat(
+        [(p.detach() - s).flatten() for p, s in zip(clipped.model.parameters(), start)]
+    )
+    assert float(moved.norm()) == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr x clip
+
+
+def test_a_task_that_reads_momentum_targets_refuses_to_run_without_a_momentum_state():
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    with pytest.raises(ValueError, match="PretrainStep needs a momentum state"):
+        PretrainStep(model, optimizer, schedule)
+
+
+def test_options_from_a_config():
+    from blip_recipes.config import Config
+    from blip_recipes.objectives.pretrain import ChunkedLMLoss
+    from blip_recipes.parallel import init_distributed
+
+    cfg = Config()
+    cfg.job.seed, cfg.training.grad_clip, cfg.training.grad_accum_steps = 5, 2.0, 3
+    cfg.parallel.negative_kv, cfg.parallel.lm_loss = "recompute", "chunked"
+    info = init_distributed("cpu")
+    options = StepOptions.from_config(cfg, torch.nn.Linear(2, 2), info, torch.bfloat16)
+    assert (options.seed, options.rank, options.group, options.grad_clip) == (5, 0, None, 2.0)
+    assert options.grad_accum_steps == 3 and options.negative_kv == "recompute"
+    assert options.autocast_dtype == torch.bfloat16 and isinstance(options.lm_loss, ChunkedLMLoss)
+    cfg.parallel.lm_loss = "full"
+    fp32 = StepOptions.from_config(cfg, torch.nn.Linear(2, 2), info, torch.float32)
+    assert fp32.autocast_dtype is None and fp32.lm_loss is None
+    with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):
+        StepOptions(grad_accum_steps=0)
