@@ -152,7 +152,7 @@ class AnnotationInputs:
 
 def shard_units(paths: Sequence[str]) -> list[WorkUnit]:
     """One unit per shard (brace patterns expanded, local shards checked to exist)."""
-    from blip_recipes.data.shards import list_shards
+    from blip_recipes.data.shard_files import list_shards
 
     return [WorkUnit(i, "shards", shard) for i, shard in enumerate(list_shards(list(paths)))]
 
@@ -162,7 +162,7 @@ def shard_pairs(unit: WorkUnit) -> Iterator[WebPair]:
     with ``image=None``; an unreadable caption gives no captions (both are then bad images)."""
     import json
 
-    from blip_recipes.data.shards import IMAGE_EXTENSIONS, decode_caption, iter_tar_samples
+    from blip_recipes.data.tar_format import IMAGE_EXTENSIONS, decode_caption, iter_tar_samples
 
     name = os.path.basename(unit.source)
     for key, files, _start, _next in iter_tar_samples(unit.source):

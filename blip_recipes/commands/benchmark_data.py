@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from blip_recipes.config import DataConfig, DataSourceConfig
     from blip_recipes.data import build_train_transform, open_image
-    from blip_recipes.data.shards import write_shard
+    from blip_recipes.data.tar_format import write_shard
 
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory()

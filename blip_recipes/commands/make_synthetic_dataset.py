@@ -28,8 +28,8 @@ import sys
 
 from blip_recipes.benchmarking.photo_like import photo_like_image, photo_like_size
 from blip_recipes.cli.help import HelpFormatter
-from blip_recipes.data.shards import write_shard
 from blip_recipes.data.synthetic import synthetic_sample
+from blip_recipes.data.tar_format import write_shard
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -18,8 +18,8 @@ from typing import Any
 from blip_recipes.config.checks import LaunchContext, register_advice, register_validator
 from blip_recipes.config.sections import Config
 from blip_recipes.data.remote import is_remote, local_path
-from blip_recipes.data.shards import dataset_size as shard_total
-from blip_recipes.data.shards import expand_braces, shard_sizes
+from blip_recipes.data.shard_files import dataset_size as shard_total
+from blip_recipes.data.shard_files import expand_braces, shard_sizes
 
 
 def _examples(paths: list[str], limit: int = 3) -> str:

@@ -3,7 +3,7 @@
 **Share.** An epoch is ``N_map + N_shards`` samples: ``N_map`` the map-style sources' epoch
 (:class:`~blip_recipes.data.samples.EpochPlan`, each source repeated or subsampled by its
 weight) and ``N_shards = sum(weight_k x samples_k)`` over the shard sources (sizes from
-``sizes.json`` or img2dataset stats: :func:`~blip_recipes.data.shards.shard_sizes`). Each of the
+``sizes.json`` or img2dataset stats: :func:`~blip_recipes.data.shard_files.shard_sizes`). Each of the
 ``G = batch_size x world_size`` sample slots of step ``s`` is a shard sample with probability
 ``p = N_shards / (N_map + N_shards)``, drawn from ``(seed, s, slot)`` alone, so every rank knows
 every rank's split and a resumed run draws the same. ``steps_per_epoch = (N_map + N_shards) //
@@ -40,7 +40,8 @@ from blip_recipes.data._seeding import derive_seed
 from blip_recipes.data.counters import SampleCounters
 from blip_recipes.data.nodes import Pipeline, build_pipeline, stack
 from blip_recipes.data.samples import BatchContext, EpochPlan, bad_count, load_map_samples
-from blip_recipes.data.shards import ShardLoader, list_shards, shard_sizes
+from blip_recipes.data.shard_files import list_shards, shard_sizes
+from blip_recipes.data.shards import ShardLoader
 
 logger = logging.getLogger("blip_recipes.data")
 

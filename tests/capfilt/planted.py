@@ -99,7 +99,7 @@ class PlantedCaptioner:
 def planted_shards(root: Path, shards: int = 2, per_shard: int = 6) -> list[str]:
     """The planted corpus as tar shards ``root/web-{000..}.tar`` (``KEY.png`` + ``KEY.txt``; even
     samples matching, odd ones swapped). Returns the shard paths."""
-    from blip_recipes.data.shards import write_shard
+    from blip_recipes.data.tar_format import write_shard
 
     root.mkdir(parents=True, exist_ok=True)
     paths = []

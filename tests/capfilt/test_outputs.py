@@ -26,7 +26,7 @@ from blip_recipes.capfilt.outputs import (
 )
 from blip_recipes.config import DataConfig, DataSourceConfig, TokenizerConfig
 from blip_recipes.data import build_tokenizer, build_train_loader
-from blip_recipes.data.shards import decode_caption, iter_tar_samples
+from blip_recipes.data.tar_format import decode_caption, iter_tar_samples
 from tests.capfilt.planted import (
     MATCH,
     PlantedCaptioner,

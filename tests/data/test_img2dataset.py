@@ -11,7 +11,8 @@ from blip_recipes.commands.img2dataset_input import main as img2dataset_input
 from blip_recipes.config import DataConfig, DataSourceConfig
 from blip_recipes.data import build_train_loader, synthetic_sample
 from blip_recipes.data.img2dataset import img2dataset_command, write_img2dataset_input
-from blip_recipes.data.shards import dataset_size, decode_caption, iter_tar_samples, shard_sizes
+from blip_recipes.data.shard_files import dataset_size, shard_sizes
+from blip_recipes.data.tar_format import decode_caption, iter_tar_samples
 
 
 def _jpeg(i):

@@ -24,7 +24,8 @@ from blip_recipes.benchmarking.photo_like import photo_like_jpeg
 from blip_recipes.commands.img2dataset_input import main as img2dataset_input
 from blip_recipes.config import DataConfig, DataSourceConfig
 from blip_recipes.data import build_train_loader
-from blip_recipes.data.shards import iter_tar_samples, shard_sizes
+from blip_recipes.data.shard_files import shard_sizes
+from blip_recipes.data.tar_format import iter_tar_samples
 
 pytestmark = pytest.mark.slow
 

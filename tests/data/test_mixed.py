@@ -9,7 +9,7 @@ import torch
 from blip_recipes.config import DataConfig, DataSourceConfig
 from blip_recipes.data import build_train_loader, synthetic_sample
 from blip_recipes.data.mixed import MixedLoader, shard_slots
-from blip_recipes.data.shards import write_shard
+from blip_recipes.data.tar_format import write_shard
 
 SYNTHETIC = 30  # synthetic image ids are 0..29; shard ids are 63-bit hashes
 

@@ -10,7 +10,9 @@ import pytest
 
 from blip_recipes.data import synthetic_sample
 from blip_recipes.data.remote import RemoteShardError, RetryingReader, is_remote
-from blip_recipes.data.shards import _Stream, iter_tar_samples, list_shards, write_shard
+from blip_recipes.data.shard_files import list_shards
+from blip_recipes.data.shard_streams import _Stream
+from blip_recipes.data.tar_format import iter_tar_samples, write_shard
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")

@@ -10,7 +10,9 @@ from PIL import Image
 
 from blip_recipes.config import DataConfig, DataSourceConfig
 from blip_recipes.data import BadSampleError, build_train_loader, synthetic_sample
-from blip_recipes.data.shards import _Stream, expand_braces, iter_tar_samples, write_shard
+from blip_recipes.data.shard_files import expand_braces
+from blip_recipes.data.shard_streams import _Stream
+from blip_recipes.data.tar_format import iter_tar_samples, write_shard
 
 
 def _jpeg(i):
@@ -145,7 +147,7 @@ def test_shard_tiny_image_and_broken_caption_are_bad(tmp_path, synthetic_tokeniz
 def test_shard_image_ids_hash_shard_and_key(shard_dir, synthetic_tokenizer):
     import hashlib
 
-    from blip_recipes.data.shards import shard_image_id
+    from blip_recipes.data.tar_format import shard_image_id
 
     digest = hashlib.blake2b(b"shards-001.tar/s1_3", digest_size=8).digest()
     assert shard_image_id("/any/folder/shards-001.tar", "s1_3") == (

@@ -10,7 +10,7 @@ import pytest
 from blip_recipes.config import DataConfig, DataSourceConfig
 from blip_recipes.data import BadSampleError, build_train_loader, synthetic_sample
 from blip_recipes.data import watchdog as watchdog_module
-from blip_recipes.data.shards import write_shard
+from blip_recipes.data.tar_format import write_shard
 from blip_recipes.data.watchdog import LoaderError, describe_exit
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from blip_recipes.data.shards import decode_caption, iter_tar_samples
+from blip_recipes.data.tar_format import decode_caption, iter_tar_samples
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "build_shards.py"
 
@@ -96,6 +96,6 @@ def test_build_shards_output_trains_as_written(tmp_path):
         f"job.output_dir={tmp_path / 'run'}", "data.batch_size=4",
     ])  # fmt: skip
     validate(cfg, LaunchContext())  # raises when a shard's size is unknown
-    from blip_recipes.data.shards import dataset_size, expand_braces
+    from blip_recipes.data.shard_files import dataset_size, expand_braces
 
     assert dataset_size(expand_braces(cfg.data.sources[0].paths[0])) == 5
