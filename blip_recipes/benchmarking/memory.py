@@ -86,7 +86,7 @@ def lm_region_peak_mb(
     rises)."""
     import resource
 
-    from blip_recipes.models.med import LMHead
+    from blip_recipes.models.bert_blocks import LMHead
     from blip_recipes.objectives import pretrain as objective
 
     torch.manual_seed(0)

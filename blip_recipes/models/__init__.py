@@ -5,6 +5,7 @@ Component builders take every hyperparameter (`vit`, `med`); model builders are 
 `build_model(name, **overrides)` / `build_momentum_encoders(name, **overrides)` look them up by name.
 """
 
+from blip_recipes.models.bert_blocks import LMHead
 from blip_recipes.models.blip import BlipOutput, BlipPretrain, MomentumTargets
 from blip_recipes.models.builders import (
     MODEL_BUILDERS,
@@ -17,7 +18,7 @@ from blip_recipes.models.builders import (
     preset_queue_size,
     vit,
 )
-from blip_recipes.models.med import MED, LMHead, MEDLayer, MEDOutput
+from blip_recipes.models.med import MED, MEDLayer, MEDOutput
 from blip_recipes.models.momentum_encoders import MomentumEncoders
 from blip_recipes.models.vit import VisionBlock, VisionTransformer, interpolate_pos_embed
 

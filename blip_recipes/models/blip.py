@@ -25,16 +25,10 @@ import torch
 from torch import nn
 
 from blip_recipes.models import inputs
+from blip_recipes.models.bert_blocks import CrossKV, LMHead, init_bert_modules
 from blip_recipes.models.heads import project_features
-from blip_recipes.models.med import (
-    DECODER_ROWS,
-    ENCODER_ROWS,
-    MED,
-    CrossKV,
-    LMHead,
-    RowLayout,
-    init_bert_modules,
-)
+from blip_recipes.models.med import MED
+from blip_recipes.models.row_layout import DECODER_ROWS, ENCODER_ROWS, RowLayout
 from blip_recipes.models.vit import VisionTransformer
 
 PRETRAIN_LAYOUT = RowLayout.of((2, 1), (1, 0))

@@ -11,15 +11,9 @@ from typing import Any
 
 from torch import nn
 
+from blip_recipes.models.bert_blocks import BertAttention, BertFeedForward, LMHead, TextEmbeddings
 from blip_recipes.models.blip import BlipPretrain
-from blip_recipes.models.med import (
-    MED,
-    BertAttention,
-    BertFeedForward,
-    LMHead,
-    MEDLayer,
-    TextEmbeddings,
-)
+from blip_recipes.models.med import MED, MEDLayer
 from blip_recipes.models.momentum_encoders import MomentumEncoders
 from blip_recipes.models.vit import (
     DropPath,

@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from blip_recipes.models import inputs
+from blip_recipes.models.bert_blocks import CrossKV, LMHead
 from blip_recipes.models.builders import _spec, _vision, med
-from blip_recipes.models.med import DECODER_ROWS, ENCODER_ROWS, MED, CrossKV, LMHead, RowLayout
+from blip_recipes.models.med import MED
+from blip_recipes.models.row_layout import DECODER_ROWS, ENCODER_ROWS, RowLayout
 from blip_recipes.models.vit import VisionTransformer
 
 VQA_ENTRY_POINTS = ("encode_image", "encode_question", "answer_logits", "next_token_logits")

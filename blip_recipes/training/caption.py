@@ -30,7 +30,7 @@ from blip_recipes.config import Config, LaunchContext, register_validator
 from blip_recipes.models import build_model
 from blip_recipes.models.blip import BlipPretrain
 from blip_recipes.models.inputs import replace_first_token
-from blip_recipes.models.med import DECODER_ROWS
+from blip_recipes.models.row_layout import DECODER_ROWS
 from blip_recipes.objectives import pretrain as objective
 from blip_recipes.parallel import DistInfo, ParallelPlan, materialize, parallelize_blip
 from blip_recipes.training.build import fsdp_mesh, initial_weights, model_kwargs

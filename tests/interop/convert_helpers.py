@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blip_recipes.models.med import DECODER_ROWS
+from blip_recipes.models.row_layout import DECODER_ROWS
 from blip_recipes.objectives import pretrain as objective
 from tests.models.tiny_blip import DEC_ID, ENC_ID, PAD_ID, SEP_ID, TINY, make_model, make_text
 

@@ -12,7 +12,7 @@ from blip_recipes.interop.hf import (
     ours_to_hf_captioning,
     ours_to_hf_retrieval,
 )
-from blip_recipes.models.med import DECODER_ROWS
+from blip_recipes.models.row_layout import DECODER_ROWS
 from blip_recipes.objectives import pretrain as objective
 from tests.models.tiny_blip import DEC_ID, ENC_ID, PAD_ID, SEP_ID, make_model, make_text
 

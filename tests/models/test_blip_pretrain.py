@@ -13,7 +13,7 @@ from blip_recipes.models import (
     build_momentum_encoders,
 )
 from blip_recipes.models.heads import project_features
-from blip_recipes.models.med import DECODER_ROWS
+from blip_recipes.models.row_layout import DECODER_ROWS
 from blip_recipes.objectives import pretrain as objective
 from blip_recipes.training.momentum import MomentumState
 from blip_recipes.training.pretrain import pretrain_losses

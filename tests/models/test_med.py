@@ -1,24 +1,12 @@
-"""MED: row layouts of the packed multimodal pass, the causal fast path, packed beams."""
+"""MED: rows that must fit their layout, the causal fast path, packed beams."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from blip_recipes.models.med import DECODER_ROWS, ENCODER_ROWS, RowLayout
+from blip_recipes.models.row_layout import DECODER_ROWS, RowLayout
 from tests.models.tiny_blip import make_model, make_text
-
-
-def test_row_layout_split_and_merge_are_inverse():
-    layout = RowLayout.of((2, 1), (1, 0))  # the pretraining layout over 3 images
-    rows = torch.arange(12)
-    encoder, decoder = layout.split(rows, images=3)
-    assert encoder.tolist() == [0, 1, 3, 4, 6, 7, 9, 10, 11]
-    assert decoder.tolist() == [2, 5, 8]
-    assert torch.equal(layout.merge(encoder, decoder, images=3), rows)
-    assert layout.rows_per_image() == 4
-    same, none = ENCODER_ROWS.split(rows, images=12)
-    assert same.data_ptr() == rows.data_ptr() and none.numel() == 0  # one kind: a view
 
 
 def test_rows_must_fit_the_layout():

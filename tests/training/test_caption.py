@@ -12,7 +12,7 @@ from blip_recipes.config import Config, ConfigError, LaunchContext, validate
 from blip_recipes.data import build_tokenizer
 from blip_recipes.interop.training_checkpoint import save_training_checkpoint
 from blip_recipes.models import build_model
-from blip_recipes.models.med import DECODER_ROWS
+from blip_recipes.models.row_layout import DECODER_ROWS
 from blip_recipes.models.vit import interpolate_pos_embed
 from blip_recipes.parallel._testing import spawn_ranks
 from blip_recipes.training.caption import (
