@@ -40,6 +40,7 @@ RECIPES: dict[str, RecipeEntry] = {
             "blip_finetune_retrieval.py",
             ("finetune_retrieval_coco", "finetune_retrieval_flickr"),
         ),
+        RecipeEntry("blip_finetune_nlvr", "blip_finetune_nlvr.py", ("finetune_nlvr",)),
     )
 }
 

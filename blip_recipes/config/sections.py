@@ -330,6 +330,24 @@ class CaptionConfig:
 
 
 @dataclass
+class NlvrConfig:
+    train_annotation: Optional[str] = None
+    """blip_finetune_nlvr: NLVR2-style training records ({"images": [left, right], "sentence", "label": True/False}, JSON list or JSONL), image paths under nlvr.image_root; data.sources is not used."""
+    dev_annotation: Optional[str] = None
+    """Validation split (same format), scored every nlvr.eval_every_epochs epochs and at the last step; the weights with the best accuracy are kept in best/. None: the last weights count as best."""
+    test_annotation: Optional[str] = None
+    """Test split (same format) scored with the kept weights at the end; None skips it."""
+    image_root: str = ""
+    """Folder the annotation files' image paths are relative to ("" = as written)."""
+    eval_every_epochs: int = 1
+    """Validate every this many epochs (0: only at the last step)."""
+    min_lr: float = 0.0
+    """LR schedule: cosine over training.epochs from optimizer.lr down to this, constant within an epoch, no warm-up (the reference's; [lr_scheduler] is not used)."""
+    merge_from: Optional[int] = None
+    """First text layer whose two image contexts are merged by a linear layer over their concatenation (the layers below average them); None = half the text depth (6 of 12, as the reference)."""
+
+
+@dataclass
 class Config:
     """The whole run configuration: one attribute per TOML section."""
 
@@ -347,3 +365,4 @@ class Config:
     capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    nlvr: NlvrConfig = field(default_factory=NlvrConfig)

@@ -150,6 +150,7 @@ class MetricsLogger:
         "loss_itm",
         "loss_lm",
         "itm_acc",
+        "acc",
         "lr",
         "samples_per_sec",
         "mfu",
@@ -295,8 +296,8 @@ class MetricsLogger:
                 parts.append(f"data wait {100 * v:.0f}%")
             elif k.startswith("loss_"):
                 parts.append(f"{k[5:]} {v:.3f}")
-            elif k == "itm_acc":
-                parts.append(f"itm acc {100 * v:.0f}%")
+            elif k in ("itm_acc", "acc"):
+                parts.append(f"{k.replace('_', ' ')} {100 * v:.0f}%")
             else:
                 parts.append(f"{k} {v:.4f}")
         eta = self._eta(step, now)
@@ -313,7 +314,9 @@ class MetricsLogger:
         for backend in self.backends:
             backend.log_scalars(step, record, "eval")
         self.eval_records.append(record)
-        shown = " | ".join(f"{k} {float(v):.2f}" for k, v in values.items() if k.endswith("r_mean"))
+        shown = " | ".join(
+            f"{k} {float(v):.2f}" for k, v in values.items() if k.endswith(("r_mean", "_acc"))
+        )
         self.print_fn(f"eval at step {step} | {shown}")
 
     def log_text(self, tag: str, text: str, step: int) -> None:

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """ViT blocks then MED layers, in forward order (online model or momentum encoders)."""
-    text = model.text if isinstance(model, BlipPretrain) else model.text_encoder
+    text = model.text_encoder if isinstance(model, MomentumEncoders) else model.text
     return list(model.visual_encoder.blocks) + list(text.layers)
 
 
@@ -63,6 +63,7 @@ def parallelize_blip(
     mesh: DeviceMesh | None,
     param_dtype: torch.dtype | None = None,
     compile_backend: str | Callable = "inductor",
+    entry_points: tuple[str, ...] = ENTRY_POINTS,
 ) -> ParallelPlan:
     """Apply the parallel plan in place (modules may live on the meta device).
 
@@ -73,6 +74,8 @@ def parallelize_blip(
         mesh: data-parallel mesh to shard over; None = no FSDP2 (one process, or replicated).
         param_dtype: compute dtype of the gathered parameters under FSDP2 (bf16); None = fp32.
         compile_backend: `torch.compile` backend (tests pass a cheap one).
+        entry_points: the model's methods to register as FSDP2 forwards (another model than
+            `BlipPretrain` with the same `visual_encoder` / `text.layers` parts names its own).
 
     Returns:
         `ParallelPlan` summary.
@@ -98,7 +101,7 @@ def parallelize_blip(
         apply_fsdp(model, blocks, mesh, param_dtype=param_dtype,
                    reshard_after_forward=cfg.reshard_after_forward,
                    reused_blocks=list(model.text.layers))  # fmt: skip
-        for name in ENTRY_POINTS:
+        for name in entry_points:
             register_fsdp_forward_method(model, name)
         if momentum_encoders is not None:
             apply_fsdp(momentum_encoders, momentum_blocks, mesh, param_dtype=param_dtype,
