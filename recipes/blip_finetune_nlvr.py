@@ -49,7 +49,7 @@ from blip_recipes.training.nlvr import (
     evaluate_nlvr,
 )
 from blip_recipes.training.optim import EpochCosineLR
-from blip_recipes.training.pretrain import StepResult
+from blip_recipes.training.step import StepResult
 from recipes.blip_pretrain import BlipPretrainRecipe
 
 logger = logging.getLogger("blip_finetune_nlvr")

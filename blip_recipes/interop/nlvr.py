@@ -123,13 +123,13 @@ def read_nlvr_weights(path: str | Path, trust_pickle: bool = False) -> tuple[dic
             pretraining `.pth`.
         trust_pickle: allow arbitrary objects in torch pickles.
     """
-    from blip_recipes.interop.readers import read_weights, weights_from_state_dict
     from blip_recipes.interop.files import (
         detect_layout,
         latest_dcp_step,
         read_dcp,
         read_state_dict_file,
     )
+    from blip_recipes.interop.readers import read_weights, weights_from_state_dict
 
     layout = detect_layout(path)
     if layout == "dcp":

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from blip_recipes.models import inputs
-from blip_recipes.models.med import BertAttention, BertFeedForward, TextEmbeddings
-from blip_recipes.models.med import init_bert_modules as _init_bert
+from blip_recipes.models.bert_blocks import BertAttention, BertFeedForward, TextEmbeddings
+from blip_recipes.models.bert_blocks import init_bert_modules as _init_bert
 from blip_recipes.models.vit import VisionTransformer
 
 NLVR_ENTRY_POINTS = ("encode_image", "classify")

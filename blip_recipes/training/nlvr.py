@@ -6,9 +6,8 @@ broadcast). The initial weights are the seeded init overwritten by `checkpoint.i
 pretraining checkpoint (each layer's cross-attention copied to both image attentions), one of
 our NLVR checkpoints, or a reference `model_base_nlvr.pth` (`blip_recipes.interop.nlvr`).
 
-`NlvrStep` is the optimizer step (the caption step's shape): for each micro-batch the loss
-(`blip_recipes.objectives.nlvr`) -> backward (gradient sync on the last) -> global gradient
-norm -> one flag agreed by all ranks -> optimizer step (skipped when not ok) -> LR step.
+`NlvrStep` is the shared optimizer step (`blip_recipes.training.step`) with the pair
+classifier's cross-entropy (`blip_recipes.objectives.nlvr`) as its micro-batch objective.
 
 `evaluate_nlvr` scores a split: each rank classifies its contiguous share of the pairs, the
 predictions are gathered in order, so every rank holds the same accuracy and predictions.
@@ -17,14 +16,13 @@ predictions are gathered in order, so every rank holds the same accuracy and pre
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.utils.data import DataLoader
@@ -44,13 +42,7 @@ from blip_recipes.objectives import nlvr as objective
 from blip_recipes.parallel import DistInfo, ParallelPlan, materialize, parallelize_blip
 from blip_recipes.parallel.fsdp import reshard_all
 from blip_recipes.training.build import fsdp_mesh, model_kwargs
-from blip_recipes.training.pretrain import (
-    StepResult,
-    agree_ok,
-    apply_update,
-    global_grad_norm,
-    step_options,
-)
+from blip_recipes.training.step import OptimizerStep
 
 logger = logging.getLogger(__name__)
 
@@ -109,82 +101,19 @@ class NlvrOutput:
     acc: torch.Tensor
 
 
-class NlvrStep:
-    """The optimizer step of NLVR fine-tuning (module docstring); arguments as `CaptionStep`."""
+class NlvrStep(OptimizerStep):
+    """The optimizer step of NLVR fine-tuning: `OptimizerStep` (no momentum state) with the
+    pair classifier's cross-entropy as its micro-batch."""
 
-    def __init__(
-        self,
-        model: BlipNLVR,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-        group: dist.ProcessGroup | None = None,
-        grad_clip: float | None = None,
-        autocast_dtype: torch.dtype | None = None,
-        grad_accum_steps: int = 1,
-        after_optimizer_step: Callable[[], object] | None = None,
-    ) -> None:
-        if grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-        self.model = model
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.group = group
-        self.grad_clip = grad_clip
-        self.autocast_dtype = autocast_dtype
-        self.grad_accum_steps = grad_accum_steps
-        self.after_optimizer_step = after_optimizer_step
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.fused = bool(optimizer.defaults.get("fused"))
-
-    @classmethod
-    def from_config(
-        cls,
-        cfg: Config,
-        model: BlipNLVR,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-        dist_info: DistInfo,
-        compute_dtype: torch.dtype,
-    ) -> NlvrStep:
-        return cls(model, optimizer, lr_scheduler,
-                   **step_options(cfg, model, dist_info, compute_dtype))  # fmt: skip
-
-    def autocast(self, device_type: str) -> AbstractContextManager:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
-
-    def __call__(self, batches: Sequence[NlvrBatch], step: int) -> StepResult:
-        """One optimizer step over `grad_accum_steps` micro-batches already on the device."""
-        accum = self.grad_accum_steps
-        if len(batches) != accum:
-            raise ValueError(f"expected {accum} micro-batches, got {len(batches)}")
-        losses, accs, all_finite = [], [], None
-        for index, batch in enumerate(batches):
-            last = index == accum - 1
-            if accum > 1 and hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(last)
-            with self.autocast(batch.images.device.type):
-                logits = nlvr_logits(self.model, batch.images, batch.input_ids,
-                                     batch.attention_mask)  # fmt: skip
-            loss = objective.nlvr_loss(logits, batch.labels)
-            (loss if accum == 1 else loss / accum).backward()
-            losses.append(loss.detach())
-            accs.append(objective.accuracy(logits.detach(), batch.labels))
-            if not last:
-                finite = agree_ok(loss, None, self.group)
-                all_finite = finite if all_finite is None else all_finite & finite
-        grad_norm = global_grad_norm(self.parameters, self.grad_clip)
-        ok = agree_ok(losses[-1], grad_norm, self.group)
-        if all_finite is not None:
-            ok = ok & all_finite
-        apply_update(self.optimizer, ok, self.fused)
-        if self.after_optimizer_step is not None:
-            self.after_optimizer_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
-        output = NlvrOutput(torch.stack(losses).mean(), torch.stack(accs).mean())
-        return StepResult(output, ok, grad_norm)  # type: ignore[arg-type]
+    def micro_batch(  # type: ignore[override]
+        self, batch: NlvrBatch, targets: None
+    ) -> NlvrOutput:
+        """Loss and training accuracy of one micro-batch."""
+        logits = nlvr_logits(self.model, batch.images, batch.input_ids, batch.attention_mask)
+        return NlvrOutput(
+            objective.nlvr_loss(logits, batch.labels),
+            objective.accuracy(logits.detach(), batch.labels),
+        )
 
 
 # ---------------------------------------------------------------------- building the model

@@ -7,8 +7,8 @@ import torch
 
 from blip_recipes.interop.nlvr import nlvr_from_pretrained
 from blip_recipes.models import build_model
-from blip_recipes.models.med import ENCODER_ROWS
 from blip_recipes.models.nlvr import build_nlvr_model, pair_med
+from blip_recipes.models.row_layout import ENCODER_ROWS
 
 
 def test_merge_layers_in_the_upper_half_by_default():
