@@ -35,6 +35,7 @@ RECIPES: dict[str, RecipeEntry] = {
         RecipeEntry(
             "blip_finetune_caption", "blip_finetune_caption.py", ("finetune_caption_coco",)
         ),
+        RecipeEntry("blip_finetune_vqa", "blip_finetune_vqa.py", ("finetune_vqa",)),
         RecipeEntry(
             "blip_finetune_retrieval",
             "blip_finetune_retrieval.py",

@@ -348,6 +348,28 @@ class NlvrConfig:
 
 
 @dataclass
+class VqaConfig:
+    answer_list: Optional[str] = None
+    """blip_finetune_vqa: candidate answers (a JSON list of strings, the reference's answer_list.json) that inference "rank" picks from."""
+    inference: Literal["rank", "generate"] = "rank"
+    """Evaluation answers: "rank" the candidate list with the decoder (top k by first-token probability, re-scored whole), or "generate" them by beam search."""
+    k_test: int = 128
+    """Candidates re-scored per question (inference rank)."""
+    eval_every_epochs: int = 0
+    """Answer eval.annotation (VQA question records, images under eval.image_root) every this many epochs (0: only after the last step); scored when its records have answers."""
+    min_lr: float = 0.0
+    """LR schedule: cosine over training.epochs from optimizer.lr down to this, constant within an epoch ([lr_scheduler] is not used)."""
+    num_beams: int = 3
+    """Beams per question (inference generate)."""
+    max_length: int = 10
+    """Longest generated answer in tokens, [DEC] included (inference generate)."""
+    min_length: int = 1
+    """[SEP] is not allowed before this many tokens, [DEC] included (inference generate)."""
+    num_examples: int = 8
+    """Evaluation questions shown in TensorBoard with their image and predicted answer."""
+
+
+@dataclass
 class Config:
     """The whole run configuration: one attribute per TOML section."""
 
@@ -366,3 +388,4 @@ class Config:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     nlvr: NlvrConfig = field(default_factory=NlvrConfig)
+    vqa: VqaConfig = field(default_factory=VqaConfig)

@@ -2,7 +2,7 @@
 about their colour, shape, count and the background, answered from the picture.
 
 Each image shows one group of 1-3 identical shapes (the synthetic captioning source's colours,
-shapes and backgrounds) in a horizontal band. A question asks one of four things; its answer
+shapes and backgrounds), as large as fits, in the top or the bottom half. A question asks one of four things; its answer
 comes from the image, so a model must look to answer (a question-only guesser gets the most
 frequent answer of each question kind: about 1/6 for colour, 1/3 for the others).
 `write_synthetic_vqa` writes images and VQA question files a fine-tuning run can read.
@@ -35,11 +35,11 @@ def synthetic_vqa_sample(seed: int, index: int, size: int = 32) -> tuple[Image.I
     rng = random.Random(derive_seed(seed, index, 0x5A))
     background = rng.choice(list(BACKGROUNDS))
     colour = rng.choice([c for c in COLOURS if c != background])
-    shape, count, band = rng.choice(SHAPES), rng.randrange(1, 4), rng.randrange(3)
+    shape, count, band = rng.choice(SHAPES), rng.randrange(1, 4), rng.randrange(2)
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
-    band_h, cell_w = size / 3, size / count
-    side = min(band_h, cell_w) * 0.8
+    band_h, cell_w = size / 2, size / count
+    side = min(band_h, cell_w) * 0.9
     for k in range(count):
         cx, cy = cell_w * (k + 0.5), band_h * (band + 0.5)
         _draw_shape(draw, shape, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2),
