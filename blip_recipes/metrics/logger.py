@@ -315,7 +315,9 @@ class MetricsLogger:
             backend.log_scalars(step, record, "eval")
         self.eval_records.append(record)
         shown = " | ".join(
-            f"{k} {float(v):.2f}" for k, v in values.items() if k.endswith(("r_mean", "_acc", "accuracy"))
+            f"{k} {float(v):.2f}"
+            for k, v in values.items()
+            if k.endswith(("r_mean", "_acc", "accuracy"))
         )
         self.print_fn(f"eval at step {step} | {shown}")
 
