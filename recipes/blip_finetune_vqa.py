@@ -40,7 +40,7 @@ from blip_recipes.data.vqa import build_vqa_train_loader, load_answer_list, load
 from blip_recipes.evaluation.vqa import VqaResult, evaluate_vqa
 from blip_recipes.parallel.fsdp import reshard_all
 from blip_recipes.training.optim import EpochCosineLR
-from blip_recipes.training.pretrain import StepResult
+from blip_recipes.training.step import StepResult
 from blip_recipes.training.vqa import VqaBatch, VqaStep, build_vqa
 from recipes.blip_pretrain import BlipPretrainRecipe
 
@@ -112,10 +112,8 @@ class BlipFinetuneVqaRecipe(BlipPretrainRecipe):
                              self.steps_per_epoch, cfg.training.epochs)  # fmt: skip
 
     def _build_step(self) -> VqaStep:
-        from blip_recipes.training.pretrain import step_options
-
-        options = step_options(self.cfg, self.model, self.dist, self.compute_dtype)
-        return VqaStep(self.model, self.optimizer, self.lr_scheduler, **options)
+        return VqaStep.from_config(self.cfg, self.model, self.optimizer, self.lr_scheduler,
+                                   self.dist, self.compute_dtype)  # fmt: skip
 
     def _build_evaluator(self) -> Any:
         return _Evaluation(self)

@@ -8,22 +8,19 @@ and broadcast): the seeded init, overwritten by `checkpoint.init_from` read by
 text encoder and decoder start the question encoder and the answer decoder), the ViT position
 embedding interpolated to `model.image_size` (480 in the reference).
 
-`VqaStep` is the caption step's loop with the VQA loss: for each micro-batch loss -> backward
-(gradient sync on the last) -> global gradient norm -> one "ok" flag agreed by all ranks ->
-optimizer step (skipped when not ok) -> LR scheduler step.
+`VqaStep` is the shared `OptimizerStep` (no momentum state) with the VQA loss as its
+micro-batch.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import register_fsdp_forward_method
@@ -36,7 +33,7 @@ from blip_recipes.parallel.activation_checkpointing import apply_activation_chec
 from blip_recipes.parallel.compile import apply_compile
 from blip_recipes.parallel.fsdp import apply_fsdp
 from blip_recipes.training.build import fsdp_mesh, model_kwargs
-from blip_recipes.training.pretrain import StepResult, agree_ok, apply_update, global_grad_norm
+from blip_recipes.training.step import OptimizerStep
 
 logger = logging.getLogger(__name__)
 
@@ -95,64 +92,13 @@ class VqaOutput:
     loss: torch.Tensor
 
 
-class VqaStep:
-    """The optimizer step of VQA fine-tuning (module docstring); options as `CaptionStep`'s."""
+class VqaStep(OptimizerStep):
+    """The optimizer step of VQA fine-tuning: `OptimizerStep` (no momentum state) with
+    `vqa_loss` as its micro-batch."""
 
-    def __init__(
-        self,
-        model: BlipVQA,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-        group: dist.ProcessGroup | None = None,
-        grad_clip: float | None = None,
-        autocast_dtype: torch.dtype | None = None,
-        grad_accum_steps: int = 1,
-        after_optimizer_step: Callable[[], object] | None = None,
-    ) -> None:
-        if grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
-        self.group, self.grad_clip, self.autocast_dtype = group, grad_clip, autocast_dtype
-        self.grad_accum_steps = grad_accum_steps
-        self.after_optimizer_step = after_optimizer_step
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.fused = bool(optimizer.defaults.get("fused"))
-
-    def autocast(self, device_type: str) -> AbstractContextManager:
-        """The step's autocast context (also what evaluation should run under)."""
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
-
-    def __call__(self, batches: Sequence[VqaBatch], step: int) -> StepResult:
-        """One optimizer step over `grad_accum_steps` micro-batches already on the device."""
-        accum = self.grad_accum_steps
-        if len(batches) != accum:
-            raise ValueError(f"expected {accum} micro-batches, got {len(batches)}")
-        device_type = batches[0].images.device.type
-        losses, all_finite = [], None
-        for index, batch in enumerate(batches):
-            last = index == accum - 1
-            if accum > 1 and hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(last)
-            with self.autocast(device_type):
-                loss = vqa_loss(self.model, batch)
-            (loss if accum == 1 else loss / accum).backward()
-            losses.append(loss.detach())
-            if not last:
-                finite = agree_ok(loss, None, self.group)
-                all_finite = finite if all_finite is None else all_finite & finite
-        grad_norm = global_grad_norm(self.parameters, self.grad_clip)
-        ok = agree_ok(losses[-1], grad_norm, self.group)
-        if all_finite is not None:
-            ok = ok & all_finite
-        apply_update(self.optimizer, ok, self.fused)
-        if self.after_optimizer_step is not None:
-            self.after_optimizer_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
-        mean = losses[0] if accum == 1 else torch.stack(losses).mean()
-        return StepResult(VqaOutput(mean), ok, grad_norm)  # type: ignore[arg-type]
+    def micro_batch(self, batch: VqaBatch, targets: None) -> VqaOutput:  # type: ignore[override]
+        """`vqa_loss` of one micro-batch."""
+        return VqaOutput(vqa_loss(self.model, batch))
 
 
 # ---------------------------------------------------------------------- building the model
