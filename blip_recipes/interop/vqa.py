@@ -145,9 +145,12 @@ def classify_vqa_state_dict(state: dict[str, Any]) -> str:
         return "ours"
     if has("text.layers.") or has("text.embeddings."):
         return "ours_pretrain"
+    pretraining_heads = has("itm_head.") or has("vision_proj.") or has("text_proj.")
+    if pretraining_heads:  # a pretraining or retrieval model: read as one, then started from
+        return "unknown"
     if has("vision_model.") and has("text_decoder.") and has("text_encoder."):
         return "hf"
-    if has("visual_encoder.") and has("text_decoder.bert."):
+    if has("visual_encoder.") and has("text_decoder.bert.") and has("text_encoder."):
         return "reference"
     return "unknown"
 

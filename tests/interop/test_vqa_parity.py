@@ -178,3 +178,11 @@ def test_read_vqa_weights_from_files(setup, tmp_path):
         assert set(read) == set(state) and all(torch.allclose(read[k], state[k]) for k in state)
     started = read_vqa_weights(tmp_path / "ours.pt")  # a pretraining model: the VQA start
     assert set(started) == set(state)
+    from blip_recipes.interop.reference import ours_to_reference
+
+    pretrain = make_model(seed=1, vision_width=32).state_dict()
+    torch.save({"model": ours_to_reference(pretrain)}, tmp_path / "model_base.pth")
+    started = read_vqa_weights(tmp_path / "model_base.pth")  # a reference pretraining file
+    assert set(started) == set(state)
+    assert torch.equal(started["answer_decoder.layers.0.causal_self_attn.query.weight"],
+                       pretrain["text.layers.0.causal_self_attn.query.weight"])  # fmt: skip
