@@ -120,7 +120,8 @@ class BlipVQA(nn.Module):
                 candidates of each question attend its keys/values as one packed query).
 
         Returns:
-            (R, La - 1, V) fp32; [r, t] predicts token t + 1 of answer r.
+            (R * (La - 1), V) fp32; row r * (La - 1) + t predicts token t + 1 of answer r (flat,
+            so that the logits leave the FSDP forward without a view).
         """
         ids = inputs.replace_first_token(answer_ids, self.dec_token_id)
         if question_rows is None:
@@ -132,7 +133,7 @@ class BlipVQA(nn.Module):
                                      image_rows=question_rows, causal_fast_path=True,
                                      cross_mask=question_mask).hidden_states  # fmt: skip
         word_embeddings = self.answer_decoder.embeddings.word_embeddings.weight
-        return self.lm_head(hidden[:, :-1], word_embeddings)
+        return self.lm_head(hidden[:, :-1].flatten(0, 1), word_embeddings)
 
     def next_token_logits(
         self,

@@ -28,7 +28,8 @@ def answer_token_losses(
     """Per-answer summed label-smoothed cross-entropy.
 
     Args:
-        logits: (R, La - 1, V), [r, t] predicts token t + 1 of answer r (`answer_logits`).
+        logits: (R, La - 1, V), [r, t] predicts token t + 1 of answer r, or flat
+            (R * (La - 1), V) as `answer_logits` returns them.
         answer_ids: (R, La) `[DEC]/[CLS] answer [SEP] [PAD]...` (column 0 is never a target).
         pad_token_id: ignored targets.
         label_smoothing: 0.1 in the reference.
@@ -38,7 +39,7 @@ def answer_token_losses(
     """
     targets = lm_labels(answer_ids, pad_token_id)[:, 1:]
     per_token = F.cross_entropy(
-        logits.float().flatten(0, 1),
+        logits.float().reshape(-1, logits.shape[-1]),
         targets.flatten(),
         ignore_index=LM_IGNORE_INDEX,
         label_smoothing=label_smoothing,
@@ -58,7 +59,7 @@ def weighted_answer_loss(
     """The VQA training loss: `sum_a weights[a] * loss_a / num_questions` (module docstring).
 
     Args:
-        logits: (R, La - 1, V) teacher-forced logits of the R answers of the batch.
+        logits: (R, La - 1, V) or flat (R * (La - 1), V) teacher-forced logits of the R answers.
         answer_ids: (R, La) answer token ids.
         weights: (R,) answer weights.
         num_questions: B, the questions (images) of this rank's batch.
@@ -100,7 +101,8 @@ def rescore_topk(
     """Stage 2 of ranking: score the k candidates of each question whole, keep the best.
 
     Args:
-        logits: (M * k, La - 1, V) teacher-forced logits of the candidates, question-major.
+        logits: (M * k, La - 1, V) or flat teacher-forced logits of the candidates,
+            question-major.
         answer_ids: (M * k, La) those candidates' ids.
         topk_indices: (M, k) their indices in the candidate list.
         pad_token_id: padding id.

@@ -18,7 +18,15 @@ from blip_recipes.interop.vqa import (
     vqa_from_pretrain,
 )
 from tests.models.tiny_blip import make_model
-from tests.models.tiny_vqa import DEC_ID, ENC_ID, PAD_ID, SEP_ID, make_tokens, make_vqa
+from tests.models.tiny_vqa import (
+    DEC_ID,
+    ENC_ID,
+    PAD_ID,
+    SEP_ID,
+    answer_logits,
+    make_tokens,
+    make_vqa,
+)
 
 transformers = pytest.importorskip("transformers")
 TOL = 3e-5  # fp32 summation order; weights with std ~0.3 give activations ~1
@@ -57,7 +65,7 @@ def test_answer_logits_match(setup):
     dec_ids = a_ids.clone()
     dec_ids[:, 0] = DEC_ID
     with torch.no_grad():
-        mine = model.answer_logits(ours, q_mask, a_ids, a_mask)
+        mine = answer_logits(model, ours, q_mask, a_ids, a_mask)
         hf_logits = hf.text_decoder(input_ids=dec_ids, attention_mask=a_mask,
                                     encoder_hidden_states=theirs,
                                     encoder_attention_mask=q_mask).logits  # fmt: skip
@@ -84,7 +92,7 @@ def test_transformers_cross_attention_ignores_its_mask(setup):
         unmasked = hf.text_decoder(input_ids=a_ids, attention_mask=a_mask,
                                    encoder_hidden_states=theirs,
                                    encoder_attention_mask=torch.ones_like(q_mask))  # fmt: skip
-        mine = model.answer_logits(ours, q_mask, a_ids, a_mask)
+        mine = answer_logits(model, ours, q_mask, a_ids, a_mask)
     if not torch.equal(masked.logits, unmasked.logits):
         pytest.skip("this transformers version masks BLIP's cross-attention: compare padded too")
     padded_row = int((~q_mask.bool()).any(1).nonzero()[0])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blip_recipes.models.vqa import BlipVQA
-from tests.models.tiny_vqa import make_tokens, make_vqa
+from tests.models.tiny_vqa import answer_logits, make_tokens, make_vqa
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def test_decoder_masks_question_padding(setup):
     noisy = states.clone()
     noisy[~q_mask.bool()] = 100.0  # padded question positions: never attended
     with torch.no_grad():
-        clean = model.answer_logits(states, q_mask, a_ids, a_mask)
-        changed = model.answer_logits(noisy, q_mask, a_ids, a_mask)
-        unmasked = model.answer_logits(noisy, torch.ones_like(q_mask), a_ids, a_mask)
+        clean = answer_logits(model, states, q_mask, a_ids, a_mask)
+        changed = answer_logits(model, noisy, q_mask, a_ids, a_mask)
+        unmasked = answer_logits(model, noisy, torch.ones_like(q_mask), a_ids, a_mask)
     assert clean.shape == (3, 4, 100)
     assert torch.allclose(clean, changed, atol=1e-5)
     assert not torch.allclose(clean, unmasked, atol=1e-3)
@@ -58,9 +58,9 @@ def test_packed_rows_equal_indexed_rows(setup):
     a_ids, a_mask = make_tokens(6, 5, seed=8)  # 2 answers per question, question-major
     rows = torch.tensor([0, 0, 1, 1, 2, 2])
     with torch.no_grad():
-        packed = model.answer_logits(states, q_mask, a_ids, a_mask)
-        indexed = model.answer_logits(states, q_mask, a_ids, a_mask, question_rows=rows)
-        copied = model.answer_logits(states[rows], q_mask[rows], a_ids, a_mask)
+        packed = answer_logits(model, states, q_mask, a_ids, a_mask)
+        indexed = answer_logits(model, states, q_mask, a_ids, a_mask, question_rows=rows)
+        copied = answer_logits(model, states[rows], q_mask[rows], a_ids, a_mask)
     valid = a_mask[:, 1:].bool()
     assert torch.allclose(packed[valid], indexed[valid], atol=1e-5)
     assert torch.allclose(copied[valid], indexed[valid], atol=1e-5)
@@ -70,7 +70,7 @@ def test_next_token_logits_match_teacher_forcing(setup):
     model, _, _, q_mask, states = setup
     a_ids, a_mask = make_tokens(3, 4, seed=9, min_length=4)
     with torch.no_grad():
-        full = model.answer_logits(states, q_mask, a_ids, a_mask)
+        full = answer_logits(model, states, q_mask, a_ids, a_mask)
         prefix = a_ids[:, :3].clone()
         prefix[:, 0] = model.dec_token_id
         step, kv = model.next_token_logits(prefix, states, q_mask)

@@ -46,4 +46,20 @@ def make_tokens(
     return ids.masked_fill(mask == 0, PAD_ID), mask
 
 
-__all__ = ["CLS_ID", "DEC_ID", "ENC_ID", "PAD_ID", "SEP_ID", "TINY_VQA", "make_tokens", "make_vqa"]
+def answer_logits(model, states, mask, ids, ids_mask, **kwargs):
+    """`model.answer_logits` unflattened to (R, La - 1, V)."""
+    flat = model.answer_logits(states, mask, ids, ids_mask, **kwargs)
+    return flat.view(ids.shape[0], ids.shape[1] - 1, -1)
+
+
+__all__ = [
+    "CLS_ID",
+    "DEC_ID",
+    "ENC_ID",
+    "PAD_ID",
+    "SEP_ID",
+    "TINY_VQA",
+    "answer_logits",
+    "make_tokens",
+    "make_vqa",
+]
