@@ -46,8 +46,6 @@ from blip_recipes.interop.readers import CheckpointWeights, read_weights
 from blip_recipes.parallel import init_distributed, shutdown_distributed
 from blip_recipes.runs.errors import exit_status_for_error
 
-logger = logging.getLogger("blip_eval_retrieval")
-
 RESULT_FILE = "retrieval.json"
 SCORES_FILE = "retrieval_scores.pt"
 INIT = "init"
@@ -67,10 +65,48 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 class RetrievalEvalRecipe:
-    """setup -> evaluate -> cleanup; every rank runs all three."""
+    """setup -> evaluate -> cleanup; every rank runs all three.
+
+    A subclass evaluating other media (videos) or another task on the same checkpoint loading
+    replaces the data hooks: `_check_data_settings`, `_load_data`, `_describe_data`, `_score`,
+    `_metrics`, `_table`, and the class attributes below.
+    """
+
+    name = "blip_eval_retrieval"
+    result_file = RESULT_FILE
+    scalar_prefix = "retrieval"
+    media = "images"
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.log = logging.getLogger(self.name)
+
+    def _check_data_settings(self) -> None:
+        if not self.cfg.eval.annotation:
+            raise ValueError("set eval.annotation (COCO-Karpathy-style test annotations)")
+
+    def _load_data(self) -> Any:
+        ev = self.cfg.eval
+        return load_retrieval_data(ev.annotation, ev.image_root, self.cfg.data.max_words)
+
+    def _describe_data(self) -> str:
+        data, k_test = self.data, self.cfg.eval.k_test
+        return f"{len(data.images)} {self.media} / {len(data.texts)} captions, k_test={k_test}"
+
+    def _score(self) -> RetrievalScores:
+        cfg, ev = self.cfg, self.cfg.eval
+        return score_retrieval(
+            self.model, self.tokenizer, self.data,
+            k_test=ev.k_test, batch_size=ev.batch_size, text_max_length=ev.text_max_length,
+            image_size=self.image_size, num_workers=cfg.data.num_workers,
+            device=self.device, progress=ev.progress,
+        )  # fmt: skip
+
+    def _metrics(self, scores: RetrievalScores) -> dict[str, float]:
+        return scores.metrics()
+
+    def _table(self, metrics: dict[str, float]) -> str:
+        return format_table(metrics)
 
     def setup(self) -> None:
         cfg, ev = self.cfg, self.cfg.eval
@@ -78,14 +114,14 @@ class RetrievalEvalRecipe:
             raise ValueError(
                 "set eval.checkpoint (a DCP checkpoint, reference .pth or HF folder, or init)"
             )
-        if not ev.annotation:
-            raise ValueError("set eval.annotation (COCO-Karpathy-style test annotations)")
+        self._check_data_settings()
         self.dist = init_distributed(cfg.parallel.device, timeout_s=cfg.job.collective_timeout_s)
         self.device = self.dist.device
         self.output_dir = Path(cfg.job.output_dir)
+        self.data = self._load_data()  # before the model: a bad split fails fast
         if ev.checkpoint == INIT:
             self.tokenizer = build_tokenizer(cfg.tokenizer)
-            logger.info(
+            self.log.info(
                 "tokenizer: %s", _describe_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
             )
             self.model = _initial_model(cfg, self.tokenizer)
@@ -100,14 +136,13 @@ class RetrievalEvalRecipe:
             source, layout, self.step = weights.source, weights.layout, _step_of(weights.source)
         self.image_size = self._resolution(source)
         self.model = self.model.to(self.device)
-        self.data = load_retrieval_data(ev.annotation, ev.image_root, cfg.data.max_words)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.toml").write_text(to_toml(cfg))
-        logger.info(
-            "evaluating %s (%s) at %d px on %d images / %d captions, k_test=%d, %d rank(s) on %s",
-            source, layout, self.image_size, len(self.data.images), len(self.data.texts),
-            ev.k_test, self.dist.world_size, self.device,
+        self.log.info(
+            "evaluating %s (%s) at %d px on %s, %d rank(s) on %s",
+            source, layout, self.image_size, self._describe_data(), self.dist.world_size,
+            self.device,
         )  # fmt: skip
 
     def _tokenizer_for(self, weights: CheckpointWeights) -> Any:
@@ -116,19 +151,19 @@ class RetrievalEvalRecipe:
         recorded = tokenizer_from_weights(weights)
         section = weights.tokenizer or {}
         if recorded is not None:
-            logger.info(
+            self.log.info(
                 "tokenizer: recorded with the checkpoint, %s",
                 _describe_tokenizer(section.get("kind"), section.get("path")),
             )
             return recorded
         if section:
-            logger.warning(
+            self.log.warning(
                 "tokenizer recorded with %s (%s) is not available here; using the config's "
                 "[tokenizer] instead",
                 weights.source, _describe_tokenizer(section.get("kind"), section.get("path")),
             )  # fmt: skip
         tok = self.cfg.tokenizer
-        logger.info(
+        self.log.info(
             "tokenizer: from the config's [tokenizer], %s", _describe_tokenizer(tok.kind, tok.path)
         )
         return build_tokenizer(tok)
@@ -139,7 +174,7 @@ class RetrievalEvalRecipe:
         trained = model_image_size(self.model)
         wanted = self.cfg.model.image_size
         if wanted == trained:
-            logger.info("resolution: %d px (the checkpoint's)", trained)
+            self.log.info("resolution: %d px (the checkpoint's)", trained)
             return wanted
         message = (
             f"{source} was trained at {trained} px but model.image_size is {wanted}: evaluating "
@@ -151,7 +186,7 @@ class RetrievalEvalRecipe:
                 f"{message} Set model.image_size={trained}, or eval.allow_resolution_change=true "
                 f"to evaluate at {wanted} px anyway"
             )
-        logger.warning(
+        self.log.warning(
             "%s Evaluating at %d px because eval.allow_resolution_change=true", message, wanted
         )
         return wanted
@@ -166,22 +201,16 @@ class RetrievalEvalRecipe:
 
     def evaluate(self) -> dict[str, float]:
         """Score, then (rank 0) write retrieval.json, TensorBoard scalars and the table."""
-        cfg, ev = self.cfg, self.cfg.eval
         start = time.perf_counter()
         with self._autocast():
-            scores = score_retrieval(
-                self.model, self.tokenizer, self.data,
-                k_test=ev.k_test, batch_size=ev.batch_size, text_max_length=ev.text_max_length,
-                image_size=self.image_size, num_workers=cfg.data.num_workers,
-                device=self.device, progress=ev.progress,
-            )  # fmt: skip
-        metrics = scores.metrics()
+            scores = self._score()
+        metrics = self._metrics(scores)
         if self.dist.is_main:
             self._write(metrics, scores, time.perf_counter() - start)
         return metrics
 
     def _write(self, metrics: dict[str, float], scores: RetrievalScores, seconds: float) -> None:
-        (self.output_dir / RESULT_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        (self.output_dir / self.result_file).write_text(json.dumps(metrics, indent=2) + "\n")
         if self.cfg.eval.save_scores:
             torch.save(scores.to("cpu").__dict__, self.output_dir / SCORES_FILE)
         if self.cfg.metrics.tensorboard:
@@ -189,9 +218,9 @@ class RetrievalEvalRecipe:
 
             with SummaryWriter(str(self.output_dir / "tensorboard")) as writer:
                 for key, value in metrics.items():
-                    writer.add_scalar(f"retrieval/{key}", value, self.step)
-        print(format_table(metrics))
-        print(f"({seconds:.1f} s; results in {self.output_dir / RESULT_FILE})")
+                    writer.add_scalar(f"{self.scalar_prefix}/{key}", value, self.step)
+        print(self._table(metrics))
+        print(f"({seconds:.1f} s; results in {self.output_dir / self.result_file})")
         sys.stdout.flush()
 
     def cleanup(self) -> None:

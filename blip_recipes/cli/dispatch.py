@@ -481,13 +481,14 @@ def cmd_ls(args: list[str]) -> int:
         return 0
     if args:
         raise UsageError(f"blip ls takes no arguments, got {' '.join(args)}")
-    print(f"{'RECIPE':<24}CONFIGS")
+    width = max(24, 2 + max(len(name) for name in RECIPES))
+    print(f"{'RECIPE':<{width}}CONFIGS")
     for entry in RECIPES.values():
-        print(f"{entry.name:<24}{', '.join(entry.configs)}")
+        print(f"{entry.name:<{width}}{', '.join(entry.configs)}")
     listed = {c for e in RECIPES.values() for c in e.configs}
     others = [c for c in config_names() if c not in listed]
     if others:
-        print(f"{'(other configs)':<24}{', '.join(others)}")
+        print(f"{'(other configs)':<{width}}{', '.join(others)}")
     return 0
 
 

@@ -64,6 +64,7 @@ CHECK_MODULES = (
     "blip_recipes.data.config_checks",
     "blip_recipes.interop.config_checks",
     "blip_recipes.interop.checkpoint_match",
+    "blip_recipes.evaluation.config_checks",
 )
 """Modules of other packages that register checks: the model's shape and checkpoint size,
 each recipe's own section ([retrieval], [caption]), the data sources' files and sizes, the

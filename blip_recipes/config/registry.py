@@ -31,6 +31,12 @@ RECIPES: dict[str, RecipeEntry] = {
     for entry in (
         RecipeEntry("blip_pretrain", "blip_pretrain.py", ("debug", "base", "large")),
         RecipeEntry("blip_eval_retrieval", "blip_eval_retrieval.py", ("eval_retrieval",), False),
+        RecipeEntry(
+            "blip_eval_retrieval_video",
+            "blip_eval_retrieval_video.py",
+            ("eval_retrieval_msrvtt",),
+            False,
+        ),
         RecipeEntry("blip_capfilt", "blip_capfilt.py", ("capfilt",), False),
         RecipeEntry(
             "blip_finetune_caption", "blip_finetune_caption.py", ("finetune_caption_coco",)

@@ -370,6 +370,18 @@ class VqaConfig:
 
 
 @dataclass
+class VideoConfig:
+    annotation: Optional[str] = None
+    """blip_eval_retrieval_video: MSRVTT-style test annotations (JSON list or JSONL): {"video": path} or {"clip_name": name} (the file <video.root>/<name><video.suffix>), and "caption" (a text or list of texts)."""
+    root: str = ""
+    """Folder the video paths and clip names are relative to."""
+    suffix: str = ".mp4"
+    """File suffix appended to a record's clip_name."""
+    num_frames: int = 8
+    """Frames read per video (frame i * floor(length / num_frames), the reference's uniform sampling), each encoded as an image."""
+
+
+@dataclass
 class Config:
     """The whole run configuration: one attribute per TOML section."""
 
@@ -389,3 +401,4 @@ class Config:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     nlvr: NlvrConfig = field(default_factory=NlvrConfig)
     vqa: VqaConfig = field(default_factory=VqaConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)

@@ -56,6 +56,21 @@ def recall_at(ranks: torch.Tensor, k: int) -> float:
     return 100.0 * (ranks < k).double().mean().item()
 
 
+def median_rank(ranks: torch.Tensor) -> float:
+    """Median 1-based rank (the reference's `mdR`: numpy's median, the mean of the two middle
+    values for an even count).
+
+    Example:
+        >>> median_rank(torch.tensor([0, 3, 1, 9]))
+        3.0
+    """
+    if ranks.numel() == 0:
+        return 0.0
+    ordered = torch.sort(ranks.double().flatten() + 1).values
+    n = ordered.numel()
+    return float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)
+
+
 def retrieval_metrics(
     txt_ranks: torch.Tensor, img_ranks: torch.Tensor, prefix: str = ""
 ) -> dict[str, float]:
@@ -80,4 +95,4 @@ def retrieval_metrics(
     return out
 
 
-__all__ = ["RECALL_KS", "positive_ranks", "recall_at", "retrieval_metrics"]
+__all__ = ["RECALL_KS", "median_rank", "positive_ranks", "recall_at", "retrieval_metrics"]

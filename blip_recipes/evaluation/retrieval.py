@@ -148,6 +148,32 @@ class _Images(Dataset):
         return self.transform(ref)
 
 
+class ImageInputs:
+    """How :func:`score_retrieval` turns `RetrievalData.images` entries into encoder inputs:
+    one image each, resized to `image_size`, encoded by `model.encode_image`.
+
+    Another kind of media (video frames) supplies the same three methods.
+    """
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def dataset(self, items: Sequence[Any], indices: range) -> Dataset:
+        """The uint8 inputs of `items[indices]`, one per entry."""
+        return _Images(items, indices, self.image_size)
+
+    def dummy(self) -> torch.Tensor:
+        """A batch of one input (the call a rank without work makes under FSDP2)."""
+        return torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
+
+    def encode(
+        self, model: nn.Module, batch: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, s, s) on the device -> (B, T, D_vision) tokens for ITM and the (B, E)
+        unit-norm ITC feature."""
+        return tuple(model.encode_image(normalize_images(batch, dtype)))
+
+
 def model_image_size(model: nn.Module) -> int:
     """The square input side the model's position embeddings were built for."""
     vit = model.visual_encoder
@@ -194,6 +220,7 @@ def score_retrieval(
     num_workers: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
+    inputs: ImageInputs | None = None,
 ) -> RetrievalScores:
     """Score every query of `data` with ITC, rerank its top `k_test` with ITM.
 
@@ -212,6 +239,8 @@ def score_retrieval(
         num_workers: image-decoding worker processes.
         device: where to compute; default the model's device.
         progress: show a progress bar on rank 0.
+        inputs: how `data.images` entries are read and encoded; default :class:`ImageInputs`
+            at `image_size` (video: `evaluation.video_retrieval.VideoInputs`).
 
     Returns:
         `RetrievalScores`, identical on every rank.
@@ -226,32 +255,31 @@ def score_retrieval(
         with torch.compiler.set_stance("force_eager"):
             return _score(model, tokenizer, data, k_test, batch_size, text_max_length,
                           image_size, num_workers, device, progress and rank == 0,
-                          balanced, rank, world)  # fmt: skip
+                          balanced, rank, world, inputs)  # fmt: skip
     finally:
         model.train(was_training)
 
 
 def _score(model, tokenizer, data, k_test, batch_size, text_max_length, image_size, num_workers,
-           device, progress, balanced, rank, world) -> RetrievalScores:  # fmt: skip
+           device, progress, balanced, rank, world, inputs=None) -> RetrievalScores:  # fmt: skip
     weight = model.visual_encoder.patch_embed.proj.weight
     device = torch.device(device) if device is not None else weight.device
     dtype = weight.dtype
-    image_size = image_size or model_image_size(model)
+    inputs = inputs or ImageInputs(image_size or model_image_size(model))
     n_img, n_txt = len(data.images), len(data.texts)
     k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
     local_img, local_txt = shard_range(n_img, rank, world), shard_range(n_txt, rank, world)
 
     # ---- 1. features
     all_ids, all_mask = tokenizer(list(data.texts), max_length=text_max_length)
-    loader = DataLoader(_Images(data.images, local_img, image_size), batch_size=batch_size,
+    loader = DataLoader(inputs.dataset(data.images, local_img), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False)  # fmt: skip
     text_batches = [range(s, min(s + batch_size, local_txt.stop))
                     for s in range(local_txt.start, local_txt.stop, batch_size)]  # fmt: skip
     bar = _Progress(progress, len(loader) + len(text_batches))
 
     def encode_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = normalize_images(images.to(device, non_blocking=True), dtype)
-        return tuple(model.encode_image(pixels))
+        return inputs.encode(model, images.to(device, non_blocking=True), dtype)
 
     def encode_texts(rows: range) -> torch.Tensor:
         ids, mask = (
@@ -261,7 +289,7 @@ def _score(model, tokenizer, data, k_test, batch_size, text_max_length, image_si
         return model.encode_text(ids, mask).feat
 
     embeds_parts, img_feat_parts = [], []
-    dummy_image = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
+    dummy_image = inputs.dummy()
     for _, (embeds, feat) in run_balanced(
         loader, len(loader), encode_images, dummy_image, balanced
     ):
