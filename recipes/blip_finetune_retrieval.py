@@ -14,7 +14,7 @@ set-up, with what fine-tuning changes (docs/finetune-retrieval.md):
 - step: `RetrievalStep` (ITC with momentum distillation and an image-id queue, ITM with
   same-image-masked hard negatives, optionally over every rank's batch); no captioning loss.
 - schedule: per-epoch cosine from `optimizer.lr` to `lr_scheduler.min_lr`; alpha ramps over
-  `training.alpha_ramp_epochs` (1: the first epoch).
+  `momentum.alpha_ramp_epochs` (1: the first epoch).
 - evaluation: `eval.annotation` (validation split) every `retrieval.eval_every_epochs` epochs
   and at the last step with the reference protocol (`eval.k_test`); the weights with the best
   `r_mean` are kept in `<output_dir>/best/step-N`; at the end the test split
@@ -75,10 +75,10 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
         )
         self.momentum = MomentumState(
             momentum.encoders,
-            queue_size=cfg.model.queue_size,
+            queue_size=cfg.momentum.queue_size,
             embed_dim=cfg.model.embed_dim,
-            momentum=cfg.model.momentum,
-            train_mode=cfg.model.momentum_train_mode,
+            momentum=cfg.momentum.decay,
+            train_mode=cfg.momentum.train_mode,
             seed=cfg.job.seed,
             device=self.dist.device,
             group=momentum.group,

@@ -78,7 +78,7 @@ from blip_recipes.runs.info import (
 from blip_recipes.runs.lock import RunLockedError, acquire_run_lock
 from blip_recipes.training.build import build_pretraining, compute_dtype, set_determinism
 from blip_recipes.training.momentum import check_queue_batch
-from blip_recipes.training.optim import build_lr_scheduler, build_optimizer
+from blip_recipes.training.optim import alpha_at_step, build_lr_scheduler, build_optimizer
 from blip_recipes.training.pretrain import PretrainStep
 from blip_recipes.training.step import DeviceBatch, StepResult
 
@@ -237,7 +237,7 @@ class BlipPretrainRecipe:
                 print(f"blip_pretrain: {e}", file=sys.stderr)
                 raise SystemExit(2) from None
         self.cpu_threads = configure_cpu_threads(self.device.type, cfg.job.cpu_threads)
-        check_queue_batch(cfg.model.queue_size, cfg.data.batch_size, self.dist.world_size)
+        check_queue_batch(cfg.momentum.queue_size, cfg.data.batch_size, self.dist.world_size)
         self.checkpointer = CheckpointManager(
             self.output_dir / "checkpoints",
             keep_latest_k=cfg.checkpoint.keep_latest_k,
@@ -434,9 +434,9 @@ class BlipPretrainRecipe:
 
     # ------------------------------------------------------------------ training
     def alpha(self, step: int) -> float:
-        """Distillation weight: linear from 0 to `training.alpha` over the first ramp epochs."""
-        ramp = self.cfg.training.alpha_ramp_epochs * self.steps_per_epoch
-        return self.cfg.training.alpha * (min(1.0, step / ramp) if ramp > 0 else 1.0)
+        """Distillation weight: linear from 0 to `momentum.alpha` over the first ramp epochs."""
+        m = self.cfg.momentum
+        return alpha_at_step(step, m.alpha, m.alpha_ramp_epochs * self.steps_per_epoch)
 
     def _global_batch(self) -> int:
         """Samples per optimizer step over all ranks: batch x world x grad_accum_steps."""

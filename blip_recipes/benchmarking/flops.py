@@ -16,7 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from blip_recipes.models import build_model, build_momentum_encoders
+from blip_recipes.models import build_model, build_momentum_encoders, preset_queue_size
 from blip_recipes.parallel import materialize
 from blip_recipes.training.momentum import MomentumState
 from blip_recipes.training.pretrain import pretrain_losses
@@ -52,7 +52,7 @@ def step_flops(
     with torch.device("meta"):
         model = build_model(name, image_size=image_size).train()
         encoders = build_momentum_encoders(name, image_size=image_size)
-    queue_size = int(model.queue_size or 57600)
+    queue_size = preset_queue_size(name)
     with FakeTensorMode(allow_non_fake_inputs=True):
         materialize(model, torch.device("cpu"))
         materialize(encoders, torch.device("cpu"))

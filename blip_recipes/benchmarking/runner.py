@@ -111,7 +111,7 @@ def benchmark_config(
         "job.name=benchmark",
         f"model.name={settings.model}",
         f"model.image_size={image_size}",
-        f"model.queue_size={queue_size_for(settings, batch_size)}",
+        f"momentum.queue_size={queue_size_for(settings, batch_size)}",
         *tokenizer,
         f"tokenizer.max_length={TEXT_LENGTH}",
         f"data.batch_size={batch_size}",
@@ -274,14 +274,14 @@ def run_recipe_variant(
             cfg = benchmark_config(settings, variant.for_device(device.type), batch_size, out,
                                    vocab_path, device)  # fmt: skip
             result["overrides"] = list(variant.for_device(device.type))
-            result["queue_size"] = cfg.model.queue_size
+            result["queue_size"] = cfg.momentum.queue_size
             t0 = time.perf_counter()
             run = _OursRun.build(cfg, with_loader=settings.data == "loader")
             result["setup_s"] = time.perf_counter() - t0
             result["compute_dtype"] = str(run.compute_dtype).replace("torch.", "")
             result["fused_adamw"] = run.step_fn.fused
             last: dict[str, Any] = {"step": 0}
-            alpha = cfg.training.alpha
+            alpha = cfg.momentum.alpha
 
             def step(batch: dict) -> None:
                 micro = DeviceBatch(
@@ -352,12 +352,12 @@ def run_baseline(
         try:
             cfg = benchmark_config(settings, (), batch_size, out, vocab_path, device)
             tok = build_tokenizer(cfg.tokenizer)
-            result["queue_size"] = cfg.model.queue_size
+            result["queue_size"] = cfg.momentum.queue_size
             t0 = time.perf_counter()
             baseline = build_hf_baseline(
                 settings.model,
                 image_size=cfg.model.image_size,
-                queue_size=cfg.model.queue_size,
+                queue_size=cfg.momentum.queue_size,
                 device=device,
                 bf16=precision == "bf16",
                 lr=cfg.optimizer.lr,
@@ -380,7 +380,7 @@ def run_baseline(
                 next_batch = _cycle(synthetic_batches(
                     batch_size, cfg.model.image_size, tok.vocab_size, special, device,
                     seed=settings.seed))  # fmt: skip
-            alpha = cfg.training.alpha
+            alpha = cfg.momentum.alpha
 
             def step(batch: dict) -> None:
                 baseline.train_step(batch, alpha=alpha)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="tokenizer kind",
     )
     parser.add_argument(
-        "--queue-size", type=int, help="momentum queue length of the run (model.queue_size)"
+        "--queue-size", type=int, help="momentum queue length of the run (momentum.queue_size)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of fresh queues")
     parser.add_argument("--no-momentum", action="store_true", help="write the online model only")

@@ -132,7 +132,7 @@ def build_configs(train_json: Path, val_json: Path, image_root: str, runs: Path,
     cfg = load_toml(CONFIGS_DIR / ("debug.toml" if model == "tiny" else "base.toml"))
     cfg.job.name, cfg.job.output_dir, cfg.job.seed = "pretrain", str(runs / "pretrain"), 0
     cfg.model.name, cfg.model.image_size = PRESETS[model], sizes["image_size"]
-    cfg.model.queue_size = sizes["queue_size"]
+    cfg.momentum.queue_size = sizes["queue_size"]
     if model != "tiny":
         cfg.model.text_init = cfg.model.vision_init = None  # random weights: nothing to fetch
         cfg.model.embed_dim = 256
@@ -148,7 +148,7 @@ def build_configs(train_json: Path, val_json: Path, image_root: str, runs: Path,
     d.randaugment = False  # a small data set learns faster without it in a short run
     d.min_scale = 0.5
     cfg.training.steps, cfg.training.epochs = sizes["steps"], sizes["epochs"]
-    cfg.training.alpha_ramp_epochs = min(cfg.training.alpha_ramp_epochs, sizes["epochs"] / 4)
+    cfg.momentum.alpha_ramp_epochs = min(cfg.momentum.alpha_ramp_epochs, sizes["epochs"] / 4)
     cfg.training.mixed_precision = "auto"
     cfg.lr_scheduler.name, cfg.lr_scheduler.warmup_steps = "cosine", sizes["warmup"]
     cfg.parallel.device, cfg.parallel.compile = device, sizes["compile"]

@@ -67,6 +67,44 @@ DEPRECATED_KEYS: dict[str, tuple[str, Any, Callable[[Any], tuple[str, Any]]]] = 
 new value))."""
 
 
+MOVED_KEYS: dict[str, str] = {
+    "model.queue_size": "momentum.queue_size",
+    "model.momentum": "momentum.decay",
+    "model.momentum_train_mode": "momentum.train_mode",
+    "training.alpha": "momentum.alpha",
+    "training.alpha_ramp_epochs": "momentum.alpha_ramp_epochs",
+}
+"""Keys moved to another section, still read: old dotted key -> new dotted key."""
+
+
+def _moved(dotted: str, where: str) -> str | None:
+    """The new dotted key of a moved key, with a one-line warning; None if not one."""
+    new = MOVED_KEYS.get(dotted)
+    if new is not None:
+        logger.warning("%s: '%s' is deprecated, use '%s' (read as %s)", where, dotted, new, new)
+    return new
+
+
+def _move_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A TOML document with its moved keys (`MOVED_KEYS`) put where they now live."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old in MOVED_KEYS:
+        section, key = old.split(".")
+        table = data.get(section)
+        if not isinstance(table, dict) or key not in table:
+            continue
+        new = _moved(old, where)
+        assert new is not None
+        new_section, new_key = new.split(".")
+        target = data.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # from_dict says that it must be a table
+        if new_key in target:
+            raise ConfigError(f"{where}: '{old}' and '{new}' are both set; keep only '{new}'")
+        target[new_key] = table.pop(key)
+    return data
+
+
 def _deprecated(dotted: str, value: Any, where: str) -> tuple[str, Any] | None:
     """The replacement (field, value) of a deprecated key, with a warning; None if not one."""
     if dotted not in DEPRECATED_KEYS:
@@ -118,7 +156,7 @@ def load_toml(path: str | Path) -> Config:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_dict(Config, data, str(path))
+    return from_dict(Config, _move_keys(data, str(path)), str(path))
 
 
 def split_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
@@ -144,6 +182,7 @@ def split_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
 
 def apply_override(cfg: Config, key: str, text: str) -> None:
     """Set one dotted key from its command-line text, parsed to the field's type."""
+    key = _moved(key, "command line") or key
     where = f"command line: '{key}'"
     renamed = _deprecated(key, text, "command line")
     if renamed is not None:

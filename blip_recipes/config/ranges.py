@@ -22,7 +22,7 @@ def _positive_fields(cfg: Config) -> list[tuple[str, Any]]:
     ev, cf = cfg.eval, cfg.capfilt
     fields = [
         ("data.batch_size", cfg.data.batch_size),
-        ("model.queue_size", cfg.model.queue_size),
+        ("momentum.queue_size", cfg.momentum.queue_size),
         ("model.image_size", cfg.model.image_size),
         ("model.embed_dim", cfg.model.embed_dim),
         ("checkpoint.interval", cfg.checkpoint.interval),
@@ -62,8 +62,8 @@ def _positive_counts(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
         yield f"'data.num_workers' must be >= 0, got {cfg.data.num_workers}"
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         yield f"'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}"
-    if not 0.0 <= cfg.model.momentum <= 1.0:
-        yield f"'model.momentum' must be in [0, 1], got {cfg.model.momentum}"
+    if not 0.0 <= cfg.momentum.decay <= 1.0:
+        yield f"'momentum.decay' must be in [0, 1], got {cfg.momentum.decay}"
     if len(cfg.optimizer.betas) != 2:
         yield f"'optimizer.betas' must hold two numbers, got {cfg.optimizer.betas}"
 
@@ -79,6 +79,7 @@ def _outside(value: float, low: float, high: float = math.inf, low_open: bool = 
 def _ranges(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
     """Numbers that load fine but fail (or silently misbehave) once the run is under way."""
     t, o, s, d = cfg.training, cfg.optimizer, cfg.lr_scheduler, cfg.data
+    m = cfg.momentum
     checks: list[tuple[str, Any, str, bool]] = [
         ("training.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1 (consecutive "
          "non-finite steps that stop the run)", t.max_nonfinite_steps < 1),
@@ -92,8 +93,8 @@ def _ranges(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
         ("lr_scheduler.min_lr", s.min_lr, ">= 0", _outside(s.min_lr, 0.0)),
         ("lr_scheduler.decay_rate", s.decay_rate, "in (0, 1]",
          _outside(s.decay_rate, 0.0, 1.0, low_open=True)),
-        ("training.alpha", t.alpha, "in [0, 1]", _outside(t.alpha, 0.0, 1.0)),
-        ("training.alpha_ramp_epochs", t.alpha_ramp_epochs, ">= 0", _outside(t.alpha_ramp_epochs, 0.0)),
+        ("momentum.alpha", m.alpha, "in [0, 1]", _outside(m.alpha, 0.0, 1.0)),
+        ("momentum.alpha_ramp_epochs", m.alpha_ramp_epochs, ">= 0", _outside(m.alpha_ramp_epochs, 0.0)),
         ("data.prefetch_factor", d.prefetch_factor, "an integer >= 1 (batches each loader worker "
          "prepares ahead)", d.prefetch_factor < 1),
         ("data.min_image_size", d.min_image_size, "an integer >= 1 (pixels)", d.min_image_size < 1),
@@ -134,9 +135,9 @@ def _queue_holds_whole_global_batches(cfg: Config, ctx: LaunchContext) -> Iterab
     if not ctx.checkpoints:
         return
     global_batch = cfg.data.batch_size * ctx.world_size
-    if global_batch > 0 and cfg.model.queue_size % global_batch != 0:
+    if global_batch > 0 and cfg.momentum.queue_size % global_batch != 0:
         yield (
-            f"'model.queue_size' ({cfg.model.queue_size}) must be a multiple of the global batch "
+            f"'momentum.queue_size' ({cfg.momentum.queue_size}) must be a multiple of the global batch "
             f"'data.batch_size' x world size = {cfg.data.batch_size} x {ctx.world_size} = "
             f"{global_batch}"
         )

@@ -37,18 +37,26 @@ class ModelConfig:
     """Input resolution in pixels (square)."""
     embed_dim: int = 256
     """Width of the ITC projection space."""
-    queue_size: int = 57600
-    """Number of momentum features kept in each ITC queue; must be a multiple of batch_size * world size."""
-    momentum: float = 0.995
-    """EMA factor of the momentum encoders: p_m = m * p_m + (1 - m) * p."""
     drop_path_rate: Optional[float] = None
     """ViT stochastic depth; None keeps the builder's default (0 for ViT-B, 0.1 for ViT-L)."""
-    momentum_train_mode: bool = True
-    """Run the momentum encoders in train mode (dropout active) as the reference does."""
     text_init: Optional[str] = None
     """Local BERT checkpoint (HF folder or bert-base-uncased state dict) to initialise the text side from."""
     vision_init: Optional[str] = None
     """Local DeiT/timm-style ViT .pth to initialise the image encoder from."""
+
+
+@dataclass
+class MomentumConfig:
+    queue_size: int = 57600
+    """Number of momentum features kept in each ITC queue; must be a multiple of batch_size * world size."""
+    decay: float = 0.995
+    """EMA factor of the momentum encoders: p_m = decay * p_m + (1 - decay) * p."""
+    train_mode: bool = True
+    """Run the momentum encoders in train mode (dropout active) as the reference does."""
+    alpha: float = 0.4
+    """Final weight of the momentum-distillation targets in ITC."""
+    alpha_ramp_epochs: float = 2.0
+    """Alpha rises linearly from 0 over this many epochs."""
 
 
 @dataclass
@@ -151,10 +159,6 @@ class TrainingConfig:
     """Number of passes over the data when `steps` is None."""
     steps_per_epoch: Optional[int] = None
     """Steps that make one epoch for schedules and alpha; None derives it from the data size."""
-    alpha: float = 0.4
-    """Final weight of the momentum-distillation targets in ITC."""
-    alpha_ramp_epochs: float = 2.0
-    """Alpha rises linearly from 0 over this many epochs."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Parameter dtype in compute: auto is bf16 on CUDA and fp32 on CPU."""
     grad_clip: Optional[float] = None
@@ -387,6 +391,7 @@ class Config:
 
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -188,13 +188,13 @@ def _data_set_size(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
             f"lr_scheduler.warmup_steps={max(1, steps // 10)}"
         )
     global_batch = cfg.data.batch_size * ctx.world_size
-    queue = cfg.model.queue_size
+    queue = cfg.momentum.queue_size
     if samples and queue > samples and global_batch > 0:
         fit = max(global_batch, samples // 2 // global_batch * global_batch)
         yield (
-            f"model.queue_size={queue} is {queue / samples:.0f}x the data set ({samples} "
+            f"momentum.queue_size={queue} is {queue / samples:.0f}x the data set ({samples} "
             "samples): the queue holds every sample's features several times over (stale "
-            f"copies as negatives, and a larger checkpoint); set model.queue_size={fit} (a "
+            f"copies as negatives, and a larger checkpoint); set momentum.queue_size={fit} (a "
             f"multiple of the global batch {global_batch})"
         )
 

@@ -68,7 +68,7 @@ def convert_checkpoint(
         tokenizer: the tokenizer of the run (token ids; tokenizer files for "hf"); default the
             one recorded with the source when it can be built locally.
         queue_size: queue length of the momentum state written to "dcp" (the run's
-            `model.queue_size`); default the source's, else the preset's.
+            `momentum.queue_size`); default the source's, else the preset's.
         seed: seed of freshly initialised queues when the source has none.
         momentum: include momentum weights and queues ("dcp", "pt", "safetensors", "reference").
         strict: every model tensor must come from the source.

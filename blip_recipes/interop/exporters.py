@@ -19,6 +19,7 @@ from blip_recipes.interop.files import compact_copies, save_state_dict_file
 from blip_recipes.interop.hf import hf_blip_config, ours_to_hf_captioning, ours_to_hf_retrieval
 from blip_recipes.interop.readers import MOMENTUM_CROSS_ATTN, QUEUE_KEYS
 from blip_recipes.interop.reference import ours_to_reference
+from blip_recipes.objectives.pretrain import LM_LABEL_SMOOTHING
 
 
 def consolidated_state_dict(
@@ -101,7 +102,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> d
 
     out_dir = Path(out_dir)
     sep = _sep_token_id(model, tokenizer)
-    config = hf_blip_config(model, label_smoothing=getattr(model, "label_smoothing", 0.1),
+    config = hf_blip_config(model, label_smoothing=LM_LABEL_SMOOTHING,
                             sep_token_id=sep, eos_token_id=sep)  # fmt: skip
     state = model.state_dict()
     written = {}

@@ -101,7 +101,6 @@ def model_args_for(
                                ("text_heads", text_cfg, "num_attention_heads"),
                                ("vision_norm_eps", vision_cfg, "layer_norm_eps"),
                                ("text_norm_eps", text_cfg, "layer_norm_eps"),
-                               ("label_smoothing", text_cfg, "label_smoothing"),
                                ("dec_token_id", text_cfg, "bos_token_id"),
                                ("pad_token_id", text_cfg, "pad_token_id")):  # fmt: skip
             if cfg.get(key) is not None:
@@ -136,7 +135,7 @@ def model_args_for(
     defaults = inspect.signature(BlipPretrain).parameters
     vocab = args.get("vocab_size", preset["vocab_size"])
     for key in ("enc_token_id", "dec_token_id", "pad_token_id"):
-        value = args.get(key, preset.get(key, defaults[key].default))
+        value = args.get(key, preset[key] if key in preset else defaults[key].default)
         if not 0 <= value < vocab:
             raise ValueError(
                 f"{key}={value} is outside the vocabulary of {weights.source} ({vocab} rows): "

@@ -42,7 +42,7 @@ def build_momentum_from_weights(
         model: the online model built by :func:`build_model_from_weights`.
         weights: what was read.
         seed: seed of freshly initialised queues.
-        queue_size: Q of the run that will load it (`model.queue_size` in its config); default
+        queue_size: Q of the run that will load it (`momentum.queue_size` in its config); default
             the checkpoint's queue length, else the preset's. Queues cannot be resized.
         kwargs: `MomentumState.build` options (momentum, train_mode).
     """
@@ -55,7 +55,7 @@ def build_momentum_from_weights(
         if stored is not None and stored.shape[1] != queue_size:
             raise ValueError(
                 f"{weights.source} holds queues of length {stored.shape[1]}, not {queue_size}: "
-                "keep the checkpoint's model.queue_size (queues are not resized)"
+                "keep the checkpoint's momentum.queue_size (queues are not resized)"
             )
         args["queue_size"] = queue_size
     state = MomentumState.build(name, seed=seed, **kwargs, **args)

@@ -121,9 +121,11 @@ class BlipPretrain(nn.Module):
         lm_head: `LMHead` (its projection weight is `text.embeddings.word_embeddings.weight`).
         enc_token_id: id put first for ITM ([ENC], 30523 in the reference tokenizer).
         dec_token_id: id put first for LM ([DEC], 30522).
-        pad_token_id: padding id, ignored by the LM loss ([PAD], 0).
         temp_init: initial temperature (0.07).
-        label_smoothing: LM label smoothing (0.1).
+
+    The padding id is the word embeddings' padding row (`pad_token_id`, set by the builder); the
+    LM loss's settings (label smoothing) belong to the objective, the queue size to the momentum
+    state.
 
     The temperature is a (1,)-shaped parameter (FSDP2 refuses 0-d parameters). Call
     `clamp_temperature_()` at the start of each step (outside the entry points), as the reference
@@ -140,9 +142,7 @@ class BlipPretrain(nn.Module):
         lm_head: LMHead,
         enc_token_id: int = 30523,
         dec_token_id: int = 30522,
-        pad_token_id: int = 0,
         temp_init: float = 0.07,
-        label_smoothing: float = 0.1,
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
@@ -155,9 +155,12 @@ class BlipPretrain(nn.Module):
         self.temp_init = temp_init
         self.enc_token_id = enc_token_id
         self.dec_token_id = dec_token_id
-        self.pad_token_id = pad_token_id
-        self.label_smoothing = label_smoothing
-        self.queue_size: int | None = None  # default for the momentum state built beside it
+
+    @property
+    def pad_token_id(self) -> int:
+        """The padding id: the word embeddings' padding row ([PAD], 0), ignored by the LM loss."""
+        padding = self.text.embeddings.word_embeddings.padding_idx
+        return 0 if padding is None else int(padding)
 
     @property
     def embed_dim(self) -> int:
@@ -248,7 +251,7 @@ class BlipPretrain(nn.Module):
         if lm_loss is not None:
             targets = inputs.lm_labels(decoder_ids, self.pad_token_id)[:, 1:].flatten()
             loss_lm = lm_loss(self.lm_head.transform(decoder_hidden), word_embeddings,
-                              self.lm_head.bias, targets, self.label_smoothing)  # fmt: skip
+                              self.lm_head.bias, targets)  # fmt: skip
             return MultimodalOutput(self.itm_head(cls), None, loss_lm)
         lm_logits = self.lm_head(decoder_hidden, word_embeddings)
         return MultimodalOutput(self.itm_head(cls), lm_logits)

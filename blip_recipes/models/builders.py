@@ -164,7 +164,6 @@ _MODEL_ARGS = (
     "enc_token_id",
     "dec_token_id",
     "temp_init",
-    "label_smoothing",
 )
 
 
@@ -181,7 +180,7 @@ def _spec(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     spec.update(
         pad_token_id=0, text_dropout=0.1, mlp_ratio=4.0, vision_norm_eps=1e-6, text_norm_eps=1e-12
     )
-    allowed = set(spec) | set(_MODEL_ARGS)
+    allowed = set(spec) | set(_MODEL_ARGS) | {"label_smoothing"}  # the VQA model's
     unknown = set(overrides) - allowed
     if unknown:
         raise TypeError(
@@ -224,9 +223,10 @@ def build_model(name: str, **overrides: Any) -> BlipPretrain:
     """Build the online pretraining model of preset `name` with keyword overrides.
 
     Overrides: vocab_size, image_size, patch_size, vision_width/depth/heads, text_width/depth/
-    heads, text_ffn_dim, text_dropout, embed_dim, drop_path_rate, max_positions, queue_size
-    (recorded as `model.queue_size`, the momentum state's default), pad_token_id, enc_token_id,
-    dec_token_id, temp_init, label_smoothing, mlp_ratio, norm eps.
+    heads, text_ffn_dim, text_dropout, embed_dim, drop_path_rate, max_positions, pad_token_id,
+    enc_token_id, dec_token_id, temp_init, mlp_ratio, norm eps; `queue_size` is accepted (the
+    preset's numbers are shared with `build_momentum_encoders`) but lives only on the momentum
+    state (`preset_queue_size`), not on the model.
     """
     spec = _spec(name, overrides)
     model = BlipPretrain(
@@ -236,11 +236,9 @@ def build_model(name: str, **overrides: Any) -> BlipPretrain:
         text_proj=nn.Linear(spec["text_width"], spec["embed_dim"]),
         itm_head=nn.Linear(spec["text_width"], 2),
         lm_head=LMHead(spec["text_width"], spec["vocab_size"], spec["text_norm_eps"]),
-        pad_token_id=spec["pad_token_id"],
         **{key: spec[key] for key in _MODEL_ARGS if key in spec},
     )
     model.lm_head.init_weights()
-    model.queue_size = spec["queue_size"]
     return model
 
 

@@ -23,6 +23,9 @@ from blip_recipes.models.inputs import (  # noqa: F401  (part of this module's i
     replace_first_token,
 )
 
+LM_LABEL_SMOOTHING = 0.1
+"""Label smoothing of the LM (captioning) loss, the reference's."""
+
 
 def _fp32_region(tensor: torch.Tensor) -> AbstractContextManager:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
@@ -164,7 +167,7 @@ def itm_loss(logits: torch.Tensor) -> ItmResult:
 
 
 def lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = LM_LABEL_SMOOTHING
 ) -> torch.Tensor:
     """Next-token cross-entropy: logits at position t predict labels at t + 1.
 
@@ -236,7 +239,7 @@ class ChunkedLMLoss:
         weight: torch.Tensor,
         bias: torch.Tensor,
         targets: torch.Tensor,
-        label_smoothing: float = 0.1,
+        label_smoothing: float = LM_LABEL_SMOOTHING,
     ) -> torch.Tensor:
         """Mean next-token loss.
 

@@ -66,7 +66,6 @@ def model_kwargs(cfg: Config, tokenizer: Any) -> dict[str, Any]:
         vocab_size=tokenizer.vocab_size,
         image_size=cfg.model.image_size,
         embed_dim=cfg.model.embed_dim,
-        queue_size=cfg.model.queue_size,
         pad_token_id=tokenizer.pad_token_id,
         enc_token_id=tokenizer.enc_token_id,
         dec_token_id=tokenizer.dec_token_id,
@@ -168,10 +167,10 @@ def build_pretraining(
     encoders.requires_grad_(False)
     momentum = MomentumState(
         encoders,
-        queue_size=cfg.model.queue_size,
+        queue_size=cfg.momentum.queue_size,
         embed_dim=cfg.model.embed_dim,
-        momentum=cfg.model.momentum,
-        train_mode=cfg.model.momentum_train_mode,
+        momentum=cfg.momentum.decay,
+        train_mode=cfg.momentum.train_mode,
         seed=cfg.job.seed,
         device=dist_info.device,
         group=dist_info.dp_group if dist_info.world_size > 1 else None,

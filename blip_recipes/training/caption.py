@@ -106,7 +106,6 @@ class BlipCaptioner(BlipPretrain):
         attention_mask: torch.Tensor,
         targets: torch.Tensor,
         lm_loss: Callable[..., torch.Tensor],
-        label_smoothing: float,
     ) -> torch.Tensor:
         """The LM loss computed inside the entry point by `lm_loss` (`ChunkedLMLoss`), on the
         parameters as FSDP2 gathered them; no logits leave the model.
@@ -114,15 +113,15 @@ class BlipCaptioner(BlipPretrain):
         Args:
             image_embeds, decoder_ids, attention_mask: as `decoder_logits`.
             targets: (B * (L - 1),) int64 next-token targets, -100 where ignored.
-            lm_loss: called as `lm_loss(hidden, weight, bias, targets, label_smoothing)`.
-            label_smoothing: passed to `lm_loss`.
+            lm_loss: called as `lm_loss(hidden, weight, bias, targets)` (its label smoothing
+                is the objective's).
 
         Returns:
             0-d fp32 mean over the non-ignored targets.
         """
         hidden = self._decoder_hidden(image_embeds, decoder_ids, attention_mask)
         return lm_loss(self.lm_head.transform(hidden), self.text.embeddings.word_embeddings.weight,
-                       self.lm_head.bias, targets, label_smoothing)  # fmt: skip
+                       self.lm_head.bias, targets)  # fmt: skip
 
 
 def as_captioner(model: BlipPretrain) -> BlipCaptioner:
@@ -185,16 +184,16 @@ def caption_loss(
             logits (`decoder_logits`) and `objective.lm_loss` (the same number in fp32).
 
     Returns:
-        0-d fp32 mean over the caption tokens (smoothing `model.label_smoothing`).
+        0-d fp32 mean over the caption tokens (smoothing `objective.LM_LABEL_SMOOTHING`).
     """
     image_embeds = model.encode_image(images).embeds
     decoder_ids = replace_first_token(input_ids, model.dec_token_id)
     labels = caption_labels(decoder_ids, prompt_length, model.pad_token_id)
     if lm_loss is not None:
         return model.decoder_loss(image_embeds, decoder_ids, attention_mask,
-                                  labels[:, 1:].flatten(), lm_loss, model.label_smoothing)  # fmt: skip
+                                  labels[:, 1:].flatten(), lm_loss)  # fmt: skip
     logits = model.decoder_logits(image_embeds, decoder_ids, attention_mask)
-    return objective.lm_loss(logits, labels, model.label_smoothing)
+    return objective.lm_loss(logits, labels)
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""AdamW and the learning-rate schedules of BLIP pretraining.
+"""AdamW, the learning-rate schedules and the distillation-weight (alpha) schedule.
 
 The learning rate is a pure function of the global step (:func:`lr_at_step`), so a resumed run
 sets exactly the LR that the uninterrupted run would have, whatever the world size, and the
-scheduler's checkpointed state is just the step counter.
+scheduler's checkpointed state is just the step counter. Alpha is one too (:func:`alpha_at_step`).
 """
 
 from __future__ import annotations
@@ -116,6 +116,12 @@ def lr_at_step(
             step, peak_lr, cfg.warmup_lr, cfg.warmup_steps, cfg.min_lr, total_steps
         )
     raise ValueError(f"unknown lr_scheduler.name {cfg.name!r}; expected 'step' or 'cosine'")
+
+
+def alpha_at_step(step: int, alpha: float, ramp_steps: float) -> float:
+    """The distillation weight of 0-based global ``step``: linear from 0 to ``alpha`` over
+    ``ramp_steps`` (``momentum.alpha_ramp_epochs`` x steps per epoch), then ``alpha``."""
+    return alpha * (min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0)
 
 
 class StepFunctionLR(LRScheduler):

@@ -68,7 +68,7 @@ def pretrain_losses(
         loss_lm = multimodal.loss_lm
     else:
         labels = objective.lm_labels(input_ids, model.pad_token_id)  # column 0 is never a target
-        loss_lm = objective.lm_loss(multimodal.lm_logits, labels, model.label_smoothing)
+        loss_lm = objective.lm_loss(multimodal.lm_logits, labels)
     return BlipOutput(
         loss=itc.loss + itm.loss + loss_lm,
         loss_ita=itc.loss,

@@ -142,7 +142,7 @@ def load_pretrained(
             queues = {k: weights.queues[k] for k in ("image_queue", "text_queue", "queue_ptr")}
             found["queues"] = True
         elif stored is not None:
-            logger.warning("%s: queues of shape %s do not fit model.queue_size; starting fresh "
+            logger.warning("%s: queues of shape %s do not fit momentum.queue_size; starting fresh "
                            "queues", source, tuple(stored.shape))  # fmt: skip
         del weights
     if dist_info.world_size > 1:

@@ -51,13 +51,13 @@ def checkpoint_size_estimate(cfg: Config) -> dict[str, int]:
     kwargs: dict[str, Any] = dict(
         image_size=cfg.model.image_size,
         embed_dim=cfg.model.embed_dim,
-        queue_size=cfg.model.queue_size,
+        queue_size=cfg.momentum.queue_size,
     )
     vocab = vocab_size_estimate(cfg.tokenizer)
     if vocab is not None:
         kwargs["vocab_size"] = vocab
     params, momentum = _parameter_counts(cfg.model.name, **kwargs)
-    queues = 2 * cfg.model.embed_dim * cfg.model.queue_size
+    queues = 2 * cfg.model.embed_dim * cfg.momentum.queue_size
     return {
         "bytes": 4 * (3 * params + momentum + queues),
         "parameters": params,

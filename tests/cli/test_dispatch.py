@@ -409,7 +409,7 @@ def test_inference_recipes_skip_the_training_only_checks():
     """The queue must hold whole global batches of a training run; CapFilt and evaluation do
     not train, so their configs validate at any world size."""
     out = blip("validate", "--config", "debug", "--world-size", "7")
-    assert out.returncode == 2 and "'model.queue_size'" in out.stderr
+    assert out.returncode == 2 and "'momentum.queue_size'" in out.stderr
     out = blip("validate", "--config", "capfilt", "--world-size", "7")
     assert "queue_size" not in out.stderr
 

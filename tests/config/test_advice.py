@@ -39,12 +39,12 @@ def test_base_config_on_a_small_cpu_data_set_warns_about_each_mismatch(monkeypat
     assert "parallel.compile=true on the CPU" in joined
     assert "data.num_workers=10 x 1 rank(s)" in joined and "set data.num_workers=1" in joined
     assert "warmup_steps=3000 is not shorter than the run (40 steps)" in joined
-    assert "model.queue_size=57600 is 288x the data set (200 samples)" in joined
-    assert "set model.queue_size=75" in joined
+    assert "momentum.queue_size=57600 is 288x the data set (200 samples)" in joined
+    assert "set momentum.queue_size=75" in joined
 
 
 def test_inference_recipes_get_no_training_advice():
-    cfg = _cfg("debug", "lr_scheduler.warmup_steps=10000", "model.queue_size=65536")
+    cfg = _cfg("debug", "lr_scheduler.warmup_steps=10000", "momentum.queue_size=65536")
     assert advice(cfg, trains=False) == []
     assert len(advice(cfg, trains=True)) == 2
 

@@ -173,11 +173,11 @@ def test_validation_collects_every_problem():
 
 def test_queue_batch_invariant_names_both_numbers():
     cfg = load_config(
-        None, ["model.queue_size=100", "data.batch_size=16", "tokenizer.kind=synthetic"]
+        None, ["momentum.queue_size=100", "data.batch_size=16", "tokenizer.kind=synthetic"]
     )
-    with pytest.raises(ConfigError, match=r"'model.queue_size' \(100\).*16 x 2 = 32"):
+    with pytest.raises(ConfigError, match=r"'momentum.queue_size' \(100\).*16 x 2 = 32"):
         validate(cfg, LaunchContext(world_size=2))
-    cfg.model.queue_size = 64
+    cfg.momentum.queue_size = 64
     validate(cfg, LaunchContext(world_size=2))
 
 
@@ -190,7 +190,9 @@ def test_register_validator_hook():
 
     checks.register_validator(no_odd_seed)
     try:
-        cfg = load_config(None, ["job.seed=3", "tokenizer.kind=synthetic", "model.queue_size=75"])
+        cfg = load_config(
+            None, ["job.seed=3", "tokenizer.kind=synthetic", "momentum.queue_size=75"]
+        )
         with pytest.raises(ConfigError, match="must be even"):
             validate(cfg, LaunchContext(world_size=1))
     finally:
@@ -212,7 +214,7 @@ def test_every_field_is_documented():
     for key in (
         "training.steps",
         "data.batch_size",
-        "model.queue_size",
+        "momentum.queue_size",
         "checkpoint.interval",
         "metrics.log_every",
         "job.output_dir",
@@ -229,8 +231,43 @@ def test_required_user_facing_keys_exist():
         "job.seed",
         "training.steps",
         "data.batch_size",
-        "model.queue_size",
+        "momentum.queue_size",
         "checkpoint.interval",
         "metrics.log_every",
     ):
         assert key in keys
+
+
+def test_momentum_keys_of_model_and_training_are_read_with_a_deprecation_line(tmp_path, caplog):
+    """Configs (and runs' saved config.toml) from before `[momentum]` still load, same values."""
+    old = write(tmp_path, """
+        [model]
+        name = "blip_pretrain_tiny"
+        queue_size = 96
+        momentum = 0.99
+        momentum_train_mode = false
+        [training]
+        alpha = 0.3
+        alpha_ramp_epochs = 1.5
+    """)  # fmt: skip
+    with caplog.at_level("WARNING"):
+        cfg = load_toml(old)
+    m = cfg.momentum
+    assert (m.queue_size, m.decay, m.train_mode, m.alpha, m.alpha_ramp_epochs) == (
+        96, 0.99, False, 0.3, 1.5)  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5
+    assert f"{old}: 'model.momentum' is deprecated, use 'momentum.decay'" in lines[1]
+    assert load_toml(write(tmp_path, to_toml(cfg), "new.toml")) == cfg
+    assert "queue_size" not in to_toml(cfg).split("[momentum]")[0]  # written in its new home
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cli = load_config(None, ["model.queue_size=48", "training.alpha=0.2"])
+    assert (cli.momentum.queue_size, cli.momentum.alpha) == (48, 0.2)
+    assert "command line: 'training.alpha' is deprecated, use 'momentum.alpha'" in caplog.text
+
+
+def test_a_moved_key_given_in_both_places_is_refused(tmp_path):
+    both = write(tmp_path, "[model]\nqueue_size = 96\n[momentum]\nqueue_size = 64\n")
+    with pytest.raises(ConfigError, match="'model.queue_size' and 'momentum.queue_size' are both"):
+        load_toml(both)

@@ -164,7 +164,7 @@ def test_checkpoint_estimate_counts_the_real_model():
     momentum = sum(p.numel() for p in encoders.parameters())
     estimate = checkpoint_size_estimate(cfg)
     assert (estimate["parameters"], estimate["momentum_parameters"]) == (params, momentum)
-    queues = 2 * cfg.model.embed_dim * cfg.model.queue_size
+    queues = 2 * cfg.model.embed_dim * cfg.momentum.queue_size
     assert estimate["bytes"] == 4 * (3 * params + momentum + queues)
 
 

@@ -35,7 +35,7 @@ def _run(tmp_path, nproc=1):
     args = launch_args(out, [
         "data.sources.0.kind=json", f'data.sources.0.paths=["{ann}"]',
         f"data.sources.0.image_root={root}", "data.num_workers=1", "data.batch_size=4",
-        "model.queue_size=16", "data.max_bad_fraction=1.0", "training.steps=11",
+        "momentum.queue_size=16", "data.max_bad_fraction=1.0", "training.steps=11",
     ], nproc)  # fmt: skip
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env())
     assert proc.returncode == 0, proc.stderr[-4000:]

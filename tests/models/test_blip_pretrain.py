@@ -67,7 +67,8 @@ def test_shared_tensors_appear_once_and_lm_head_uses_word_embeddings(tiny_model_
 def test_builders_accept_overrides_and_reject_unknown_names():
     model = blip_pretrain_tiny(vocab_size=120, embed_dim=8, queue_size=16, enc_token_id=7)
     assert model.text.embeddings.word_embeddings.num_embeddings == 120
-    assert model.embed_dim == 8 and model.queue_size == 16 and model.enc_token_id == 7
+    assert model.embed_dim == 8 and model.enc_token_id == 7
+    assert not hasattr(model, "queue_size")  # the momentum state's, not the model's
     with pytest.raises(TypeError, match="unknown arguments"):
         build_model("blip_pretrain_tiny", not_a_knob=1)
     with pytest.raises(ValueError, match="unknown model"):

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: The tiny, fast configuration every recipe test starts from (debug.toml + these overrides).
 TINY = [
     "model.image_size=32",
-    "model.queue_size=32",
+    "momentum.queue_size=32",
     "data.batch_size=8",
     "data.num_workers=0",
     "data.sources.0.num_samples=256",

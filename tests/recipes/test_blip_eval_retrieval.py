@@ -212,7 +212,7 @@ def test_dcp_checkpoint_brings_its_tokenizer_recorded_absolutely(
 def test_step_0_from_the_config(setup, tmp_path, capsys):
     tmp = setup[0]
     args = ("eval.checkpoint=init", "model.name=blip_pretrain_tiny", "model.image_size=32",
-            "model.queue_size=75", "tokenizer.kind=synthetic")  # fmt: skip
+            "momentum.queue_size=75", "tokenizer.kind=synthetic")  # fmt: skip
     rc, log = _main(capsys, tmp, tmp_path / "init", *args)
     assert rc == 0, log
     assert "evaluating the initial weights of this config (step 0) at 32 px" in log

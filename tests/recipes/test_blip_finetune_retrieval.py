@@ -89,7 +89,7 @@ def data(tmp_path_factory):
 def tiny_args(data: dict[str, Path], output_dir: Path) -> list[str]:
     return [
         "model.name=blip_pretrain_tiny", "model.image_size=48", "model.embed_dim=32",
-        "model.queue_size=32", "tokenizer.kind=synthetic", "tokenizer.max_length=30",
+        "momentum.queue_size=32", "tokenizer.kind=synthetic", "tokenizer.max_length=30",
         f"data.batch_size={BATCH}", "data.num_workers=0", "data.pin_memory=false",
         "data.randaugment=false", f"data.sources.0.paths=[\"{data['train']}\"]",
         f"data.sources.0.image_root={data['images']}", "optimizer.lr=2e-3",

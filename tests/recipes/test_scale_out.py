@@ -75,7 +75,7 @@ def test_fsdp4_and_hsdp_2x2_train_the_same(tmp_path):
     """4 ranks as FSDP(4) and as HSDP(2 replicas x 2 shards): the same reduced gradient on the
     first step (to fp32 summation order), the same losses, weights within what AdamW can make of
     summation noise (2 x sum of lr), the same queue pointer and loader position."""
-    common = ("training.steps=3", "model.queue_size=64", "checkpoint.interval=1",
+    common = ("training.steps=3", "momentum.queue_size=64", "checkpoint.interval=1",
               "checkpoint.keep_latest_k=0")  # fmt: skip
     fsdp = run_recipe(tmp_path / "fsdp", *common, nproc=4)
     hsdp = run_recipe(tmp_path / "hsdp", *common, "parallel.data_parallel=hsdp",

@@ -16,7 +16,7 @@ from tests.recipes.launch import REPO, env
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.image_size=32", "model.queue_size=32", "data.batch_size=8", "data.num_workers=0",
+TINY = ["model.image_size=32", "momentum.queue_size=32", "data.batch_size=8", "data.num_workers=0",
         "metrics.tensorboard=false"]  # fmt: skip
 
 

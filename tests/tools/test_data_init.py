@@ -49,7 +49,7 @@ def test_writes_a_split_and_configs_each_reading_the_stage_before(tmp_path, caps
     pre = load_toml(out / "pretrain.toml")
     assert pre.model.name == "blip_pretrain_tiny" and pre.tokenizer.kind == "synthetic"
     assert pre.lr_scheduler.warmup_steps < pre.training.steps
-    assert pre.model.queue_size % pre.data.batch_size == 0 and pre.model.queue_size <= 36
+    assert pre.momentum.queue_size % pre.data.batch_size == 0 and pre.momentum.queue_size <= 36
     validate(pre, LaunchContext())
     assert advice(pre) == []
     runs = out / "runs"

@@ -153,3 +153,12 @@ def test_epoch_cosine_is_constant_within_an_epoch_and_resumes():
     resumed = EpochCosineLR(torch.optim.AdamW([param], lr=1e-5), 1e-5, 0.0, 3, 6)
     resumed.load_state_dict({"step": 7})
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected[7], rel=1e-12)
+
+
+def test_alpha_ramps_linearly_to_its_final_value():
+    from blip_recipes.training.optim import alpha_at_step
+
+    assert [alpha_at_step(s, 0.4, 4) for s in (0, 1, 2, 4, 9)] == pytest.approx(
+        [0, 0.1, 0.2, 0.4, 0.4]
+    )
+    assert alpha_at_step(0, 0.4, 0) == 0.4  # no ramp

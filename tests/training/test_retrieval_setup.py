@@ -66,14 +66,18 @@ def test_configs_hold_the_published_settings(name, k_test, all_ranks):
     from blip_recipes.config.registry import resolve_config
 
     cfg = load_config(resolve_config(name), [])
-    assert (cfg.model.image_size, cfg.model.queue_size, cfg.model.momentum) == (384, 57600, 0.995)
+    assert (cfg.model.image_size, cfg.momentum.queue_size, cfg.momentum.decay) == (
+        384,
+        57600,
+        0.995,
+    )
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.lr_scheduler.min_lr) == (
         1e-5,
         0.05,
         0,
     )
-    assert (cfg.training.epochs, cfg.training.alpha, cfg.training.alpha_ramp_epochs) == (6, 0.4, 1)
+    assert (cfg.training.epochs, cfg.momentum.alpha, cfg.momentum.alpha_ramp_epochs) == (6, 0.4, 1)
     assert (cfg.data.batch_size, cfg.tokenizer.max_length, cfg.data.min_scale) == (32, 35, 0.5)
     assert (cfg.parallel.activation_checkpointing, cfg.parallel.ac_vit_layers) == ("vit_last_n", 4)
     assert (cfg.eval.k_test, cfg.retrieval.negatives_all_ranks) == (k_test, all_ranks)
-    assert cfg.model.queue_size % (cfg.data.batch_size * 8) == 0
+    assert cfg.momentum.queue_size % (cfg.data.batch_size * 8) == 0
