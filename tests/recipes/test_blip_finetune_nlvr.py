@@ -18,7 +18,7 @@ from tests.data.nlvr_pairs import write_nlvr_split
 from tests.recipes.launch import REPO, Run, env, run_recipe
 from tests.recipes.test_blip_pretrain import final_weights
 
-TINY_NLVR = ["model.image_size=32", "model.queue_size=32", "data.batch_size=16",
+TINY_NLVR = ["model.image_size=32", "momentum.queue_size=32", "data.batch_size=16",
              "data.num_workers=0", "metrics.log_every=1", "metrics.tensorboard=false",
              "optimizer.lr=1e-3", "training.steps=none"]  # fmt: skip
 

@@ -29,7 +29,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def overrides(data: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
-    return ["model.image_size=32", "model.queue_size=32", "data.batch_size=8",
+    return ["model.image_size=32", "momentum.queue_size=32", "data.batch_size=8",
             "data.num_workers=0", "metrics.log_every=1", "metrics.tensorboard=false",
             "data.sources.0.kind=json", f'data.sources.0.paths=["{data["train"]}"]',
             f"data.sources.0.image_root={data['image_root']}",
