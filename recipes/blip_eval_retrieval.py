@@ -178,8 +178,8 @@ class RetrievalEvalRecipe:
             return wanted
         message = (
             f"{source} was trained at {trained} px but model.image_size is {wanted}: evaluating "
-            "at another resolution interpolates the position embeddings and usually lowers "
-            "recall."
+            "at another resolution interpolates the position embeddings and usually lowers the "
+            "scores."
         )
         if not self.cfg.eval.allow_resolution_change:
             raise ValueError(

@@ -38,6 +38,7 @@ RECIPES: dict[str, RecipeEntry] = {
             False,
         ),
         RecipeEntry("blip_capfilt", "blip_capfilt.py", ("capfilt",), False),
+        RecipeEntry("blip_eval_nocaps", "blip_eval_nocaps.py", ("eval_nocaps",), False),
         RecipeEntry(
             "blip_finetune_caption", "blip_finetune_caption.py", ("finetune_caption_coco",)
         ),
