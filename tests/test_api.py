@@ -17,7 +17,7 @@ import blip_recipes
 from blip_recipes import api
 from blip_recipes.evaluation.generation import caption_images
 from blip_recipes.interop.exporters import export_hf, save_consolidated
-from blip_recipes.interop.training_checkpoint import save_training_checkpoint
+from blip_recipes.training.init_checkpoint import save_training_checkpoint
 from tests.evaluation.eval_helpers import tiny_model, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

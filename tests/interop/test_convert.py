@@ -19,11 +19,11 @@ from blip_recipes.interop.exporters import export_hf, save_consolidated, save_re
 from blip_recipes.interop.files import CheckpointLayoutError
 from blip_recipes.interop.loading import build_model_from_weights, load_model
 from blip_recipes.interop.readers import read_weights
-from blip_recipes.interop.training_checkpoint import (
+from blip_recipes.models import build_model
+from blip_recipes.training.init_checkpoint import (
     build_momentum_from_weights,
     save_training_checkpoint,
 )
-from blip_recipes.models import build_model
 from tests.interop.convert_helpers import (
     HEADS,
     TINY,

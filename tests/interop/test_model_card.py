@@ -12,7 +12,7 @@ import pytest
 from blip_recipes.commands.convert_checkpoint import main as convert_main
 from blip_recipes.interop.exporters import save_consolidated
 from blip_recipes.interop.hf import model_card
-from blip_recipes.interop.training_checkpoint import save_training_checkpoint
+from blip_recipes.training.init_checkpoint import save_training_checkpoint
 from tests.evaluation.eval_helpers import tiny_model
 
 pytest.importorskip("transformers")

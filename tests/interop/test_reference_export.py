@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blip_recipes.commands.convert_checkpoint import convert_checkpoint
 from blip_recipes.commands.convert_checkpoint import main as convert_main
-from blip_recipes.interop import convert
-from blip_recipes.interop.convert import convert_checkpoint
 from blip_recipes.interop.files import staged_output
-from blip_recipes.interop.training_checkpoint import save_training_checkpoint
+from blip_recipes.training import init_checkpoint
+from blip_recipes.training.init_checkpoint import save_training_checkpoint
 from tests.interop.convert_helpers import HEADS, TINY
 from tests.interop.reference_tree import ReferencePretrainTree, randomised, shared_groups
 from tests.models.tiny_blip import make_model, momentum_state
@@ -111,7 +111,7 @@ def test_force_replaces_a_dcp_folder_only_once_the_new_one_is_complete(tmp_path,
         (path / "__0_0.distcp").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert, "save_training_checkpoint", failing_save)
+    monkeypatch.setattr(init_checkpoint, "save_training_checkpoint", failing_save)
     with pytest.raises(OSError, match="disk full"):
         convert_checkpoint(source, dest, overwrite=True, **HINTS)
     assert (dest / "notes.txt").read_text() == "mine"  # the old folder, untouched

@@ -34,7 +34,7 @@ from blip_recipes.capfilt.outputs import jsonl_bytes, shard_bytes
 from blip_recipes.config import DataConfig, DataSourceConfig, TokenizerConfig
 from blip_recipes.data import build_tokenizer, build_train_loader
 from blip_recipes.data.tar_format import iter_tar_samples, write_shard
-from blip_recipes.interop.training_checkpoint import save_training_checkpoint
+from blip_recipes.training.init_checkpoint import save_training_checkpoint
 from tests.evaluation.eval_helpers import tiny_model
 from tests.recipes.launch import REPO, Started, env
 

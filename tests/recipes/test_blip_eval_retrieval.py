@@ -190,7 +190,7 @@ def test_dcp_checkpoint_brings_its_tokenizer_recorded_absolutely(
 ):
     from blip_recipes.interop.loading import build_model_from_weights
     from blip_recipes.interop.readers import read_weights
-    from blip_recipes.interop.training_checkpoint import save_training_checkpoint
+    from blip_recipes.training.init_checkpoint import save_training_checkpoint
 
     tmp, tok = setup[0], setup[1]
     model = build_model_from_weights(read_weights(tmp / "hf_retrieval"), tokenizer=tok)

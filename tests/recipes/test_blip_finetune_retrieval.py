@@ -61,8 +61,8 @@ def write_start_checkpoint(path: Path) -> Path:
     """A tiny model (and momentum state) at 32 px as a DCP checkpoint, like a pretraining run's."""
     from blip_recipes.config import TokenizerConfig
     from blip_recipes.data import build_tokenizer
-    from blip_recipes.interop.training_checkpoint import save_training_checkpoint
     from blip_recipes.models import build_model, build_momentum_encoders
+    from blip_recipes.training.init_checkpoint import save_training_checkpoint
     from blip_recipes.training.momentum import MomentumState
 
     tok = build_tokenizer(TokenizerConfig(kind="synthetic", max_length=30))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from blip_recipes.evaluation.generation import caption_images
 from blip_recipes.interop.exporters import consolidated_state_dict
-from blip_recipes.interop.training_checkpoint import save_training_checkpoint
+from blip_recipes.training.init_checkpoint import save_training_checkpoint
 from tests.evaluation.eval_helpers import tiny_model, tokenizer
 from tests.recipes.launch import env
 

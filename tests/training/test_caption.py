@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from blip_recipes.config import Config, ConfigError, LaunchContext, validate
 from blip_recipes.data import build_tokenizer
-from blip_recipes.interop.training_checkpoint import save_training_checkpoint
 from blip_recipes.models import build_model
 from blip_recipes.models.row_layout import DECODER_ROWS
 from blip_recipes.models.vit import interpolate_pos_embed
@@ -25,6 +24,7 @@ from blip_recipes.training.caption import (
     freeze_unused_parameters,
     register_caption_entry_point,
 )
+from blip_recipes.training.init_checkpoint import save_training_checkpoint
 from blip_recipes.training.step import DeviceBatch, StepOptions
 from tests.models.tiny_blip import DEC_ID, PAD_ID, make_model
 

@@ -1,6 +1,7 @@
-"""Training checkpoints from any weights: the momentum state a run resumes with (the source's
-momentum weights and queues, or copies and fresh queues), and the DCP `{"model", "momentum"}`
-folder that `checkpoint.init_from` starts a run from.
+"""A training checkpoint from weights read in any layout (:mod:`blip_recipes.interop.readers`):
+the momentum state a run starts with (the source's momentum weights and queues, or copies of the
+online weights and fresh queues), and the DCP `{"model", "momentum"}` folder that
+`checkpoint.init_from` starts a run from.
 
     momentum = build_momentum_from_weights(model, weights)
     save_training_checkpoint(model, momentum, "outputs/from_ref/checkpoints/step-0")
@@ -24,6 +25,7 @@ from blip_recipes.interop.readers import (
     CheckpointWeights,
     unplaced_error,
 )
+from blip_recipes.training.momentum import MomentumState
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,6 @@ def build_momentum_from_weights(
             the checkpoint's queue length, else the preset's. Queues cannot be resized.
         kwargs: `MomentumState.build` options (momentum, train_mode).
     """
-    from blip_recipes.training.momentum import MomentumState
-
     args = dict(getattr(model, "model_args", {}))
     name = args.pop("name", "blip_pretrain_base")
     stored = weights.queues.get("image_queue")
