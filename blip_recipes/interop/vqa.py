@@ -160,7 +160,7 @@ def read_vqa_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, 
 
     Reads: a DCP checkpoint of ours (a VQA run's step, or a pretraining one), a reference
     `BLIP_VQA` `.pth`, a `BlipForQuestionAnswering` folder or file, a consolidated file of ours;
-    anything else `blip_recipes.interop.convert.read_weights` reads as a pretraining model
+    anything else `blip_recipes.interop.readers.read_weights` reads as a pretraining model
     (reference pretraining `.pth`, HF retrieval/captioning folders) goes through
     :func:`vqa_from_pretrain`.
 
