@@ -57,7 +57,8 @@ def test_recipe_numbers_equal_the_library_on_the_decoded_frames(setup, tmp_path,
         score_video_retrieval,
         video_retrieval_metrics,
     )
-    from blip_recipes.interop.convert import build_model_from_weights, read_weights
+    from blip_recipes.interop.loading import build_model_from_weights
+    from blip_recipes.interop.readers import read_weights
     from recipes.blip_eval_retrieval_video import main
 
     tmp, tok = setup
