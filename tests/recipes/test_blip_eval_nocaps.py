@@ -20,7 +20,7 @@ DOMAINS = ["in-domain", "near-domain", "out-domain", "near-domain", "in-domain"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from blip_recipes.interop.convert import save_training_checkpoint
+    from blip_recipes.training.init_checkpoint import save_training_checkpoint
     from tests.evaluation.eval_helpers import tiny_model
 
     tmp = tmp_path_factory.mktemp("nocaps")
