@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from typing import Any
 
 import torch
@@ -197,10 +198,11 @@ class BlipFinetuneVqaRecipe(BlipPretrainRecipe):
             return
         captions = []
         for record, answer in zip(records, result.answers):
-            truth = (
-                f" (annotators: {', '.join(sorted(set(record.answers)))})" if record.answers else ""
+            counts = Counter(record.answers).most_common()
+            truth = ", ".join(f"{a} x{n}" for a, n in counts)
+            captions.append(
+                f"Q: {record.question}  A: {answer}" + (f"  ({truth})" if truth else "")
             )
-            captions.append(f"Q: {record.question}  A: {answer}{truth}")
         self.metrics.log_text("eval/vqa_answers", "\n\n".join(captions), self.step)
         self.metrics.log_images(
             self.step, "eval/vqa_examples", [r.image for r in records], captions
