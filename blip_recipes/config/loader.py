@@ -81,7 +81,7 @@ def _moved(dotted: str, where: str) -> str | None:
     """The new dotted key of a moved key, with a one-line warning; None if not one."""
     new = MOVED_KEYS.get(dotted)
     if new is not None:
-        logger.warning("%s: '%s' is deprecated, use '%s' (read as %s)", where, dotted, new, new)
+        logger.warning("%s: '%s' is deprecated, use '%s'", where, dotted, new)
     return new
 
 

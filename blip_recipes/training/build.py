@@ -169,7 +169,7 @@ def build_pretraining(
         encoders,
         queue_size=cfg.momentum.queue_size,
         embed_dim=cfg.model.embed_dim,
-        momentum=cfg.momentum.decay,
+        decay=cfg.momentum.decay,
         train_mode=cfg.momentum.train_mode,
         seed=cfg.job.seed,
         device=dist_info.device,

@@ -46,7 +46,7 @@ def build_momentum_from_weights(
         seed: seed of freshly initialised queues.
         queue_size: Q of the run that will load it (`momentum.queue_size` in its config); default
             the checkpoint's queue length, else the preset's. Queues cannot be resized.
-        kwargs: `MomentumState.build` options (momentum, train_mode).
+        kwargs: `MomentumState.build` options (decay, train_mode).
     """
     args = dict(getattr(model, "model_args", {}))
     name = args.pop("name", "blip_pretrain_base")

@@ -98,7 +98,7 @@ class MomentumState(Stateful):
         encoders: momentum encoders (from `build_momentum_encoders`, same preset as online).
         queue_size: Q.
         embed_dim: E.
-        momentum: EMA coefficient m in `p_m = m * p_m + (1 - m) * p` (0.995).
+        decay: EMA factor d in `p_m = d * p_m + (1 - d) * p` (0.995, `momentum.decay`).
         train_mode: keep dropout / drop-path active in the momentum forward (reference: True).
         seed: seed of the queue initialisation (identical on every rank).
         device: device of the queues.
@@ -113,7 +113,7 @@ class MomentumState(Stateful):
         encoders: MomentumEncoders,
         queue_size: int,
         embed_dim: int,
-        momentum: float = 0.995,
+        decay: float = 0.995,
         train_mode: bool = True,
         seed: int = 0,
         device: torch.device | str | None = None,
@@ -123,7 +123,7 @@ class MomentumState(Stateful):
         self.encoders = encoders
         self.group = group
         self.queue_size = queue_size
-        self.momentum = momentum
+        self.decay = decay
         self.train_mode = train_mode
         generator = torch.Generator().manual_seed(seed)
         queues = torch.randn(2, embed_dim, queue_size, generator=generator)
@@ -139,7 +139,7 @@ class MomentumState(Stateful):
     def build(
         cls,
         name: str,
-        momentum: float = 0.995,
+        decay: float = 0.995,
         train_mode: bool = True,
         seed: int = 0,
         device: torch.device | str | None = None,
@@ -154,7 +154,7 @@ class MomentumState(Stateful):
             encoders,
             queue_size,
             encoders.vision_proj.out_features,
-            momentum=momentum,
+            decay=decay,
             train_mode=train_mode,
             seed=seed,
             device=device,
@@ -211,7 +211,7 @@ class MomentumState(Stateful):
         momentum_params, online_params = self._pairs(online)
         online_params = [p.to(m.dtype) if p.dtype != m.dtype else p for m, p in
                          zip(momentum_params, online_params)]  # fmt: skip
-        torch._foreach_lerp_(momentum_params, online_params, 1.0 - self.momentum)
+        torch._foreach_lerp_(momentum_params, online_params, 1.0 - self.decay)
 
     @torch.no_grad()
     def targets(

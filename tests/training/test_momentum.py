@@ -22,7 +22,7 @@ _state = momentum_state
 
 def test_copy_then_ema_formula():
     model = make_model()
-    state = _state(momentum=0.9)
+    state = _state(decay=0.9)
     state.copy_from(model)
     pairs = dict(state.encoders.named_parameters())
     assert torch.equal(pairs["text_encoder.layers.0.self_attn.query.weight"],
