@@ -12,7 +12,8 @@ from blip_recipes.benchmarking.baseline_hf import (
 from blip_recipes.benchmarking.inputs import synthetic_batches, write_bert_layout_vocab
 from blip_recipes.benchmarking.profiling import PARTS, instrument_step, profile_steps, time_split
 from blip_recipes.benchmarking.report import format_table
-from blip_recipes.benchmarking.runner import BenchmarkSettings, run_benchmark
+from blip_recipes.benchmarking.runner import run_benchmark
+from blip_recipes.benchmarking.settings import BenchmarkSettings
 from blip_recipes.benchmarking.timing import StepTimer, TimingSummary
 from blip_recipes.benchmarking.variants import PRESETS, Variant, parse_variant, parse_variants
 

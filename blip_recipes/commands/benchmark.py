@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from blip_recipes.benchmarking.report import format_table, nan_to_none
-from blip_recipes.benchmarking.runner import DATA_MODES, BenchmarkSettings, run_benchmark
+from blip_recipes.benchmarking.runner import run_benchmark
+from blip_recipes.benchmarking.settings import DATA_MODES, BenchmarkSettings
 from blip_recipes.benchmarking.variants import parse_variants
 from blip_recipes.cli.help import HelpFormatter
 
