@@ -61,6 +61,7 @@ CHECK_MODULES = (
     "blip_recipes.training.caption",
     "blip_recipes.training.nlvr",
     "blip_recipes.training.vqa",
+    "blip_recipes.evaluation.zeroshot",
     "blip_recipes.data.config_checks",
     "blip_recipes.interop.config_checks",
     "blip_recipes.interop.checkpoint_match",

@@ -49,6 +49,7 @@ RECIPES: dict[str, RecipeEntry] = {
             ("finetune_retrieval_coco", "finetune_retrieval_flickr"),
         ),
         RecipeEntry("blip_finetune_nlvr", "blip_finetune_nlvr.py", ("finetune_nlvr",)),
+        RecipeEntry("blip_eval_zeroshot", "blip_eval_zeroshot.py", ("eval_zeroshot",), False),
     )
 }
 

@@ -374,6 +374,22 @@ class VqaConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    image_folder: Optional[str] = None
+    """blip_eval_zeroshot: an ImageFolder-style tree (<image_folder>/<class name>/<images>, classes in sorted order); with zeroshot.annotation, the folder its image paths are relative to."""
+    annotation: Optional[str] = None
+    """JSON list of {"image", "label"} records (label: class name or 0-based index) instead of class subfolders; needs zeroshot.classes."""
+    classes: Optional[str] = None
+    """JSON list of class names (or {"classes": [...]}) for zeroshot.annotation; underscores read as spaces."""
+    templates: list[str] = field(
+        default_factory=lambda: ["a picture of a {}.", "a photo of a {}.", "an image of a {}."]
+    )
+    """Prompt templates, "{}" standing for the class name; each class's ITC text feature is the normalised mean over them."""
+    rerank_k: int = 0
+    """Re-score each image's top-k classes with ITM (match logit averaged over the templates, plus the ITC similarity); 0: ITC only."""
+
+
+@dataclass
 class VideoConfig:
     annotation: Optional[str] = None
     """blip_eval_retrieval_video: MSRVTT-style test annotations (JSON list or JSONL): {"video": path} or {"clip_name": name} (the file <video.root>/<name><video.suffix>), and "caption" (a text or list of texts)."""
@@ -407,3 +423,4 @@ class Config:
     nlvr: NlvrConfig = field(default_factory=NlvrConfig)
     vqa: VqaConfig = field(default_factory=VqaConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
