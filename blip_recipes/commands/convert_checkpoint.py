@@ -8,7 +8,9 @@
 
 SOURCE: a DCP checkpoint of blip_pretrain (or its run folder: newest complete step), a Hugging Face
 BLIP folder (BlipForImageTextRetrieval / BlipForConditionalGeneration, or a folder holding both),
-a reference BLIP .pth ({"model": ...} or bare), or a consolidated .pt / .safetensors.
+a reference BLIP .pth ({"model": ...} or bare), or a consolidated .pt / .safetensors. A VQA
+model (a blip_finetune_vqa checkpoint, a reference BLIP_VQA .pth, a BlipForQuestionAnswering
+folder) converts to --to hf, reference, pt or safetensors.
 DEST format: --to, else from the suffix (.pt/.pth/.bin: pt, .safetensors, otherwise a DCP folder).
 A DCP output holds "model" and "momentum" (weights + queues when the source has them, else a copy
 of the online weights and fresh queues): start a run from it with checkpoint.init_from=DEST.
@@ -207,6 +209,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         section = {"kind": args.tokenizer_kind, "path": args.tokenizer}
         tokenizer = build_tokenizer(TokenizerConfig(kind=args.tokenizer_kind, path=args.tokenizer))
     try:
+        from blip_recipes.interop.vqa import convert_vqa, vqa_source_state
+
+        vqa_state = vqa_source_state(args.source, args.trust_pickle)
+        if vqa_state is not None:  # a VQA model: its own converter
+            sep = tokenizer.sep_token_id if tokenizer is not None else None
+            out = convert_vqa(vqa_state, args.dest, output_format(args.dest, args.to),
+                              overwrite=args.force, sep_token_id=sep, **overrides)  # fmt: skip
+            print(f"wrote {out}")
+            return 0
         out = convert_checkpoint(
             args.source, args.dest, to=args.to, model_name=args.model, tokenizer=tokenizer,
             queue_size=args.queue_size, seed=args.seed, momentum=not args.no_momentum,

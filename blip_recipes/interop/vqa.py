@@ -17,6 +17,7 @@ cross-attention, FFN and embeddings, copied), the LM head the LM head.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,14 @@ import torch
 from blip_recipes.interop._names import LM_HEAD, TEXT_DECODER, TEXT_ENCODER, VIT_TO_HF, map_prefixed
 from blip_recipes.interop.files import (
     CheckpointLayoutError,
+    dcp_tensor_shapes,
     detect_layout,
     hf_subfolders,
     latest_dcp_step,
     read_dcp,
     read_hf_folder,
     read_state_dict_file,
+    staged_output,
 )
 
 _PARTS = ("visual_encoder.", "question_encoder.", "answer_decoder.", "lm_head.")
@@ -264,8 +267,105 @@ def export_hf_vqa(model: Any, out_dir: str | Path, sep_token_id: int | None = No
     return out_dir
 
 
+def vqa_source_state(
+    path: str | Path, trust_pickle: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """Our `BlipVQA` state dict when `path` holds a VQA model (a VQA run's DCP checkpoint, a
+    reference `BLIP_VQA` file, a `BlipForQuestionAnswering` folder or file, a file of ours), else
+    None (a pretraining or other model: `blip convert`'s usual path)."""
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "dcp":
+        step_dir = latest_dcp_step(path)
+        keys = dcp_tensor_shapes(step_dir) if step_dir is not None else {}
+        if not any(k.startswith("model.answer_decoder.") for k in keys):
+            return None
+    elif layout == "hf":
+        architectures = []
+        for folder in hf_subfolders(path):
+            if (folder / "config.json").is_file():
+                config = json.loads((folder / "config.json").read_text())
+                architectures += config.get("architectures") or []
+        if "BlipForQuestionAnswering" not in architectures:
+            return None
+    elif classify_vqa_state_dict(read_state_dict_file(path, trust_pickle)) == "unknown":
+        return None
+    return read_vqa_weights(path, trust_pickle)
+
+
+_HEADS_BY_WIDTH = {768: 12, 1024: 16}
+"""Attention heads of the released widths (heads are not visible in the weights' shapes)."""
+
+
+def vqa_model_from_state(state: dict[str, torch.Tensor], **overrides: Any) -> Any:
+    """A `BlipVQA` shaped like `state` (sizes read from the tensors; heads 12 for 768 wide, 16 for
+    1024, else `vision_heads=` / `text_heads=` overrides) with its weights loaded."""
+    from blip_recipes.models.vqa import build_vqa_model
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
+
+    vision_width = state["visual_encoder.cls_token"].shape[-1]
+    text_width = state["question_encoder.embeddings.word_embeddings.weight"].shape[1]
+    patch = state["visual_encoder.patch_embed.proj.weight"].shape[-1]
+    patches = state["visual_encoder.pos_embed"].shape[1] - 1
+    args: dict[str, Any] = dict(
+        vocab_size=state["question_encoder.embeddings.word_embeddings.weight"].shape[0],
+        image_size=int(round(patches**0.5)) * patch,
+        patch_size=patch,
+        vision_width=vision_width,
+        vision_depth=count("visual_encoder.blocks."),
+        vision_heads=_HEADS_BY_WIDTH.get(vision_width, max(1, vision_width // 64)),
+        text_width=text_width,
+        text_depth=count("question_encoder.layers."),
+        text_heads=_HEADS_BY_WIDTH.get(text_width, max(1, text_width // 64)),
+        text_ffn_dim=state["question_encoder.layers.0.ffn.fc1.weight"].shape[0],
+        max_positions=state["question_encoder.embeddings.position_embeddings.weight"].shape[0],
+        mlp_ratio=state["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0] / vision_width,
+    )
+    model = build_vqa_model("blip_pretrain_base", **{**args, **overrides})
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def convert_vqa(
+    state: dict[str, torch.Tensor],
+    dest: str | Path,
+    fmt: str,
+    overwrite: bool = False,
+    sep_token_id: int | None = None,
+    **overrides: Any,
+) -> Path:
+    """Write a VQA model as "hf" (`BlipForQuestionAnswering` folder), "reference" (`{"model":
+    ...}` for the reference's `BLIP_VQA`), "pt" or "safetensors" (our keys); staged, so a failed
+    conversion leaves `dest` as it was.
+
+    Raises:
+        ValueError: "dcp" (a VQA run's own checkpoints are the DCP form; start runs from them).
+    """
+    if fmt == "dcp":
+        raise ValueError(
+            "a VQA model converts to hf, reference, pt or safetensors; for checkpoint.init_from "
+            "use the VQA run's checkpoint (or the file itself: it is read in any layout)"
+        )
+    model = vqa_model_from_state(state, **overrides) if fmt == "hf" else None
+    with staged_output(dest, overwrite) as tmp:
+        if fmt == "hf":
+            export_hf_vqa(model, tmp, sep_token_id)
+        elif fmt == "reference":
+            torch.save({"model": ours_to_reference_vqa(state)}, tmp)
+        elif fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(tmp))
+        else:
+            torch.save(state, tmp)
+    return Path(dest)
+
+
 __all__ = [
     "classify_vqa_state_dict",
+    "convert_vqa",
     "export_hf_vqa",
     "hf_vqa_config",
     "hf_vqa_to_ours",
@@ -275,4 +375,6 @@ __all__ = [
     "reference_vqa_to_ours",
     "to_hf_vqa",
     "vqa_from_pretrain",
+    "vqa_model_from_state",
+    "vqa_source_state",
 ]

@@ -194,3 +194,22 @@ def test_read_vqa_weights_from_files(setup, tmp_path):
     assert set(started) == set(state)
     assert torch.equal(started["answer_decoder.layers.0.causal_self_attn.query.weight"],
                        pretrain["text.layers.0.causal_self_attn.query.weight"])  # fmt: skip
+
+
+def test_blip_convert_routes_vqa_models(setup, tmp_path):
+    from blip_recipes.commands.convert_checkpoint import main as convert
+
+    model, hf = setup[0], setup[1]
+    state = model.state_dict()
+    torch.save({"model": ours_to_reference_vqa(state)}, tmp_path / "model_vqa.pth")
+    heads = ["--set", "vision_heads=2", "--set", "text_heads=2"]
+    assert (
+        convert([str(tmp_path / "model_vqa.pth"), str(tmp_path / "hf"), "--to", "hf", *heads]) == 0
+    )
+    loaded = transformers.BlipForQuestionAnswering.from_pretrained(tmp_path / "hf").eval()
+    for key, value in hf.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert convert([str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--to", "reference"]) == 0
+    back = reference_vqa_to_ours(torch.load(tmp_path / "back.pth")["model"])
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert convert([str(tmp_path / "hf"), str(tmp_path / "dcp")]) == 1  # no DCP form: one line
