@@ -40,7 +40,7 @@ import torch
 from blip_recipes.config import Config, parse_recipe_args, to_toml
 from blip_recipes.data import build_tokenizer
 from blip_recipes.evaluation import RetrievalScores, load_retrieval_data, score_retrieval
-from blip_recipes.evaluation.retrieval import model_image_size
+from blip_recipes.evaluation.retrieval_data import model_image_size
 from blip_recipes.interop.loading import build_model_from_weights, tokenizer_from_weights
 from blip_recipes.interop.readers import CheckpointWeights, read_weights
 from blip_recipes.parallel import init_distributed, shutdown_distributed

@@ -35,7 +35,8 @@ import torch
 
 from blip_recipes.config import Config, to_toml
 from blip_recipes.data import normalize_images
-from blip_recipes.evaluation.retrieval import RetrievalData, evaluate_retrieval, load_retrieval_data
+from blip_recipes.evaluation.retrieval import evaluate_retrieval
+from blip_recipes.evaluation.retrieval_data import RetrievalData, load_retrieval_data
 from blip_recipes.parallel.fsdp import reshard_all
 from blip_recipes.training.best_weights import BestWeights
 from blip_recipes.training.build import build_pretraining

@@ -6,13 +6,11 @@ from blip_recipes.evaluation.metrics import (
     recall_at,
     retrieval_metrics,
 )
-from blip_recipes.evaluation.retrieval import (
+from blip_recipes.evaluation.retrieval import RetrievalScores, evaluate_retrieval, score_retrieval
+from blip_recipes.evaluation.retrieval_data import (
     RetrievalData,
-    RetrievalScores,
-    evaluate_retrieval,
     load_retrieval_data,
     model_image_size,
-    score_retrieval,
 )
 
 __all__ = [

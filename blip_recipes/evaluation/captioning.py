@@ -28,7 +28,7 @@ from blip_recipes.data.sources import load_retrieval_annotations
 from blip_recipes.evaluation._dist import is_sharded, rank_and_world, run_balanced, shard_range
 from blip_recipes.evaluation.caption_metrics import caption_scores
 from blip_recipes.evaluation.generation import DEFAULT_PROMPT, Method, generate, prompt_ids
-from blip_recipes.evaluation.retrieval import _Images, model_image_size
+from blip_recipes.evaluation.retrieval_data import EvalImages, model_image_size
 
 SELECTION_KEY = "score"
 """Key of `CIDEr + Bleu_4` in the metrics (the reference keeps the checkpoint maximising it)."""
@@ -147,7 +147,7 @@ def generate_captions(
     device = torch.device(device) if device is not None else weight.device
     image_size = image_size or model_image_size(model)
     local = shard_range(len(images), rank, world)
-    loader = DataLoader(_Images(images, local, image_size), batch_size=batch_size,
+    loader = DataLoader(EvalImages(images, local, image_size), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False)  # fmt: skip
     prefix = prompt_ids(tokenizer, prompt)
     dummy = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)

@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from blip_recipes.config.sections import EvalConfig
-from blip_recipes.evaluation.retrieval import RetrievalData, evaluate_retrieval, load_retrieval_data
+from blip_recipes.evaluation.retrieval import evaluate_retrieval
+from blip_recipes.evaluation.retrieval_data import RetrievalData, load_retrieval_data
 from blip_recipes.parallel.fsdp import reshard_all
 
 logger = logging.getLogger(__name__)
