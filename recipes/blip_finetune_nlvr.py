@@ -81,15 +81,8 @@ class BlipFinetuneNlvrRecipe(BlipPretrainRecipe):
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        cfg = self.cfg
-        check_nlvr_config(cfg)
-        nl = cfg.nlvr
         self.dev: list[NlvrExample] | None = None
         self.test_set: list[NlvrExample] | None = None
-        if nl.dev_annotation:
-            self.dev = load_nlvr_annotations(nl.dev_annotation, nl.image_root)
-        if nl.test_annotation:
-            self.test_set = load_nlvr_annotations(nl.test_annotation, nl.image_root)
         self._last_val: dict[str, float] | None = None
         super().setup()
         logger.info("NLVR fine-tuning: %d training pairs, dev %s, test %s",
@@ -97,7 +90,15 @@ class BlipFinetuneNlvrRecipe(BlipPretrainRecipe):
                     len(self.test_set) if self.test_set else "none")  # fmt: skip
 
     def _build_loader(self) -> Any:
+        """The pair loader; first the [nlvr] files are read (after the rank log is open, before
+        anything is built), so a bad annotation ends the run in one line."""
         cfg = self.cfg
+        check_nlvr_config(cfg)
+        nl = cfg.nlvr
+        if nl.dev_annotation:
+            self.dev = load_nlvr_annotations(nl.dev_annotation, nl.image_root)
+        if nl.test_annotation:
+            self.test_set = load_nlvr_annotations(nl.test_annotation, nl.image_root)
         return build_nlvr_train_loader(
             cfg.data, self.tokenizer, cfg.nlvr.train_annotation or "", cfg.nlvr.image_root,
             image_size=cfg.model.image_size, seed=cfg.job.seed, rank=self.dist.rank,

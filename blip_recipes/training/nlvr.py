@@ -67,9 +67,15 @@ def _nlvr_section(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
 
 
 def check_nlvr_config(cfg: Config) -> None:
-    """What only the NLVR recipe needs (not checked for other recipes sharing the config)."""
+    """What only the NLVR recipe needs (not checked for other recipes sharing the config).
+
+    Raises:
+        ConfigError: `nlvr.train_annotation` is not set.
+    """
+    from blip_recipes.config import ConfigError
+
     if not cfg.nlvr.train_annotation:
-        raise ValueError(
+        raise ConfigError(
             "'nlvr.train_annotation' is not set: NLVR fine-tuning needs training pairs"
         )
 
