@@ -31,11 +31,13 @@ from blip_recipes.benchmarking.float8_layers import (
     benchmark_layer_shapes,
     build_meta_model,
     collect_layer_shapes,
+    image_tokens_of,
+)
+from blip_recipes.benchmarking.float8_report import (
     compact_layers,
     float8_flop_share,
     format_layer_table,
     format_summary,
-    image_tokens_of,
     summarize,
 )
 from blip_recipes.cli.help import HelpFormatter

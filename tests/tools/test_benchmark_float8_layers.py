@@ -15,12 +15,14 @@ import torch
 from blip_recipes.benchmarking.float8_layers import (
     LayerShape,
     benchmark_layer_shapes,
-    compact_layers,
-    format_layer_table,
-    format_summary,
     fqn_pattern,
     preset_layer_shapes,
     rows_per_pass,
+)
+from blip_recipes.benchmarking.float8_report import (
+    compact_layers,
+    format_layer_table,
+    format_summary,
     summarize,
 )
 
