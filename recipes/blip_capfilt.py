@@ -64,10 +64,10 @@ from blip_recipes.capfilt.outputs import (
     shard_bytes,
     write_atomic,
 )
-from blip_recipes.config import Config, ConfigError, parse_recipe_args, to_toml
+from blip_recipes.config import Config, ConfigError, to_toml
 from blip_recipes.data import build_tokenizer
 from blip_recipes.parallel import init_distributed, shutdown_distributed
-from blip_recipes.runs.errors import exit_status_for_error
+from blip_recipes.runs.recipe_main import run_inference_recipe
 
 logger = logging.getLogger("blip_capfilt")
 
@@ -322,25 +322,13 @@ def _json(obj: Any) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_recipe_args(argv, description=__doc__ or "", saves_checkpoints=False)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
+    return run_inference_recipe(
+        CapfiltRecipe,
+        argv,
+        __doc__ or "",
+        "blip_capfilt",
+        user_errors=(ConfigError, OutputFolderError),
     )
-    recipe = CapfiltRecipe(cfg)
-    try:
-        recipe.setup()
-        recipe.run()
-    except (ConfigError, OutputFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # one line; the traceback before it (no rank log here)
-        return exit_status_for_error(e, "blip_capfilt", logging.getLogger("blip_capfilt"))
-    finally:
-        recipe.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from blip_recipes.config import parse_recipe_args
 from blip_recipes.evaluation.captioning import generate_captions
 from blip_recipes.evaluation.nocaps import (
     NocapsData,
@@ -39,7 +38,7 @@ from blip_recipes.evaluation.nocaps import (
     submission,
     write_submission,
 )
-from blip_recipes.runs.errors import exit_status_for_error
+from blip_recipes.runs.recipe_main import run_inference_recipe
 from recipes.blip_eval_retrieval import RetrievalEvalRecipe
 
 NAME = "blip_eval_nocaps"
@@ -90,7 +89,8 @@ class NocapsEvalRecipe(RetrievalEvalRecipe):
         domains = f", domains {sorted(set(data.domains))}" if data.domains else ""
         return f"{len(data.images)} images {refs}{domains}"
 
-    def evaluate(self) -> dict[str, Any]:
+    @torch.no_grad()
+    def run(self) -> dict[str, Any]:
         """Caption (all ranks), then (rank 0) write the submission, scores and the table."""
         cfg, cap = self.cfg, self.cfg.caption
         start = time.perf_counter()
@@ -131,23 +131,7 @@ class NocapsEvalRecipe(RetrievalEvalRecipe):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_recipe_args(argv, description=__doc__ or "", saves_checkpoints=False)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
-    )
-    recipe = NocapsEvalRecipe(cfg)
-    try:
-        recipe.setup()
-        with torch.no_grad():
-            recipe.evaluate()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # one line; the traceback before it (no rank log here)
-        return exit_status_for_error(e, NAME, logger)
-    finally:
-        recipe.cleanup()
-    return 0
+    return run_inference_recipe(NocapsEvalRecipe, argv, __doc__ or "", NAME)
 
 
 if __name__ == "__main__":

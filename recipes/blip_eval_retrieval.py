@@ -37,14 +37,14 @@ from typing import Any
 
 import torch
 
-from blip_recipes.config import Config, parse_recipe_args, to_toml
+from blip_recipes.config import Config, to_toml
 from blip_recipes.data import build_tokenizer
 from blip_recipes.evaluation import RetrievalScores, load_retrieval_data, score_retrieval
 from blip_recipes.evaluation.retrieval_data import model_image_size
 from blip_recipes.interop.loading import build_model_from_weights, tokenizer_from_weights
 from blip_recipes.interop.readers import CheckpointWeights, read_weights
 from blip_recipes.parallel import init_distributed, shutdown_distributed
-from blip_recipes.runs.errors import exit_status_for_error
+from blip_recipes.runs.recipe_main import run_inference_recipe
 
 RESULT_FILE = "retrieval.json"
 SCORES_FILE = "retrieval_scores.pt"
@@ -65,7 +65,7 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 class RetrievalEvalRecipe:
-    """setup -> evaluate -> cleanup; every rank runs all three.
+    """setup -> run (evaluate) -> cleanup; every rank runs all three.
 
     A subclass evaluating other media (videos) or another task on the same checkpoint loading
     replaces the data hooks: `_check_data_settings`, `_load_data`, `_describe_data`, `_score`,
@@ -199,7 +199,7 @@ class RetrievalEvalRecipe:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def evaluate(self) -> dict[str, float]:
+    def run(self) -> dict[str, float]:
         """Score, then (rank 0) write retrieval.json, TensorBoard scalars and the table."""
         start = time.perf_counter()
         with self._autocast():
@@ -255,24 +255,7 @@ def _step_of(source: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_recipe_args(argv, description=__doc__ or "", saves_checkpoints=False)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
-    )
-    recipe = RetrievalEvalRecipe(cfg)
-    try:
-        recipe.setup()
-        recipe.evaluate()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # one line; the traceback before it (no rank log here)
-        return exit_status_for_error(
-            e, "blip_eval_retrieval", logging.getLogger("blip_eval_retrieval")
-        )
-    finally:
-        recipe.cleanup()
-    return 0
+    return run_inference_recipe(RetrievalEvalRecipe, argv, __doc__ or "", "blip_eval_retrieval")
 
 
 if __name__ == "__main__":

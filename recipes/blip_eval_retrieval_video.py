@@ -27,7 +27,6 @@ import logging
 import sys
 from typing import Any
 
-from blip_recipes.config import parse_recipe_args
 from blip_recipes.evaluation import RetrievalData, RetrievalScores
 from blip_recipes.evaluation.video_retrieval import (
     load_video_retrieval_data,
@@ -35,7 +34,7 @@ from blip_recipes.evaluation.video_retrieval import (
     score_video_retrieval,
     video_retrieval_metrics,
 )
-from blip_recipes.runs.errors import exit_status_for_error
+from blip_recipes.runs.recipe_main import run_inference_recipe
 from recipes.blip_eval_retrieval import RetrievalEvalRecipe
 
 NAME = "blip_eval_retrieval_video"
@@ -100,22 +99,9 @@ class VideoRetrievalEvalRecipe(RetrievalEvalRecipe):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_recipe_args(argv, description=__doc__ or "", saves_checkpoints=False)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
+    return run_inference_recipe(
+        VideoRetrievalEvalRecipe, argv, __doc__ or "", NAME, failures=(ImportError,)
     )
-    recipe = VideoRetrievalEvalRecipe(cfg)
-    try:
-        recipe.setup()
-        recipe.evaluate()
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # one line; the traceback before it (no rank log here)
-        return exit_status_for_error(e, NAME, logger)
-    finally:
-        recipe.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

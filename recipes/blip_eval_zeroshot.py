@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blip_recipes.config import parse_recipe_args, to_toml
+from blip_recipes.config import to_toml
 from blip_recipes.data import build_tokenizer
 from blip_recipes.evaluation.zeroshot import (
     ClassificationData,
@@ -39,7 +39,7 @@ from blip_recipes.evaluation.zeroshot import (
 from blip_recipes.interop.loading import build_model_from_weights
 from blip_recipes.interop.readers import read_weights
 from blip_recipes.parallel import init_distributed
-from blip_recipes.runs.errors import exit_status_for_error
+from blip_recipes.runs.recipe_main import run_inference_recipe
 from recipes.blip_eval_retrieval import (
     INIT,
     RetrievalEvalRecipe,
@@ -105,7 +105,7 @@ class ZeroShotEvalRecipe(RetrievalEvalRecipe):
                     len(self.data.classes), len(cfg.zeroshot.templates), cfg.zeroshot.rerank_k,
                     self.dist.world_size, self.device)  # fmt: skip
 
-    def evaluate(self) -> dict[str, float]:  # type: ignore[override]
+    def run(self) -> dict[str, float]:  # type: ignore[override]
         cfg, ev = self.cfg, self.cfg.eval
         start = time.perf_counter()
         with self._autocast():
@@ -152,22 +152,7 @@ class ZeroShotEvalRecipe(RetrievalEvalRecipe):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_recipe_args(argv, description=__doc__ or "", saves_checkpoints=False)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
-    )
-    recipe = ZeroShotEvalRecipe(cfg)
-    try:
-        recipe.setup()
-        recipe.evaluate()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # one line; the traceback before it (no rank log here)
-        return exit_status_for_error(e, "blip_eval_zeroshot", logger)
-    finally:
-        recipe.cleanup()
-    return 0
+    return run_inference_recipe(ZeroShotEvalRecipe, argv, __doc__ or "", "blip_eval_zeroshot")
 
 
 if __name__ == "__main__":

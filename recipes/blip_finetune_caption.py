@@ -3,8 +3,8 @@
     blip run blip_finetune_caption --config finetune_caption_coco checkpoint.init_from=CKPT
     blip run --nproc-per-node 8 blip_finetune_caption --config finetune_caption_coco
 
-The pretraining recipe's loop, checkpoints, stop signals and metrics, with these parts swapped
-(see docs/finetune-caption.md):
+The same library components as the pretraining recipe (run set-up, stop protocol, checkpoints,
+metrics), its own loop, with these parts different (see docs/finetune-caption.md):
 
 - data: the training captions are cleaned with `pre_caption` and the prompt ("a picture of ")
   is put in front (`caption.prompt`);
@@ -29,15 +29,23 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 import torch
 
 from blip_recipes.checkpoint import (
-    MOMENTUM,
+    LOADER,
+    LR_SCHEDULER,
+    MODEL,
+    OPTIMIZER,
+    TRAIN_STATE,
+    ModelWrapper,
+    OptimizerWrapper,
+    TrainState,
 )
-from blip_recipes.config import to_toml
-from blip_recipes.data import build_train_loader
+from blip_recipes.config import Config, to_toml
+from blip_recipes.data import build_tokenizer, build_train_loader, normalize_images
 from blip_recipes.evaluation.captioning import (
     SELECTION_KEY,
     CaptionData,
@@ -46,12 +54,18 @@ from blip_recipes.evaluation.captioning import (
     load_caption_data,
 )
 from blip_recipes.evaluation.generation import prompt_ids
+from blip_recipes.metrics.steps_since_log import StepsSinceLog
+from blip_recipes.parallel.compile import FirstCallTimer
 from blip_recipes.parallel.fsdp import reshard_all
+from blip_recipes.runs.checkpoints import RunCheckpoints, loader_state, train_state_at
+from blip_recipes.runs.nonfinite import NonFiniteRun
+from blip_recipes.runs.recipe_main import run_training_recipe
+from blip_recipes.runs.training_run import TrainingRun, steps_per_epoch
 from blip_recipes.training.best_weights import BestWeights
+from blip_recipes.training.build import compute_dtype, set_determinism
 from blip_recipes.training.caption import CaptionStep, PromptedTokenizer, build_captioning
-from blip_recipes.training.optim import EpochCosineLR
-from blip_recipes.training.step import StepResult
-from recipes.blip_pretrain import BlipPretrainRecipe
+from blip_recipes.training.optim import EpochCosineLR, build_optimizer
+from blip_recipes.training.step import DeviceBatch, StepResult
 
 logger = logging.getLogger("blip_finetune_caption")
 
@@ -60,45 +74,38 @@ BEST_STATE = "caption_best"
 BEST_RECORD = "caption_best.json"
 
 
-class _EpochEndEvaluation:
-    """What the training loop calls after every step: validation at the due steps."""
-
-    def __init__(self, recipe: BlipFinetuneCaptionRecipe) -> None:
-        self.recipe = recipe
-
-    def maybe_run(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
-        if not self.recipe.validation_due(step):
-            return None
-        return self.recipe.validate()
-
-
-class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
+class BlipFinetuneCaptionRecipe:
     """Fine-tune a pretrained BLIP model for captioning (module docstring)."""
 
     METRIC_KEYS = ("loss",)
     BEST_EVAL_KEY = f"val_{SELECTION_KEY}"
 
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.run = TrainingRun(cfg, "blip_finetune_caption", logger)
+        self.val_data: CaptionData | None = None
+        self.test_data: CaptionData | None = None
+
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.val_data: CaptionData | None = None
-        self.test_data: CaptionData | None = None
         if cfg.eval.annotation:
             self.val_data = load_caption_data(cfg.eval.annotation, cfg.eval.image_root)
         if cfg.caption.test_annotation:
             self.test_data = load_caption_data(cfg.caption.test_annotation, cfg.eval.image_root)
-        super().setup()
-        logger.info(
-            "caption fine-tuning: prompt %r (%d tokens excluded from the loss), validation %s, "
-            "test %s", cfg.caption.prompt, self.prompt_length,
-            f"{len(self.val_data.images)} images" if self.val_data else "none",
-            f"{len(self.test_data.images)} images" if self.test_data else "none",
-        )  # fmt: skip
+        self.run.start()  # stop handlers, process group, output folder lock, rank log, threads
+        run = self.run
+        self.dist, self.device, self.output_dir = run.dist, run.device, run.output_dir
+        self.checkpoints = RunCheckpoints(self.output_dir, cfg)
+        self.resume_from = self.checkpoints.resume_path()
+        torch.manual_seed(cfg.job.seed)
+        set_determinism(cfg.training.deterministic)
+        self.compute_dtype = compute_dtype(cfg.training.mixed_precision, self.device)
 
-    def _build_loader(self) -> Any:
-        """The training loader, tokenizing `caption.prompt + pre_caption(caption)`."""
-        cfg = self.cfg
-        return build_train_loader(
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        self.loader = build_train_loader(  # tokenizing `caption.prompt + pre_caption(caption)`
             cfg.data,
             PromptedTokenizer(self.tokenizer, cfg.caption.prompt),
             image_size=cfg.model.image_size,
@@ -106,58 +113,131 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        self.loader.stop_requested = self.run.stop.requested  # a stuck wait ends
+        self.steps_per_epoch = steps_per_epoch(self.loader, cfg)
+        self.total_steps = cfg.training.steps or cfg.training.epochs * self.steps_per_epoch
 
-    def _build_model_and_momentum(self) -> None:
-        """The captioning model (no momentum state), parallelized and initialised."""
-        self.model, self.plan = build_captioning(
-            self.cfg, self.tokenizer, self.dist, self.compute_dtype
-        )
-        self.momentum = None
-        self.best = BestWeights(self.output_dir, SELECTION_KEY, to_toml(self.cfg))
+        # the captioning model (no momentum state), parallelized and initialised
+        self.model, self.plan = build_captioning(cfg, self.tokenizer, self.dist, self.compute_dtype)
+        self.best = BestWeights(self.output_dir, SELECTION_KEY, to_toml(cfg))
         if self.resume_from is None:  # a fresh start owns best/ and the best record
             self.best.clear_stale(self.dist.is_main)
             if self.dist.is_main:
                 (self.output_dir / BEST_RECORD).unlink(missing_ok=True)
+        self.run.stop.refuse_start_if_requested(self.dist)  # before metrics.jsonl is touched
 
-    def _build_lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        """Cosine over `training.epochs` epochs, constant within an epoch."""
-        cfg = self.cfg
-        return EpochCosineLR(self.optimizer, cfg.optimizer.lr, cfg.caption.min_lr,
-                             self.steps_per_epoch, cfg.training.epochs)  # fmt: skip
-
-    def _build_step(self) -> CaptionStep:
-        self.prompt_length = len(prompt_ids(self.tokenizer, self.cfg.caption.prompt))
-        return CaptionStep.from_config(
-            self.cfg, self.model, self.optimizer, self.lr_scheduler, self.dist,
-            self.compute_dtype, prompt_length=self.prompt_length,
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        # cosine over `training.epochs` epochs, constant within an epoch
+        self.lr_scheduler = EpochCosineLR(self.optimizer, cfg.optimizer.lr, cfg.caption.min_lr,
+                                          self.steps_per_epoch, cfg.training.epochs)  # fmt: skip
+        self.train_state = TrainState()
+        self.prompt_length = len(prompt_ids(self.tokenizer, cfg.caption.prompt))
+        self.step_fn = CaptionStep.from_config(
+            cfg, self.model, self.optimizer, self.lr_scheduler, self.dist, self.compute_dtype,
+            prompt_length=self.prompt_length,
         )  # fmt: skip
+        if cfg.parallel.compile:  # the first step compiles: say so, and how long it took
+            self.step_fn = FirstCallTimer(self.step_fn, "first step")
+        if self.resume_from is not None:
+            self.resume_from = self.checkpoints.load(self.resume_from, self._checkpoint_states())
+            self.step = self.train_state.step
+            logger.info("resumed from %s at step %d", self.resume_from, self.step)
 
-    def _build_evaluator(self) -> Any:
-        return _EpochEndEvaluation(self)
-
-    def _flops_per_sample(self) -> float | None:
-        return None  # the pretraining FLOP table does not apply (no ITC/ITM, longer captions)
+        resume_step = self.step if self.resume_from is not None else None
+        self.metrics = self.run.open_metrics(self.total_steps, resume_step)
+        self.loader.open_bad_sample_log(  # every rank names its bad samples there
+            self.output_dir, resume_step=resume_step, batches_per_step=cfg.training.grad_accum_steps
+        )
+        self.run.record_start(self, self.step, self.resume_from, self.total_steps,
+                              self.steps_per_epoch, self.compute_dtype)  # fmt: skip
+        logger.info(
+            "caption fine-tuning: prompt %r (%d tokens excluded from the loss), validation %s, "
+            "test %s", cfg.caption.prompt, self.prompt_length,
+            f"{len(self.val_data.images)} images" if self.val_data else "none",
+            f"{len(self.test_data.images)} images" if self.test_data else "none",
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_states(self) -> dict[str, Any]:
-        states = super()._checkpoint_states()
-        del states[MOMENTUM]
-        states[BEST_STATE] = self.best
-        return states
+        return {
+            MODEL: ModelWrapper(self.model),
+            OPTIMIZER: OptimizerWrapper(self.model, self.optimizer),
+            LR_SCHEDULER: self.lr_scheduler,
+            TRAIN_STATE: train_state_at(
+                self.train_state, self.step, self.steps_per_epoch, self.run.samples_per_step
+            ),
+            LOADER: loader_state(self.loader),
+            BEST_STATE: self.best,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Save everything a bitwise resume needs into checkpoints/step-N/."""
+        self.checkpoints.save(self.step, self._checkpoint_states())
 
     # ------------------------------------------------------------------ training
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> DeviceBatch:
+        return DeviceBatch(
+            normalize_images(batch["images"].to(self.device, non_blocking=True)),
+            batch["input_ids"].to(self.device, non_blocking=True),
+            batch["attention_mask"].to(self.device, non_blocking=True),
+        )
+
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step on `grad_accum_steps` loader batches (see `CaptionStep`)."""
         return self.step_fn([self._to_device(batch) for batch in batches], self.step)
 
-    def _step_log_fields(self, result: StepResult) -> dict[str, Any]:
-        return {}
-
     def train(self) -> None:
-        """Fine-tune (the pretraining loop), then score the test split with the kept weights."""
-        super().train()
-        if self._stop_signal is None and self.test_data is not None:
+        """Fine-tune until `training.steps` (or `epochs`), a stop signal or too many bad steps,
+        validating at the due steps; then score the test split with the kept weights."""
+        cfg, stop = self.cfg, self.run.stop
+        since_log = StepsSinceLog(self.device, self.METRIC_KEYS)
+        nonfinite_run = NonFiniteRun(self.device, cfg.training.max_nonfinite_steps)
+        while self.step < self.total_steps:
+            if self.step % cfg.checkpoint.signal_check_every == 0 and stop.agreed(self.dist):
+                logger.warning("%s: saving a checkpoint at step %d, then exiting", stop.reason(),
+                               self.step)  # fmt: skip
+                break
+            t0 = time.perf_counter()
+            batches = [next(self.loader) for _ in range(cfg.training.grad_accum_steps)]
+            since_log.data_wait += time.perf_counter() - t0
+            result = self.train_step(batches)
+            self.step += 1
+            nonfinite_run.update(result.ok)
+            since_log.add(result)
+            last = self.step == self.total_steps
+            log_step = self.step % cfg.metrics.log_every == 0 or last
+            if log_step:
+                self.run.check_folder(self.step)
+                self._log(since_log, result)
+                since_log = StepsSinceLog(self.device, self.METRIC_KEYS)
+            nonfinite_run.check(self.step, self.checkpoints.latest_complete, exact=log_step)
+            if self.validation_due(self.step):
+                self.validate()
+            if self.step % cfg.checkpoint.interval == 0 and not last:
+                self.run.check_folder(self.step)
+                self.save_checkpoint()
+        self.run.check_folder(self.step)
+        self.save_checkpoint()
+        self.run.log_summary(self.step, self.metrics, self.checkpoints.step_dir(self.step),
+                             self.BEST_EVAL_KEY)  # fmt: skip
+        if not stop.requested() and self.test_data is not None:
             self.test()
+
+    def _log(self, since_log: StepsSinceLog, result: StepResult) -> None:
+        """Host sync point: the steps since the last log step as one metrics record (no MFU:
+        the pretraining FLOP table does not apply, no ITC/ITM and longer captions)."""
+        record = since_log.record(
+            result,
+            lr=self.optimizer.param_groups[0]["lr"],
+            samples_per_step=self.run.samples_per_step,
+            world_size=self.dist.world_size,
+            flops_per_sample=None,
+            bad_samples=self.loader.stats().get("bad_samples", 0),
+            nonfinite_before=self.nonfinite_steps,
+            epoch=self.step // self.steps_per_epoch,
+        )
+        self.nonfinite_steps = record["nonfinite_steps"]
+        self.metrics.log(self.step, record)
 
     # ------------------------------------------------------------------ evaluation
     def validation_due(self, step: int) -> bool:
@@ -230,9 +310,24 @@ class BlipFinetuneCaptionRecipe(BlipPretrainRecipe):
         )  # fmt: skip
         return record
 
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self, barrier: bool = True) -> None:
+        """Flush metrics, finish pending saves, release modules, tear the process group down
+        and free the output folder (``barrier=False`` after a failed collective)."""
+        for name in ("metrics", "checkpoints", "best"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+        if hasattr(self, "loader"):
+            self.loader.close_bad_sample_log()
+        for name in ("step_fn", "model", "optimizer", "lr_scheduler", "loader", "best", "plan",
+                     "dist"):  # fmt: skip
+            if hasattr(self, name):
+                delattr(self, name)
+        self.run.close(barrier)
+
 
 def main(argv: list[str] | None = None) -> int:
-    return BlipFinetuneCaptionRecipe.run(argv, __doc__ or "")
+    return run_training_recipe(BlipFinetuneCaptionRecipe, argv, __doc__ or "")
 
 
 if __name__ == "__main__":

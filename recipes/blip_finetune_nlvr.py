@@ -3,8 +3,9 @@
     blip run blip_finetune_nlvr --config finetune_nlvr checkpoint.init_from=CKPT
     blip run --nproc-per-node 8 blip_finetune_nlvr --config finetune_nlvr key=value
 
-The pretraining recipe's loop, checkpoints (bitwise resume), stop signals, metrics and parallel
-set-up, with these parts swapped (docs/nlvr.md):
+The same library components as the pretraining recipe (run set-up, stop protocol, checkpoints
+with bitwise resume, metrics, parallel set-up), its own loop, with these parts different
+(docs/nlvr.md):
 
 - data: `nlvr.train_annotation` (NLVR2-style records, images under `nlvr.image_root`), both
   images augmented, sides swapped at random with "left"/"right" in the sentence swapped too;
@@ -29,16 +30,33 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 import torch
 
-from blip_recipes.checkpoint import MOMENTUM
-from blip_recipes.config import to_toml
-from blip_recipes.data import normalize_images
+from blip_recipes.checkpoint import (
+    LOADER,
+    LR_SCHEDULER,
+    MODEL,
+    OPTIMIZER,
+    TRAIN_STATE,
+    ModelWrapper,
+    OptimizerWrapper,
+    TrainState,
+)
+from blip_recipes.config import Config, to_toml
+from blip_recipes.data import build_tokenizer, normalize_images
 from blip_recipes.data.nlvr import NlvrExample, build_nlvr_train_loader, load_nlvr_annotations
 from blip_recipes.data.transforms import EvalTransform
+from blip_recipes.metrics.steps_since_log import StepsSinceLog
+from blip_recipes.parallel.compile import FirstCallTimer
+from blip_recipes.runs.checkpoints import RunCheckpoints, loader_state, train_state_at
+from blip_recipes.runs.nonfinite import NonFiniteRun
+from blip_recipes.runs.recipe_main import run_training_recipe
+from blip_recipes.runs.training_run import TrainingRun, steps_per_epoch
 from blip_recipes.training.best_weights import BestWeights
+from blip_recipes.training.build import compute_dtype, set_determinism
 from blip_recipes.training.nlvr import (
     SELECTION_KEY,
     NlvrBatch,
@@ -48,9 +66,8 @@ from blip_recipes.training.nlvr import (
     check_nlvr_config,
     evaluate_nlvr,
 )
-from blip_recipes.training.optim import EpochCosineLR
+from blip_recipes.training.optim import EpochCosineLR, build_optimizer
 from blip_recipes.training.step import StepResult
-from recipes.blip_pretrain import BlipPretrainRecipe
 
 logger = logging.getLogger("blip_finetune_nlvr")
 
@@ -61,80 +78,98 @@ SHOWN_PAIRS = 4
 """Dev pairs drawn into TensorBoard at each validation."""
 
 
-class _EpochEndEvaluation:
-    """What the training loop calls after every step: validation at the due steps."""
-
-    def __init__(self, recipe: BlipFinetuneNlvrRecipe) -> None:
-        self.recipe = recipe
-
-    def maybe_run(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
-        if not self.recipe.validation_due(step):
-            return None
-        return self.recipe.validate()
-
-
-class BlipFinetuneNlvrRecipe(BlipPretrainRecipe):
+class BlipFinetuneNlvrRecipe:
     """Fine-tune a pretrained BLIP model on NLVR2 (module docstring)."""
 
     METRIC_KEYS = ("loss", "acc")
     BEST_EVAL_KEY = f"val_{SELECTION_KEY}"
 
-    # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.run = TrainingRun(cfg, "blip_finetune_nlvr", logger)
         self.dev: list[NlvrExample] | None = None
         self.test_set: list[NlvrExample] | None = None
         self._last_val: dict[str, float] | None = None
-        super().setup()
-        logger.info("NLVR fine-tuning: %d training pairs, dev %s, test %s",
-                    self.loader.epoch_length, len(self.dev) if self.dev else "none",
-                    len(self.test_set) if self.test_set else "none")  # fmt: skip
 
-    def _build_loader(self) -> Any:
-        """The pair loader; first the [nlvr] files are read (after the rank log is open, before
-        anything is built), so a bad annotation ends the run in one line."""
-        cfg = self.cfg
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, nl = self.cfg, self.cfg.nlvr
+        self.run.start()  # stop handlers, process group, output folder lock, rank log, threads
+        run = self.run
+        self.dist, self.device, self.output_dir = run.dist, run.device, run.output_dir
+        self.checkpoints = RunCheckpoints(self.output_dir, cfg)
+        self.resume_from = self.checkpoints.resume_path()
+        torch.manual_seed(cfg.job.seed)
+        set_determinism(cfg.training.deterministic)
+        self.compute_dtype = compute_dtype(cfg.training.mixed_precision, self.device)
+
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        # the [nlvr] files are read after the rank log is open, before anything is built, so a
+        # bad annotation ends the run in one line
         check_nlvr_config(cfg)
-        nl = cfg.nlvr
         if nl.dev_annotation:
             self.dev = load_nlvr_annotations(nl.dev_annotation, nl.image_root)
         if nl.test_annotation:
             self.test_set = load_nlvr_annotations(nl.test_annotation, nl.image_root)
-        return build_nlvr_train_loader(
-            cfg.data, self.tokenizer, cfg.nlvr.train_annotation or "", cfg.nlvr.image_root,
+        self.loader = build_nlvr_train_loader(
+            cfg.data, self.tokenizer, nl.train_annotation or "", nl.image_root,
             image_size=cfg.model.image_size, seed=cfg.job.seed, rank=self.dist.rank,
             world_size=self.dist.world_size,
         )  # fmt: skip
+        self.loader.stop_requested = self.run.stop.requested  # a stuck wait ends
+        self.steps_per_epoch = steps_per_epoch(self.loader, cfg)
+        self.total_steps = cfg.training.steps or cfg.training.epochs * self.steps_per_epoch
 
-    def _build_model_and_momentum(self) -> None:
-        """The NLVR model (no momentum state), parallelized and initialised."""
-        self.model, self.plan = build_nlvr(self.cfg, self.tokenizer, self.dist, self.compute_dtype)
-        self.momentum = None
-        self.best = BestWeights(self.output_dir, SELECTION_KEY, to_toml(self.cfg))
+        # the NLVR model (no momentum state), parallelized and initialised
+        self.model, self.plan = build_nlvr(cfg, self.tokenizer, self.dist, self.compute_dtype)
+        self.best = BestWeights(self.output_dir, SELECTION_KEY, to_toml(cfg))
         if self.resume_from is None:
             self.best.clear_stale(self.dist.is_main)
+        self.run.stop.refuse_start_if_requested(self.dist)  # before metrics.jsonl is touched
 
-    def _build_lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        """Cosine over `training.epochs` epochs, constant within an epoch (the reference's)."""
-        cfg = self.cfg
-        return EpochCosineLR(self.optimizer, cfg.optimizer.lr, cfg.nlvr.min_lr,
-                             self.steps_per_epoch, cfg.training.epochs)  # fmt: skip
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        # cosine over `training.epochs` epochs, constant within an epoch (the reference's)
+        self.lr_scheduler = EpochCosineLR(self.optimizer, cfg.optimizer.lr, nl.min_lr,
+                                          self.steps_per_epoch, cfg.training.epochs)  # fmt: skip
+        self.train_state = TrainState()
+        self.step_fn = NlvrStep.from_config(cfg, self.model, self.optimizer, self.lr_scheduler,
+                                            self.dist, self.compute_dtype)  # fmt: skip
+        if cfg.parallel.compile:  # the first step compiles: say so, and how long it took
+            self.step_fn = FirstCallTimer(self.step_fn, "first step")
+        if self.resume_from is not None:
+            self.resume_from = self.checkpoints.load(self.resume_from, self._checkpoint_states())
+            self.step = self.train_state.step
+            logger.info("resumed from %s at step %d", self.resume_from, self.step)
 
-    def _build_step(self) -> NlvrStep:
-        return NlvrStep.from_config(self.cfg, self.model, self.optimizer, self.lr_scheduler,
-                                    self.dist, self.compute_dtype)  # fmt: skip
-
-    def _build_evaluator(self) -> Any:
-        return _EpochEndEvaluation(self)
-
-    def _flops_per_sample(self) -> float | None:
-        return None  # the pretraining FLOP table does not apply (two images per sample)
+        resume_step = self.step if self.resume_from is not None else None
+        self.metrics = self.run.open_metrics(self.total_steps, resume_step)
+        self.loader.open_bad_sample_log(  # every rank names its bad samples there
+            self.output_dir, resume_step=resume_step, batches_per_step=cfg.training.grad_accum_steps
+        )
+        self.run.record_start(self, self.step, self.resume_from, self.total_steps,
+                              self.steps_per_epoch, self.compute_dtype)  # fmt: skip
+        logger.info("NLVR fine-tuning: %d training pairs, dev %s, test %s",
+                    self.loader.epoch_length, len(self.dev) if self.dev else "none",
+                    len(self.test_set) if self.test_set else "none")  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_states(self) -> dict[str, Any]:
-        states = super()._checkpoint_states()
-        del states[MOMENTUM]
-        states[BEST_STATE] = self.best
-        return states
+        return {
+            MODEL: ModelWrapper(self.model),
+            OPTIMIZER: OptimizerWrapper(self.model, self.optimizer),
+            LR_SCHEDULER: self.lr_scheduler,
+            TRAIN_STATE: train_state_at(
+                self.train_state, self.step, self.steps_per_epoch, self.run.samples_per_step
+            ),
+            LOADER: loader_state(self.loader),
+            BEST_STATE: self.best,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Save everything a bitwise resume needs into checkpoints/step-N/."""
+        self.checkpoints.save(self.step, self._checkpoint_states())
 
     # ------------------------------------------------------------------ training
     def _to_device(self, batch: dict[str, torch.Tensor]) -> NlvrBatch:
@@ -147,16 +182,61 @@ class BlipFinetuneNlvrRecipe(BlipPretrainRecipe):
         )
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step on `grad_accum_steps` loader batches (see `NlvrStep`)."""
         return self.step_fn([self._to_device(batch) for batch in batches], self.step)
 
-    def _step_log_fields(self, result: StepResult) -> dict[str, Any]:
-        return {}
-
     def train(self) -> None:
-        """Fine-tune (the pretraining loop), then score the test split with the kept weights."""
-        super().train()
-        if self._stop_signal is None and self.step >= self.total_steps:
+        """Fine-tune until `training.steps` (or `epochs`), a stop signal or too many bad steps,
+        validating at the due steps; a finished run then scores the test split."""
+        cfg, stop = self.cfg, self.run.stop
+        since_log = StepsSinceLog(self.device, self.METRIC_KEYS)
+        nonfinite_run = NonFiniteRun(self.device, cfg.training.max_nonfinite_steps)
+        while self.step < self.total_steps:
+            if self.step % cfg.checkpoint.signal_check_every == 0 and stop.agreed(self.dist):
+                logger.warning("%s: saving a checkpoint at step %d, then exiting", stop.reason(),
+                               self.step)  # fmt: skip
+                break
+            t0 = time.perf_counter()
+            batches = [next(self.loader) for _ in range(cfg.training.grad_accum_steps)]
+            since_log.data_wait += time.perf_counter() - t0
+            result = self.train_step(batches)
+            self.step += 1
+            nonfinite_run.update(result.ok)
+            since_log.add(result)
+            last = self.step == self.total_steps
+            log_step = self.step % cfg.metrics.log_every == 0 or last
+            if log_step:
+                self.run.check_folder(self.step)
+                self._log(since_log, result)
+                since_log = StepsSinceLog(self.device, self.METRIC_KEYS)
+            nonfinite_run.check(self.step, self.checkpoints.latest_complete, exact=log_step)
+            if self.validation_due(self.step):
+                self.validate()
+            if self.step % cfg.checkpoint.interval == 0 and not last:
+                self.run.check_folder(self.step)
+                self.save_checkpoint()
+        self.run.check_folder(self.step)
+        self.save_checkpoint()
+        self.run.log_summary(self.step, self.metrics, self.checkpoints.step_dir(self.step),
+                             self.BEST_EVAL_KEY)  # fmt: skip
+        if not stop.requested() and self.step >= self.total_steps:
             self.final_report()
+
+    def _log(self, since_log: StepsSinceLog, result: StepResult) -> None:
+        """Host sync point: the steps since the last log step as one metrics record (no MFU:
+        the pretraining FLOP table does not apply)."""
+        record = since_log.record(
+            result,
+            lr=self.optimizer.param_groups[0]["lr"],
+            samples_per_step=self.run.samples_per_step,
+            world_size=self.dist.world_size,
+            flops_per_sample=None,
+            bad_samples=self.loader.stats().get("bad_samples", 0),
+            nonfinite_before=self.nonfinite_steps,
+            epoch=self.step // self.steps_per_epoch,
+        )
+        self.nonfinite_steps = record["nonfinite_steps"]
+        self.metrics.log(self.step, record)
 
     # ------------------------------------------------------------------ evaluation
     def validation_due(self, step: int) -> bool:
@@ -253,9 +333,24 @@ class BlipFinetuneNlvrRecipe(BlipPretrainRecipe):
             (self.output_dir / RESULT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         return report
 
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self, barrier: bool = True) -> None:
+        """Flush metrics, finish pending saves, release modules, tear the process group down
+        and free the output folder (``barrier=False`` after a failed collective)."""
+        for name in ("metrics", "checkpoints", "best"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+        if hasattr(self, "loader"):
+            self.loader.close_bad_sample_log()
+        for name in ("step_fn", "model", "optimizer", "lr_scheduler", "loader", "best", "plan",
+                     "dist"):  # fmt: skip
+            if hasattr(self, name):
+                delattr(self, name)
+        self.run.close(barrier)
+
 
 def main(argv: list[str] | None = None) -> int:
-    return BlipFinetuneNlvrRecipe.run(argv, __doc__ or "")
+    return run_training_recipe(BlipFinetuneNlvrRecipe, argv, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
         checkpoint.init_from=outputs/blip_base/checkpoints/step-N
     blip run --nproc-per-node 8 blip_finetune_retrieval --config finetune_retrieval_flickr key=value
 
-The pretraining recipe's loop, checkpoints (bitwise resume), stop signals, metrics and parallel
-set-up, with what fine-tuning changes (docs/finetune-retrieval.md):
+The same library components as the pretraining recipe (run set-up, stop protocol, checkpoints
+with bitwise resume, metrics, parallel set-up), its own loop, with what fine-tuning changes
+(docs/finetune-retrieval.md):
 
 - weights: `checkpoint.init_from`, a DCP checkpoint (reference or Hugging Face weights:
   `blip convert model_base.pth outputs/model_base --to dcp` first), at `model.image_size` with
@@ -28,24 +29,42 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from blip_recipes.checkpoint import (
+    LOADER,
+    LR_SCHEDULER,
+    MODEL,
+    MOMENTUM,
+    OPTIMIZER,
+    TRAIN_STATE,
+    ModelWrapper,
+    OptimizerWrapper,
+    TrainState,
+)
 from blip_recipes.config import Config, to_toml
-from blip_recipes.data import normalize_images
+from blip_recipes.data import build_tokenizer, build_train_loader, normalize_images
 from blip_recipes.evaluation.retrieval import evaluate_retrieval
 from blip_recipes.evaluation.retrieval_data import RetrievalData, load_retrieval_data
+from blip_recipes.metrics.steps_since_log import StepsSinceLog
+from blip_recipes.parallel.compile import FirstCallTimer
 from blip_recipes.parallel.fsdp import reshard_all
+from blip_recipes.runs.checkpoints import RunCheckpoints, loader_state, train_state_at
+from blip_recipes.runs.nonfinite import NonFiniteRun
+from blip_recipes.runs.recipe_main import run_training_recipe
+from blip_recipes.runs.training_run import TrainingRun, steps_per_epoch
 from blip_recipes.training.best_weights import BestWeights
-from blip_recipes.training.build import build_pretraining
-from blip_recipes.training.momentum import MomentumState
-from blip_recipes.training.optim import EpochCosineLR
+from blip_recipes.training.build import build_pretraining, compute_dtype, set_determinism
+from blip_recipes.training.momentum import MomentumState, check_queue_batch
+from blip_recipes.training.optim import EpochCosineLR, alpha_at_step, build_optimizer
 from blip_recipes.training.retrieval import RetrievalBatch, RetrievalStep
 from blip_recipes.training.retrieval_setup import SELECTION_KEY, freeze_decoder, load_pretrained
+from blip_recipes.training.step import StepResult
 from recipes.blip_eval_retrieval import format_table
-from recipes.blip_pretrain import BlipPretrainRecipe
 
 logger = logging.getLogger("blip_finetune_retrieval")
 
@@ -54,18 +73,77 @@ BEST_KEY = "retrieval_best"
 RESULT_FILE = "retrieval_finetune.json"
 
 
-class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
+class BlipFinetuneRetrievalRecipe:
     """Fine-tune a BLIP model for image-text retrieval (module docstring)."""
 
     METRIC_KEYS = ("loss", "loss_ita", "loss_itm", "itm_acc", "itm_pos_prob", "itm_neg_prob")
+    BEST_EVAL_KEY = "r_mean"
 
     def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
+        self.cfg = cfg
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.run = TrainingRun(cfg, "blip_finetune_retrieval", logger)
         self.val_data: RetrievalData | None = None
         self.test_data: RetrievalData | None = None
         self._last_val_record: dict[str, float] | None = None
 
-    # ------------------------------------------------------------------ set-up hooks
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run.start()  # stop handlers, process group, output folder lock, rank log, threads
+        run = self.run
+        self.dist, self.device, self.output_dir = run.dist, run.device, run.output_dir
+        check_queue_batch(cfg.momentum.queue_size, cfg.data.batch_size, self.dist.world_size)
+        self.checkpoints = RunCheckpoints(self.output_dir, cfg)
+        self.resume_from = self.checkpoints.resume_path()
+        torch.manual_seed(cfg.job.seed)
+        set_determinism(cfg.training.deterministic)
+        self.compute_dtype = compute_dtype(cfg.training.mixed_precision, self.device)
+
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        self.loader = build_train_loader(
+            cfg.data,
+            self.tokenizer,
+            image_size=cfg.model.image_size,
+            seed=cfg.job.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.loader.stop_requested = self.run.stop.requested  # a stuck wait ends
+        self.steps_per_epoch = steps_per_epoch(self.loader, cfg)
+        self.total_steps = cfg.training.steps or cfg.training.epochs * self.steps_per_epoch
+
+        self._build_model_and_momentum()
+        self.run.stop.refuse_start_if_requested(self.dist)  # before metrics.jsonl is touched
+
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        # per-epoch cosine over `training.epochs` (or more, when `training.steps` asks for more
+        # steps): a run cut short with `training.steps` follows the same schedule
+        epochs = max(cfg.training.epochs, math.ceil(self.total_steps / self.steps_per_epoch))
+        self.lr_scheduler = EpochCosineLR(self.optimizer, cfg.optimizer.lr, cfg.lr_scheduler.min_lr,
+                                          self.steps_per_epoch, epochs)  # fmt: skip
+        self.train_state = TrainState()
+        self.step_fn = RetrievalStep.from_config(
+            cfg, self.model, self.optimizer, self.lr_scheduler, self.dist, self.compute_dtype,
+            momentum=self.momentum,
+        )  # fmt: skip
+        if cfg.parallel.compile:  # the first step compiles: say so, and how long it took
+            self.step_fn = FirstCallTimer(self.step_fn, "first step")
+        if self.resume_from is not None:
+            self.resume_from = self.checkpoints.load(self.resume_from, self._checkpoint_states())
+            self.step = self.train_state.step
+            logger.info("resumed from %s at step %d", self.resume_from, self.step)
+
+        resume_step = self.step if self.resume_from is not None else None
+        self.metrics = self.run.open_metrics(self.total_steps, resume_step)
+        self.loader.open_bad_sample_log(  # every rank names its bad samples there
+            self.output_dir, resume_step=resume_step, batches_per_step=cfg.training.grad_accum_steps
+        )
+        self._load_eval_data()
+        self.run.record_start(self, self.step, self.resume_from, self.total_steps,
+                              self.steps_per_epoch, self.compute_dtype)  # fmt: skip
+
     def _build_model_and_momentum(self) -> None:
         """Model and momentum state as pretraining builds them (no `init_from` there), an
         id-tracking momentum state around the same encoders, then the pretrained weights."""
@@ -98,22 +176,8 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
         if self.resume_from is None:
             self.best.clear_stale(self.dist.is_main)
 
-    def _build_lr_scheduler(self) -> EpochCosineLR:
-        """Per-epoch cosine over `training.epochs` (or more, when `training.steps` asks for
-        more steps): a run cut short with `training.steps` follows the same schedule."""
-        cfg = self.cfg
-        epochs = max(cfg.training.epochs, math.ceil(self.total_steps / self.steps_per_epoch))
-        return EpochCosineLR(self.optimizer, cfg.optimizer.lr, cfg.lr_scheduler.min_lr,
-                             self.steps_per_epoch, epochs)  # fmt: skip
-
-    def _build_step(self) -> RetrievalStep:
-        return RetrievalStep.from_config(
-            self.cfg, self.model, self.optimizer, self.lr_scheduler, self.dist,
-            self.compute_dtype, momentum=self.momentum,
-        )  # fmt: skip
-
-    def _build_evaluator(self) -> BlipFinetuneRetrievalRecipe:
-        """The recipe evaluates itself at epoch ends (`maybe_run`); the best weights go to
+    def _load_eval_data(self) -> None:
+        """The validation split (`eval.annotation`) and the test split; the best weights go to
         `<output_dir>/best` through a checkpoint manager of their own (newest best only)."""
         cfg = self.cfg
         ev = cfg.eval
@@ -125,15 +189,30 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
             self.test_data = load_retrieval_data(
                 cfg.retrieval.test_annotation, ev.image_root, cfg.data.max_words
             )
-        return self
 
-    def _flops_per_sample(self) -> None:
-        return None  # the tabulated FLOPs are pretraining's (224 px, with the decoder)
-
+    # ------------------------------------------------------------------ checkpoints
     def _checkpoint_states(self) -> dict[str, Any]:
-        states = super()._checkpoint_states()
-        states[BEST_KEY] = self.best
-        return states
+        return {
+            MODEL: ModelWrapper(self.model),
+            OPTIMIZER: OptimizerWrapper(self.model, self.optimizer),
+            LR_SCHEDULER: self.lr_scheduler,
+            MOMENTUM: self.momentum,
+            TRAIN_STATE: train_state_at(
+                self.train_state, self.step, self.steps_per_epoch, self.run.samples_per_step
+            ),
+            LOADER: loader_state(self.loader),
+            BEST_KEY: self.best,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Save everything a bitwise resume needs into checkpoints/step-N/."""
+        self.checkpoints.save(self.step, self._checkpoint_states())
+
+    # ------------------------------------------------------------------ training
+    def alpha(self, step: int) -> float:
+        """Distillation weight: linear from 0 to `momentum.alpha` over the first ramp epochs."""
+        m = self.cfg.momentum
+        return alpha_at_step(step, m.alpha, m.alpha_ramp_epochs * self.steps_per_epoch)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> RetrievalBatch:
         if "image_ids" not in batch:
@@ -147,6 +226,64 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
             batch["attention_mask"].to(self.device, non_blocking=True),
             batch["image_ids"].to(self.device, non_blocking=True),
         )
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step on `grad_accum_steps` loader batches (see `RetrievalStep`)."""
+        micro_batches = [self._to_device(batch) for batch in batches]
+        return self.step_fn(micro_batches, self.step, self.alpha(self.step))
+
+    def train(self) -> None:
+        """Fine-tune until `training.steps` (or `epochs`), a stop signal or too many bad steps,
+        validating at epoch ends; a finished run then scores the test split (`final_report`)."""
+        cfg, stop = self.cfg, self.run.stop
+        since_log = StepsSinceLog(self.device, self.METRIC_KEYS)
+        nonfinite_run = NonFiniteRun(self.device, cfg.training.max_nonfinite_steps)
+        while self.step < self.total_steps:
+            if self.step % cfg.checkpoint.signal_check_every == 0 and stop.agreed(self.dist):
+                logger.warning("%s: saving a checkpoint at step %d, then exiting", stop.reason(),
+                               self.step)  # fmt: skip
+                break
+            t0 = time.perf_counter()
+            batches = [next(self.loader) for _ in range(cfg.training.grad_accum_steps)]
+            since_log.data_wait += time.perf_counter() - t0
+            result = self.train_step(batches)
+            self.step += 1
+            nonfinite_run.update(result.ok)
+            since_log.add(result)
+            last = self.step == self.total_steps
+            log_step = self.step % cfg.metrics.log_every == 0 or last
+            if log_step:
+                self.run.check_folder(self.step)
+                self._log(since_log, result)
+                since_log = StepsSinceLog(self.device, self.METRIC_KEYS)
+            nonfinite_run.check(self.step, self.checkpoints.latest_complete, exact=log_step)
+            self.validate_if_due(self.step)
+            if self.step % cfg.checkpoint.interval == 0 and not last:
+                self.run.check_folder(self.step)
+                self.save_checkpoint()
+        self.run.check_folder(self.step)
+        self.save_checkpoint()
+        self.run.log_summary(self.step, self.metrics, self.checkpoints.step_dir(self.step),
+                             self.BEST_EVAL_KEY)  # fmt: skip
+        if self.step >= self.total_steps:
+            self.final_report()
+
+    def _log(self, since_log: StepsSinceLog, result: StepResult) -> None:
+        """Host sync point: the steps since the last log step as one metrics record (no MFU:
+        the tabulated FLOPs are pretraining's, 224 px with the decoder)."""
+        record = since_log.record(
+            result,
+            lr=self.optimizer.param_groups[0]["lr"],
+            samples_per_step=self.run.samples_per_step,
+            world_size=self.dist.world_size,
+            flops_per_sample=None,
+            bad_samples=self.loader.stats().get("bad_samples", 0),
+            nonfinite_before=self.nonfinite_steps,
+            epoch=self.step // self.steps_per_epoch,
+            extra={"alpha": self.alpha(self.step - 1), "temp": result.output.temp.item()},
+        )
+        self.nonfinite_steps = record["nonfinite_steps"]
+        self.metrics.log(self.step, record)
 
     # ------------------------------------------------------------------ evaluation
     def _score(self, data: RetrievalData) -> dict[str, float]:
@@ -162,7 +299,7 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
         reshard_all(self.model)
         return results
 
-    def maybe_run(self, step: int, model: Any = None) -> dict[str, float] | None:
+    def validate_if_due(self, step: int) -> dict[str, float] | None:
         """After step `step`: validate at every `retrieval.eval_every_epochs`-th epoch end and
         at the last step; keep the weights when `r_mean` beats the best so far."""
         every = self.steps_per_epoch * self.cfg.retrieval.eval_every_epochs
@@ -186,11 +323,6 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
         return results
 
     # ------------------------------------------------------------------ end of run
-    def train(self) -> None:
-        super().train()
-        if self.step >= self.total_steps:
-            self.final_report()
-
     def final_report(self) -> dict[str, Any]:
         """Score the test split with the best weights (they replace the model's in memory),
         then write `retrieval_finetune.json` (rank 0) and log the tables."""
@@ -219,9 +351,24 @@ class BlipFinetuneRetrievalRecipe(BlipPretrainRecipe):
                                 self.best.step, format_table(report[split]))  # fmt: skip
         return report
 
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self, barrier: bool = True) -> None:
+        """Flush metrics, finish pending saves, release modules, tear the process group down
+        and free the output folder (``barrier=False`` after a failed collective)."""
+        for name in ("metrics", "checkpoints", "best"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+        if hasattr(self, "loader"):
+            self.loader.close_bad_sample_log()
+        for name in ("step_fn", "model", "momentum", "optimizer", "lr_scheduler", "loader",
+                     "best", "plan", "dist"):  # fmt: skip
+            if hasattr(self, name):
+                delattr(self, name)
+        self.run.close(barrier)
+
 
 def main(argv: list[str] | None = None) -> int:
-    return BlipFinetuneRetrievalRecipe.run(argv, __doc__ or "")
+    return run_training_recipe(BlipFinetuneRetrievalRecipe, argv, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     blip run blip_finetune_vqa --config finetune_vqa checkpoint.init_from=CKPT
     blip run --nproc-per-node 8 blip_finetune_vqa --config finetune_vqa
 
-The pretraining recipe's loop, checkpoints, stop signals and metrics, with these parts swapped
-(see docs/vqa.md):
+The same library components as the pretraining recipe (run set-up, stop protocol, checkpoints,
+metrics), its own loop, with these parts different (see docs/vqa.md):
 
 - data: VQA question records (`data.sources`, kind json/jsonl); each distinct answer of a
   question is one decoder row weighted by its share of the annotators (`data.vqa`);
@@ -28,50 +28,61 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections import Counter
 from typing import Any
 
 import torch
 
-from blip_recipes.checkpoint import MOMENTUM
-from blip_recipes.config import ConfigError
-from blip_recipes.data import normalize_images
+from blip_recipes.checkpoint import (
+    LOADER,
+    LR_SCHEDULER,
+    MODEL,
+    OPTIMIZER,
+    TRAIN_STATE,
+    ModelWrapper,
+    OptimizerWrapper,
+    TrainState,
+)
+from blip_recipes.config import Config, ConfigError
+from blip_recipes.data import build_tokenizer, normalize_images
 from blip_recipes.data.sources import AnnotationError
 from blip_recipes.data.vqa import build_vqa_train_loader, load_answer_list, load_vqa_records
 from blip_recipes.evaluation.vqa import VqaResult, evaluate_vqa
+from blip_recipes.metrics.steps_since_log import StepsSinceLog
+from blip_recipes.parallel.compile import FirstCallTimer
 from blip_recipes.parallel.fsdp import reshard_all
-from blip_recipes.training.optim import EpochCosineLR
+from blip_recipes.runs.checkpoints import RunCheckpoints, loader_state, train_state_at
+from blip_recipes.runs.nonfinite import NonFiniteRun
+from blip_recipes.runs.recipe_main import run_training_recipe
+from blip_recipes.runs.training_run import TrainingRun, steps_per_epoch
+from blip_recipes.training.build import compute_dtype, set_determinism
+from blip_recipes.training.optim import EpochCosineLR, build_optimizer
 from blip_recipes.training.step import StepResult
 from blip_recipes.training.vqa import VqaBatch, VqaStep, build_vqa
-from recipes.blip_pretrain import BlipPretrainRecipe
 
 logger = logging.getLogger("blip_finetune_vqa")
 
 RESULT_FILE = "vqa_result.json"
 
 
-class _Evaluation:
-    """What the training loop calls after every step: the evaluation split at the due steps."""
-
-    def __init__(self, recipe: BlipFinetuneVqaRecipe) -> None:
-        self.recipe = recipe
-
-    def maybe_run(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
-        if not self.recipe.evaluation_due(step):
-            return None
-        return self.recipe.evaluate()
-
-
-class BlipFinetuneVqaRecipe(BlipPretrainRecipe):
+class BlipFinetuneVqaRecipe:
     """Fine-tune a pretrained BLIP model for VQA (module docstring)."""
 
     METRIC_KEYS = ("loss",)
     BEST_EVAL_KEY = "vqa_accuracy"
 
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.run = TrainingRun(cfg, "blip_finetune_vqa", logger)
+        self.eval_records: Any = None
+        self.candidates: Any = None
+
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.eval_records, self.candidates = None, None
         try:
             if cfg.eval.annotation:
                 self.eval_records = load_vqa_records(cfg.eval.annotation, cfg.eval.image_root,
@@ -85,7 +96,50 @@ class BlipFinetuneVqaRecipe(BlipPretrainRecipe):
                 self.candidates = load_answer_list(cfg.vqa.answer_list)
         except AnnotationError as e:
             raise ConfigError(str(e)) from None
-        super().setup()
+        self.run.start()  # stop handlers, process group, output folder lock, rank log, threads
+        run = self.run
+        self.dist, self.device, self.output_dir = run.dist, run.device, run.output_dir
+        self.checkpoints = RunCheckpoints(self.output_dir, cfg)
+        self.resume_from = self.checkpoints.resume_path()
+        torch.manual_seed(cfg.job.seed)
+        set_determinism(cfg.training.deterministic)
+        self.compute_dtype = compute_dtype(cfg.training.mixed_precision, self.device)
+
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        try:
+            self.loader = build_vqa_train_loader(cfg.data, self.tokenizer, cfg.model.image_size,
+                                                 cfg.job.seed, self.dist.rank,
+                                                 self.dist.world_size)  # fmt: skip
+        except AnnotationError as e:
+            raise ConfigError(str(e)) from None
+        self.loader.stop_requested = self.run.stop.requested  # a stuck wait ends
+        self.steps_per_epoch = steps_per_epoch(self.loader, cfg)
+        self.total_steps = cfg.training.steps or cfg.training.epochs * self.steps_per_epoch
+
+        self.model = build_vqa(cfg, self.tokenizer, self.dist, self.compute_dtype)
+        self.run.stop.refuse_start_if_requested(self.dist)  # before metrics.jsonl is touched
+
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        # cosine over `training.epochs` epochs, constant within an epoch
+        self.lr_scheduler = EpochCosineLR(self.optimizer, cfg.optimizer.lr, cfg.vqa.min_lr,
+                                          self.steps_per_epoch, cfg.training.epochs)  # fmt: skip
+        self.train_state = TrainState()
+        self.step_fn = VqaStep.from_config(cfg, self.model, self.optimizer, self.lr_scheduler,
+                                           self.dist, self.compute_dtype)  # fmt: skip
+        if cfg.parallel.compile:  # the first step compiles: say so, and how long it took
+            self.step_fn = FirstCallTimer(self.step_fn, "first step")
+        if self.resume_from is not None:
+            self.resume_from = self.checkpoints.load(self.resume_from, self._checkpoint_states())
+            self.step = self.train_state.step
+            logger.info("resumed from %s at step %d", self.resume_from, self.step)
+
+        resume_step = self.step if self.resume_from is not None else None
+        self.metrics = self.run.open_metrics(self.total_steps, resume_step)
+        self.loader.open_bad_sample_log(  # every rank names its bad samples there
+            self.output_dir, resume_step=resume_step, batches_per_step=cfg.training.grad_accum_steps
+        )
+        self.run.record_start(self, self.step, self.resume_from, self.total_steps,
+                              self.steps_per_epoch, self.compute_dtype)  # fmt: skip
         logger.info(
             "VQA fine-tuning: inference %s%s, evaluation %s", cfg.vqa.inference,
             f" over {len(self.candidates)} candidates (k={cfg.vqa.k_test})"
@@ -93,40 +147,21 @@ class BlipFinetuneVqaRecipe(BlipPretrainRecipe):
             f"{len(self.eval_records)} questions" if self.eval_records else "none",
         )  # fmt: skip
 
-    def _build_loader(self) -> Any:
-        cfg = self.cfg
-        try:
-            return build_vqa_train_loader(cfg.data, self.tokenizer, cfg.model.image_size,
-                                          cfg.job.seed, self.dist.rank,
-                                          self.dist.world_size)  # fmt: skip
-        except AnnotationError as e:
-            raise ConfigError(str(e)) from None
-
-    def _build_model_and_momentum(self) -> None:
-        self.model = build_vqa(self.cfg, self.tokenizer, self.dist, self.compute_dtype)
-        self.momentum = None
-
-    def _build_lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        """Cosine over `training.epochs` epochs, constant within an epoch."""
-        cfg = self.cfg
-        return EpochCosineLR(self.optimizer, cfg.optimizer.lr, cfg.vqa.min_lr,
-                             self.steps_per_epoch, cfg.training.epochs)  # fmt: skip
-
-    def _build_step(self) -> VqaStep:
-        return VqaStep.from_config(self.cfg, self.model, self.optimizer, self.lr_scheduler,
-                                   self.dist, self.compute_dtype)  # fmt: skip
-
-    def _build_evaluator(self) -> Any:
-        return _Evaluation(self)
-
-    def _flops_per_sample(self) -> float | None:
-        return None  # the pretraining FLOP table does not apply
-
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_states(self) -> dict[str, Any]:
-        states = super()._checkpoint_states()
-        del states[MOMENTUM]
-        return states
+        return {
+            MODEL: ModelWrapper(self.model),
+            OPTIMIZER: OptimizerWrapper(self.model, self.optimizer),
+            LR_SCHEDULER: self.lr_scheduler,
+            TRAIN_STATE: train_state_at(
+                self.train_state, self.step, self.steps_per_epoch, self.run.samples_per_step
+            ),
+            LOADER: loader_state(self.loader),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Save everything a bitwise resume needs into checkpoints/step-N/."""
+        self.checkpoints.save(self.step, self._checkpoint_states())
 
     # ------------------------------------------------------------------ training
     def _to_device(self, batch: dict[str, torch.Tensor]) -> VqaBatch:  # type: ignore[override]
@@ -140,8 +175,56 @@ class BlipFinetuneVqaRecipe(BlipPretrainRecipe):
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
         return self.step_fn([self._to_device(batch) for batch in batches], self.step)
 
-    def _step_log_fields(self, result: StepResult) -> dict[str, Any]:
-        return {}
+    def train(self) -> None:
+        """Fine-tune until `training.steps` (or `epochs`), a stop signal or too many bad steps,
+        answering the evaluation questions at the due steps."""
+        cfg, stop = self.cfg, self.run.stop
+        since_log = StepsSinceLog(self.device, self.METRIC_KEYS)
+        nonfinite_run = NonFiniteRun(self.device, cfg.training.max_nonfinite_steps)
+        while self.step < self.total_steps:
+            if self.step % cfg.checkpoint.signal_check_every == 0 and stop.agreed(self.dist):
+                logger.warning("%s: saving a checkpoint at step %d, then exiting", stop.reason(),
+                               self.step)  # fmt: skip
+                break
+            t0 = time.perf_counter()
+            batches = [next(self.loader) for _ in range(cfg.training.grad_accum_steps)]
+            since_log.data_wait += time.perf_counter() - t0
+            result = self.train_step(batches)
+            self.step += 1
+            nonfinite_run.update(result.ok)
+            since_log.add(result)
+            last = self.step == self.total_steps
+            log_step = self.step % cfg.metrics.log_every == 0 or last
+            if log_step:
+                self.run.check_folder(self.step)
+                self._log(since_log, result)
+                since_log = StepsSinceLog(self.device, self.METRIC_KEYS)
+            nonfinite_run.check(self.step, self.checkpoints.latest_complete, exact=log_step)
+            if self.evaluation_due(self.step):
+                self.evaluate()
+            if self.step % cfg.checkpoint.interval == 0 and not last:
+                self.run.check_folder(self.step)
+                self.save_checkpoint()
+        self.run.check_folder(self.step)
+        self.save_checkpoint()
+        self.run.log_summary(self.step, self.metrics, self.checkpoints.step_dir(self.step),
+                             self.BEST_EVAL_KEY)  # fmt: skip
+
+    def _log(self, since_log: StepsSinceLog, result: StepResult) -> None:
+        """Host sync point: the steps since the last log step as one metrics record (no MFU:
+        the pretraining FLOP table does not apply)."""
+        record = since_log.record(
+            result,
+            lr=self.optimizer.param_groups[0]["lr"],
+            samples_per_step=self.run.samples_per_step,
+            world_size=self.dist.world_size,
+            flops_per_sample=None,
+            bad_samples=self.loader.stats().get("bad_samples", 0),
+            nonfinite_before=self.nonfinite_steps,
+            epoch=self.step // self.steps_per_epoch,
+        )
+        self.nonfinite_steps = record["nonfinite_steps"]
+        self.metrics.log(self.step, record)
 
     # ------------------------------------------------------------------ evaluation
     def evaluation_due(self, step: int) -> bool:
@@ -208,9 +291,23 @@ class BlipFinetuneVqaRecipe(BlipPretrainRecipe):
             self.step, "eval/vqa_examples", [r.image for r in records], captions
         )
 
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self, barrier: bool = True) -> None:
+        """Flush metrics, finish pending saves, release modules, tear the process group down
+        and free the output folder (``barrier=False`` after a failed collective)."""
+        for name in ("metrics", "checkpoints"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+        if hasattr(self, "loader"):
+            self.loader.close_bad_sample_log()
+        for name in ("step_fn", "model", "optimizer", "lr_scheduler", "loader", "dist"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.run.close(barrier)
+
 
 def main(argv: list[str] | None = None) -> int:
-    return BlipFinetuneVqaRecipe.run(argv, __doc__ or "")
+    return run_training_recipe(BlipFinetuneVqaRecipe, argv, __doc__ or "")
 
 
 if __name__ == "__main__":

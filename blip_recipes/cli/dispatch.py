@@ -43,6 +43,7 @@ from blip_recipes.config.registry import (
 )
 from blip_recipes.metrics.console import guard_console
 from blip_recipes.metrics.run_logging import quiet_harmless_records
+from blip_recipes.runs.stop import STOP_REQUEST_ENV, STOP_SIGNALS
 
 MAIN_HELP = """blip: BLIP vision-language pretraining recipes
 
@@ -177,15 +178,6 @@ def _launch_world_size(launcher: list[str]) -> int | None:
     except ValueError:
         return None  # "auto", "gpu" or an elastic range: checked again inside the recipe
 
-
-#: Signals that ask a run to save a checkpoint at the next stop check and exit 0: SIGTERM (Slurm's
-#: preemption and time limit, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's early warning,
-#: ``--signal=USR1@120``). The recipe handles the same three; its loader workers ignore them.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-#: Set in the launcher's environment once it was asked to stop: ranks it starts after that (a
-#: restarted worker group) inherit it and stop at their first check instead of training on.
-STOP_REQUEST_ENV = "BLIP_STOP_REQUESTED"
 
 #: torchrun's own default for --signals-to-handle.
 _TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")

@@ -18,7 +18,7 @@ import runpy
 import signal
 import sys
 
-#: ``blip_recipes.cli.dispatch.STOP_REQUEST_ENV`` (not imported: that would import the library first).
+#: ``blip_recipes.runs.stop.STOP_REQUEST_ENV`` (not imported: that would import the library first).
 STOP_REQUEST_ENV = "BLIP_STOP_REQUESTED"
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
