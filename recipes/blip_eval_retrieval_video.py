@@ -84,12 +84,17 @@ class VideoRetrievalEvalRecipe(RetrievalEvalRecipe):
 
     def _score(self) -> RetrievalScores:
         cfg, ev = self.cfg, self.cfg.eval
-        return score_video_retrieval(
-            self.model, self.tokenizer, self.data, num_frames=cfg.video.num_frames,
-            k_test=ev.k_test, batch_size=ev.batch_size, text_max_length=ev.text_max_length,
-            image_size=self.image_size, num_workers=cfg.data.num_workers, device=self.device,
-            progress=ev.progress,
-        )  # fmt: skip
+        try:
+            return score_video_retrieval(
+                self.model, self.tokenizer, self.data, num_frames=cfg.video.num_frames,
+                k_test=ev.k_test, batch_size=ev.batch_size, text_max_length=ev.text_max_length,
+                image_size=self.image_size, num_workers=cfg.data.num_workers,
+                device=self.device, progress=ev.progress,
+            )  # fmt: skip
+        except ValueError as e:  # a video that does not decode, maybe inside a loader worker
+            message = str(e).strip().splitlines()[-1].removeprefix("ValueError: ")
+        # raised outside the handler: the loader and its workers are released first
+        raise ValueError(message)
 
     def _metrics(self, scores: RetrievalScores) -> dict[str, float]:
         return video_retrieval_metrics(scores)

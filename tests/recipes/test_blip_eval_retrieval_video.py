@@ -124,3 +124,19 @@ def test_two_ranks_equal_one_rank(setup, tmp_path):
     assert json.loads((tmp_path / "two" / "video_retrieval.json").read_text()) == pytest.approx(
         json.loads((tmp_path / "one" / "video_retrieval.json").read_text())
     )
+
+
+def test_a_video_that_does_not_decode_is_one_line(setup, tmp_path, capsys):
+    import shutil
+
+    from recipes.blip_eval_retrieval_video import main
+
+    tmp, _ = setup
+    videos = tmp_path / "videos"
+    shutil.copytree(tmp / "videos", videos)
+    (videos / "video3.mp4").write_bytes((videos / "video3.mp4").read_bytes()[:200])  # truncated
+    rc = main(["--config", "eval_retrieval_msrvtt", *_overrides(tmp, tmp_path / "out"),
+               f"video.root={videos}"])  # fmt: skip
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and last.startswith("error: cannot decode video ") and "video3.mp4" in last
+    assert not (tmp_path / "out" / "video_retrieval.json").exists()
