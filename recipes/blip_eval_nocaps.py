@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
+from blip_recipes.config import Config, to_toml
 from blip_recipes.evaluation.captioning import generate_captions
+from blip_recipes.evaluation.evaluated_model import eval_autocast, load_evaluated_model
 from blip_recipes.evaluation.nocaps import (
     NocapsData,
     load_nocaps_data,
@@ -38,8 +40,8 @@ from blip_recipes.evaluation.nocaps import (
     submission,
     write_submission,
 )
+from blip_recipes.parallel import init_distributed, shutdown_distributed
 from blip_recipes.runs.recipe_main import run_inference_recipe
-from recipes.blip_eval_retrieval import RetrievalEvalRecipe
 
 NAME = "blip_eval_nocaps"
 logger = logging.getLogger(NAME)
@@ -61,40 +63,54 @@ def format_nocaps_table(scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-class NocapsEvalRecipe(RetrievalEvalRecipe):
-    """Checkpoint loading of the retrieval evaluation; captioning instead of retrieval."""
+def load_split(cfg: Config) -> NocapsData:
+    """`eval.annotation`'s images (every file checked to exist), ids, references, domains."""
+    ev = cfg.eval
+    if not ev.annotation:
+        raise ValueError("set eval.annotation (NoCaps-style annotations of the split)")
+    data = load_nocaps_data(ev.annotation, ev.image_root)
+    missing = [p for p in data.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(data.images)} images of {ev.annotation} are not files, "
+            f"e.g. {missing[0]} (eval.image_root={ev.image_root!r})"
+        )
+    return data
 
-    name = NAME
-    result_file = SUBMISSION_FILE
-    scalar_prefix = "nocaps"
 
-    def _check_data_settings(self) -> None:
-        if not self.cfg.eval.annotation:
-            raise ValueError("set eval.annotation (NoCaps-style annotations of the split)")
+class NocapsEvalRecipe:
+    """setup -> run -> cleanup; every rank runs all three."""
 
-    def _load_data(self) -> NocapsData:
-        ev = self.cfg.eval
-        data = load_nocaps_data(ev.annotation, ev.image_root)
-        missing = [p for p in data.images if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(data.images)} images of {ev.annotation} are not files, "
-                f"e.g. {missing[0]} (eval.image_root={ev.image_root!r})"
-            )
-        return data
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
 
-    def _describe_data(self) -> str:
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.data = load_split(cfg)  # before the model: a bad split fails fast
+        self.dist = init_distributed(cfg.parallel.device, timeout_s=cfg.job.collective_timeout_s)
+        self.device = self.dist.device
+        self.output_dir = Path(cfg.job.output_dir)
+        loaded = load_evaluated_model(cfg, logger)
+        self.model, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
+        self.image_size, self.step = loaded.image_size, loaded.step
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.toml").write_text(to_toml(cfg))
         data = self.data
         refs = "with reference captions" if data.references else "without references"
         domains = f", domains {sorted(set(data.domains))}" if data.domains else ""
-        return f"{len(data.images)} images {refs}{domains}"
+        logger.info(
+            "captioning with %s (%s) at %d px: %d images %s%s, %d rank(s) on %s",
+            loaded.source, loaded.layout, self.image_size, len(data.images), refs, domains,
+            self.dist.world_size, self.device,
+        )  # fmt: skip
 
     @torch.no_grad()
     def run(self) -> dict[str, Any]:
         """Caption (all ranks), then (rank 0) write the submission, scores and the table."""
         cfg, cap = self.cfg, self.cfg.caption
         start = time.perf_counter()
-        with self._autocast():
+        with eval_autocast(cfg, self.device):
             captions = generate_captions(
                 self.model, self.tokenizer, self.data.images, prompt=cap.prompt,
                 method=cap.method, image_size=self.image_size, batch_size=cfg.eval.batch_size,
@@ -128,6 +144,12 @@ class NocapsEvalRecipe(RetrievalEvalRecipe):
         shown = f"; scores in {self.output_dir / METRICS_FILE}" if scores else ""
         print(f"({seconds:.1f} s; {len(records)} captions for the server in {path}{shown})")
         sys.stdout.flush()
+
+    def cleanup(self) -> None:
+        for name in ("model", "data"):
+            if hasattr(self, name):
+                delattr(self, name)
+        shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:

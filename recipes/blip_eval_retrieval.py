@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -40,6 +39,12 @@ import torch
 from blip_recipes.config import Config, to_toml
 from blip_recipes.data import build_tokenizer
 from blip_recipes.evaluation import RetrievalScores, load_retrieval_data, score_retrieval
+from blip_recipes.evaluation.evaluated_model import (  # noqa: F401 - INIT: part of this recipe's names
+    INIT,
+    _describe_tokenizer,
+    _initial_model,
+    _step_of,
+)
 from blip_recipes.evaluation.retrieval_data import model_image_size
 from blip_recipes.interop.loading import build_model_from_weights, tokenizer_from_weights
 from blip_recipes.interop.readers import CheckpointWeights, read_weights
@@ -48,8 +53,6 @@ from blip_recipes.runs.recipe_main import run_inference_recipe
 
 RESULT_FILE = "retrieval.json"
 SCORES_FILE = "retrieval_scores.pt"
-INIT = "init"
-"""`eval.checkpoint` value that evaluates the freshly initialised model of the config (step 0)."""
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -228,30 +231,6 @@ class RetrievalEvalRecipe:
             if hasattr(self, name):
                 delattr(self, name)
         shutdown_distributed()
-
-
-def _describe_tokenizer(kind: Any, path: Any) -> str:
-    if kind == "synthetic":
-        return "kind=synthetic"
-    where = Path(path).absolute() if path else "no path"
-    return f"kind={kind}, path={where}"
-
-
-def _initial_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
-    """What blip_pretrain starts from with this config (seed, text/vision init, init_from)."""
-    from blip_recipes.models import build_model
-    from blip_recipes.training.build import initial_weights, model_kwargs
-
-    state = initial_weights(cfg, tokenizer)
-    model = build_model(cfg.model.name, **model_kwargs(cfg, tokenizer))
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def _step_of(source: str) -> int:
-    """The training step of a `step-N` checkpoint (0 for other sources)."""
-    match = re.search(r"step-(\d+)$", source.rstrip("/"))
-    return int(match.group(1)) if match else 0
 
 
 def main(argv: list[str] | None = None) -> int:

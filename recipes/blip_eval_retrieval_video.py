@@ -23,22 +23,32 @@ Decoding needs PyAV: `pip install blip-recipes[video]`. `eval.checkpoint` takes 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from blip_recipes.config import Config, to_toml
 from blip_recipes.evaluation import RetrievalData, RetrievalScores
+from blip_recipes.evaluation.evaluated_model import eval_autocast, load_evaluated_model
 from blip_recipes.evaluation.video_retrieval import (
     load_video_retrieval_data,
     missing_videos,
     score_video_retrieval,
     video_retrieval_metrics,
 )
+from blip_recipes.parallel import init_distributed, shutdown_distributed
 from blip_recipes.runs.recipe_main import run_inference_recipe
-from recipes.blip_eval_retrieval import RetrievalEvalRecipe
 
 NAME = "blip_eval_retrieval_video"
 logger = logging.getLogger(NAME)
+
+RESULT_FILE = "video_retrieval.json"
+SCORES_FILE = "retrieval_scores.pt"
 
 
 def format_video_table(metrics: dict[str, float]) -> str:
@@ -53,34 +63,58 @@ def format_video_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-class VideoRetrievalEvalRecipe(RetrievalEvalRecipe):
-    """The image retrieval evaluation with videos as the visual side."""
+def load_videos(cfg: Config) -> RetrievalData:
+    """The `[video]` section's annotations, every video file checked to exist."""
+    video = cfg.video
+    if not video.annotation:
+        raise ValueError("set video.annotation (MSRVTT-style test annotations)")
+    from blip_recipes.data.video import require_av
 
-    name = NAME
-    result_file = "video_retrieval.json"
-    scalar_prefix = "video_retrieval"
-    media = "videos"
-
-    def _check_data_settings(self) -> None:
-        if not self.cfg.video.annotation:
-            raise ValueError("set video.annotation (MSRVTT-style test annotations)")
-        from blip_recipes.data.video import require_av
-
-        require_av()
-
-    def _load_data(self) -> RetrievalData:
-        video = self.cfg.video
-        data = load_video_retrieval_data(
-            video.annotation, video.root, self.cfg.data.max_words, video.suffix
+    require_av()
+    data = load_video_retrieval_data(video.annotation, video.root, cfg.data.max_words, video.suffix)
+    missing = missing_videos(data)
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(data.images)} videos of {video.annotation} are not "
+            f"files, e.g. {missing[0]} (video.root={video.root!r})"
         )
-        missing = missing_videos(data)
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(data.images)} videos of {video.annotation} are not "
-                f"files, e.g. {missing[0]} (video.root={video.root!r})"
-            )
-        logger.info("%d frames per video", video.num_frames)
-        return data
+    return data
+
+
+class VideoRetrievalEvalRecipe:
+    """setup -> run -> cleanup; every rank runs all three."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.data = load_videos(cfg)  # before the model: a bad split fails fast
+        self.dist = init_distributed(cfg.parallel.device, timeout_s=cfg.job.collective_timeout_s)
+        self.device = self.dist.device
+        self.output_dir = Path(cfg.job.output_dir)
+        loaded = load_evaluated_model(cfg, logger)
+        self.model, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
+        self.image_size, self.step = loaded.image_size, loaded.step
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.toml").write_text(to_toml(cfg))
+        logger.info(
+            "evaluating %s (%s) at %d px on %d videos x %d frames / %d captions, k_test=%d, "
+            "%d rank(s) on %s", loaded.source, loaded.layout, self.image_size,
+            len(self.data.images), cfg.video.num_frames, len(self.data.texts), cfg.eval.k_test,
+            self.dist.world_size, self.device,
+        )  # fmt: skip
+
+    def run(self) -> dict[str, float]:
+        """Score, then (rank 0) write video_retrieval.json, TensorBoard scalars and the table."""
+        start = time.perf_counter()
+        with eval_autocast(self.cfg, self.device):
+            scores = self._score()
+        metrics = video_retrieval_metrics(scores)
+        if self.dist.is_main:
+            self._write(metrics, scores, time.perf_counter() - start)
+        return metrics
 
     def _score(self) -> RetrievalScores:
         cfg, ev = self.cfg, self.cfg.eval
@@ -96,21 +130,34 @@ class VideoRetrievalEvalRecipe(RetrievalEvalRecipe):
         # raised outside the handler: the loader and its workers are released first
         raise ValueError(message)
 
-    def _metrics(self, scores: RetrievalScores) -> dict[str, float]:
-        return video_retrieval_metrics(scores)
+    def _write(self, metrics: dict[str, float], scores: RetrievalScores, seconds: float) -> None:
+        (self.output_dir / RESULT_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        if self.cfg.eval.save_scores:
+            torch.save(scores.to("cpu").__dict__, self.output_dir / SCORES_FILE)
+        if self.cfg.metrics.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-    def _table(self, metrics: dict[str, float]) -> str:
-        return format_video_table(metrics)
+            with SummaryWriter(str(self.output_dir / "tensorboard")) as writer:
+                for key, value in metrics.items():
+                    writer.add_scalar(f"video_retrieval/{key}", value, self.step)
+        print(format_video_table(metrics))
+        print(f"({seconds:.1f} s; results in {self.output_dir / RESULT_FILE})")
+        sys.stdout.flush()
+
+    def cleanup(self) -> None:
+        for name in ("model", "data"):
+            if hasattr(self, name):
+                delattr(self, name)
+        shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_inference_recipe(
-        VideoRetrievalEvalRecipe, argv, __doc__ or "", NAME, failures=(ImportError,)
-    )
+    return run_inference_recipe(VideoRetrievalEvalRecipe, argv, __doc__ or "", NAME,
+                                user_errors=(ImportError,))  # fmt: skip
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__: list[Any] = ["VideoRetrievalEvalRecipe", "format_video_table", "main"]
+__all__: list[Any] = ["VideoRetrievalEvalRecipe", "format_video_table", "load_videos", "main"]
