@@ -117,7 +117,7 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def _pixels(model: nn.Module, images: Sequence[Any] | torch.Tensor, image_size: int | None):
     """Normalised float (B, 3, S, S) on the CPU (or ``images`` itself when already that)."""
     from blip_recipes.data import build_eval_transform, normalize_images
-    from blip_recipes.evaluation.retrieval_data import model_image_size
+    from blip_recipes.models.inputs import model_image_size
 
     if isinstance(images, torch.Tensor) and images.is_floating_point():
         return images

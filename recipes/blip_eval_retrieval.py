@@ -45,9 +45,9 @@ from blip_recipes.evaluation.evaluated_model import (  # noqa: F401 - INIT: part
     _initial_model,
     _step_of,
 )
-from blip_recipes.evaluation.retrieval_data import model_image_size
 from blip_recipes.interop.loading import build_model_from_weights, tokenizer_from_weights
 from blip_recipes.interop.readers import CheckpointWeights, read_weights
+from blip_recipes.models.inputs import model_image_size
 from blip_recipes.parallel import init_distributed, shutdown_distributed
 from blip_recipes.runs.recipe_main import run_inference_recipe
 

@@ -18,7 +18,7 @@ from torch import nn
 from blip_recipes.data import normalize_images, pre_caption
 from blip_recipes.data._seeding import derive_seed
 from blip_recipes.evaluation.generation import DEFAULT_PROMPT, generate, prompt_ids
-from blip_recipes.evaluation.retrieval_data import model_image_size
+from blip_recipes.models.inputs import model_image_size
 
 
 class TextScores(NamedTuple):

@@ -7,11 +7,7 @@ from blip_recipes.evaluation.metrics import (
     retrieval_metrics,
 )
 from blip_recipes.evaluation.retrieval import RetrievalScores, evaluate_retrieval, score_retrieval
-from blip_recipes.evaluation.retrieval_data import (
-    RetrievalData,
-    load_retrieval_data,
-    model_image_size,
-)
+from blip_recipes.evaluation.retrieval_data import RetrievalData, load_retrieval_data
 
 __all__ = [
     "RECALL_KS",
@@ -19,7 +15,6 @@ __all__ = [
     "RetrievalScores",
     "evaluate_retrieval",
     "load_retrieval_data",
-    "model_image_size",
     "positive_ranks",
     "recall_at",
     "retrieval_metrics",

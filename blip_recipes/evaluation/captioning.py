@@ -28,7 +28,8 @@ from blip_recipes.data.sources import load_retrieval_annotations
 from blip_recipes.evaluation._dist import is_sharded, rank_and_world, run_balanced, shard_range
 from blip_recipes.evaluation.caption_metrics import caption_scores
 from blip_recipes.evaluation.generation import DEFAULT_PROMPT, Method, generate, prompt_ids
-from blip_recipes.evaluation.retrieval_data import EvalImages, model_image_size
+from blip_recipes.evaluation.retrieval_data import EvalImages
+from blip_recipes.models.inputs import model_image_size
 
 SELECTION_KEY = "score"
 """Key of `CIDEr + Bleu_4` in the metrics (the reference keeps the checkpoint maximising it)."""

@@ -22,9 +22,9 @@ from torch import nn
 
 from blip_recipes.config import Config
 from blip_recipes.data import build_tokenizer
-from blip_recipes.evaluation.retrieval_data import model_image_size
 from blip_recipes.interop.loading import build_model_from_weights, tokenizer_from_weights
 from blip_recipes.interop.readers import CheckpointWeights, read_weights
+from blip_recipes.models.inputs import model_image_size
 
 INIT = "init"
 """`eval.checkpoint` value that evaluates the freshly initialised model of the config (step 0)."""

@@ -319,7 +319,7 @@ def caption_images(
         >>> caption_images(model, tokenizer, ["dog.jpg"], method="greedy")  # doctest: +SKIP
         ['a dog running on the grass']
     """
-    from blip_recipes.evaluation.retrieval_data import model_image_size
+    from blip_recipes.models.inputs import model_image_size
 
     was_training = model.training
     model.eval()

@@ -35,7 +35,8 @@ from blip_recipes.evaluation._dist import (
     shard_range,
 )
 from blip_recipes.evaluation.metrics import positive_ranks, retrieval_metrics
-from blip_recipes.evaluation.retrieval_data import ImageInputs, RetrievalData, model_image_size
+from blip_recipes.evaluation.retrieval_data import ImageInputs, RetrievalData
+from blip_recipes.models.inputs import model_image_size
 
 
 @dataclass

@@ -5,7 +5,6 @@ model's resolution, and that resolution read from a model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,11 +99,4 @@ class ImageInputs:
         return tuple(model.encode_image(normalize_images(batch, dtype)))
 
 
-def model_image_size(model: nn.Module) -> int:
-    """The square input side the model's position embeddings were built for."""
-    vit = model.visual_encoder
-    patch = vit.patch_embed.proj.kernel_size[0]
-    return int(round(math.sqrt(vit.num_patches))) * patch
-
-
-__all__ = ["EvalImages", "ImageInputs", "RetrievalData", "load_retrieval_data", "model_image_size"]
+__all__ = ["EvalImages", "ImageInputs", "RetrievalData", "load_retrieval_data"]

@@ -32,7 +32,8 @@ from blip_recipes.data.video import read_video_frames
 from blip_recipes.evaluation._dist import is_sharded
 from blip_recipes.evaluation.metrics import median_rank, retrieval_metrics
 from blip_recipes.evaluation.retrieval import RetrievalScores, score_retrieval
-from blip_recipes.evaluation.retrieval_data import RetrievalData, model_image_size
+from blip_recipes.evaluation.retrieval_data import RetrievalData
+from blip_recipes.models.inputs import model_image_size
 
 VIDEO_KEYS = ("video", "clip_name")
 

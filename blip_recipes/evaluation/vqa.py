@@ -33,8 +33,8 @@ from blip_recipes.data import build_eval_transform, normalize_images
 from blip_recipes.data.vqa import QUESTION_LENGTH, VqaRecord, pre_question, tokenize_trimmed
 from blip_recipes.evaluation._dist import is_sharded, rank_and_world, run_balanced, shard_range
 from blip_recipes.evaluation.generation import decode
-from blip_recipes.evaluation.retrieval_data import model_image_size
 from blip_recipes.evaluation.vqa_metrics import mean_vqa_accuracy
+from blip_recipes.models.inputs import model_image_size
 from blip_recipes.objectives.vqa import first_token_topk, rescore_topk
 
 Inference = Literal["rank", "generate"]

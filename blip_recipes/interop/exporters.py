@@ -139,7 +139,7 @@ def _save_quietly(hf_model: Any, folder: Path) -> None:
 def _save_image_processor(model: nn.Module, folder: Path) -> None:
     """preprocessor_config.json with the reference normalisation (skipped if unavailable)."""
     from blip_recipes.data import IMAGE_MEAN, IMAGE_STD
-    from blip_recipes.evaluation.retrieval_data import model_image_size
+    from blip_recipes.models.inputs import model_image_size
 
     size = model_image_size(model)
     config = {
