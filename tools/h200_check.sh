@@ -3,10 +3,14 @@
 # phase under its own timeout so a late failure keeps what came before. Writes JSON under
 # $RESULTS (default docs/results) and prints one table at the end.
 #   H200:     bash tools/h200_check.sh            (about 7 minutes)
-#   CPU dry:  MODE=eager DEVICE=cpu BASE=blip_pretrain_tiny LARGE=blip_pretrain_tiny BATCH_B=8 BATCH_L=8 \
-#             STEPS=2 WARMUP=1 PHASE_S=300 RESULTS=/tmp/r bash tools/h200_check.sh
+#   CPU dry:  DRY=1 RESULTS=/tmp/r bash tools/h200_check.sh   (the same phases on the tiny model,
+#             eager, on the CPU; each setting below can still be overridden)
 set -u
 PY=${PY:-python3}
+if [ "${DRY:-0}" = 1 ]; then
+  : "${MODE:=eager}" "${DEVICE:=cpu}" "${BASE:=blip_pretrain_tiny}" "${LARGE:=blip_pretrain_tiny}"
+  : "${BATCH_B:=8}" "${BATCH_L:=8}" "${STEPS:=2}" "${WARMUP:=1}" "${PHASE_S:=300}" "${WORKERS:=1}"
+fi
 DEVICE=${DEVICE:-cuda}
 BASE=${BASE:-blip_pretrain_base}
 LARGE=${LARGE:-blip_pretrain_large}
@@ -31,7 +35,7 @@ phase() {  # name, timeout seconds, benchmark arguments...
 
 # 1. ViT-B: the new step against each switch's old path, and the transformers baseline.
 phase switches "$PHASE_S" --model "$BASE" --batch-size "$BATCH_B" \
-  --variants $MODE-bf16,$MODE-bf16-autocast,$MODE-bf16-lmfull,$MODE-bf16-kvrecompute,$MODE-bf16-unfused
+  --variants $MODE-bf16,$MODE-bf16-autocast,$MODE-bf16-lmfull,$MODE-bf16-kvrecompute,$MODE-bf16-rsperuse,$MODE-bf16-unfused
 # 2. ViT-L: bf16 vs float8 (no baseline).
 phase large "$PHASE_S" --model "$LARGE" --batch-size "$BATCH_L" --no-baseline \
   --variants $MODE-bf16,$MODE-bf16-float8-tensorwise
@@ -45,7 +49,11 @@ phase loader "$PHASE_S" --model "$BASE" --batch-size "$BATCH_B" --no-baseline \
 "$PY" - "$RESULTS" <<'PYEOF'
 import json, sys, pathlib
 rows = []
-for path in sorted(pathlib.Path(sys.argv[1]).glob("h200-*.json")):
+for phase in ("switches", "large", "split", "loader"):
+    path = pathlib.Path(sys.argv[1]) / f"h200-{phase}.json"
+    if not path.exists():  # timed out or failed before writing: say so in the table
+        rows.append((path.stem, None, None, None, None, f"no JSON (see {path.stem}.log)"))
+        continue
     data = json.loads(path.read_text())
     for run in data.get("results", []):
         rows.append((path.stem, run.get("name"), run.get("samples_per_sec"), run.get("effective_mfu"),

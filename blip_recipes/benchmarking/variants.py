@@ -19,6 +19,7 @@ A variant name is a ``-``-joined list of tokens, read left to right::
 | ``autocast`` | ``parallel.single_rank_fsdp=false``: one bf16 rank autocasts instead of running FSDP2 at degree 1 |
 | ``lmchunked`` / ``lmfull`` | ``parallel.lm_loss`` chunked / full (fp32 logits) |
 | ``kvselect`` / ``kvrecompute`` | ``parallel.negative_kv`` select / recompute (hard negatives' keys/values) |
+| ``rsonce`` / ``rsperuse`` | ``parallel.reduce_reused`` once / per_use (reduce-scatters of the MED layers and the root) |
 
 Each optimisation of the recipe can thus be switched off alone and measured against the same
 variant with it on (``compile-bf16`` vs ``compile-bf16-unfused``, ``compile-bf16-noreshard``, ...).
@@ -136,11 +137,15 @@ def parse_variant(name: str) -> Variant:
         elif token in ("kvselect", "kvrecompute"):
             kind = "negative_kv"
             extra.append(f"parallel.negative_kv={token[2:]}")
+        elif token in ("rsonce", "rsperuse"):
+            kind = "reduce_reused"
+            extra.append(f"parallel.reduce_reused={'once' if token == 'rsonce' else 'per_use'}")
         else:
             raise ValueError(
                 f"variant {name!r}: unknown token {token!r}; known: eager, compile, fp32, bf16, "
                 "float8-tensorwise, float8-rowwise, ac-on, ac-full, ac-off, ac-vitN, nofsdp, ddp, hsdp, "
-                "noreshard, fused, unfused, autocast, lmchunked, lmfull, kvselect, kvrecompute"
+                "noreshard, fused, unfused, autocast, lmchunked, lmfull, kvselect, kvrecompute, rsonce, "
+                "rsperuse"
             )
         if kind in seen:
             raise ValueError(f"variant {name!r}: more than one {kind} token")

@@ -10,9 +10,11 @@ benchmarks run it.
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from blip_recipes.models.blip import BlipOutput, BlipPretrain, MomentumTargets
 from blip_recipes.objectives import pretrain as objective
+from blip_recipes.parallel.parallelize import reused_units
 from blip_recipes.training.step import DeviceBatch, OptimizerStep
 
 
@@ -92,6 +94,10 @@ class PretrainStep(OptimizerStep):
     """
 
     needs_momentum = True
+
+    def reused_units(self) -> list[FSDPModule]:
+        """The MED layers (text pass, multimodal pass) and the root (every entry point)."""
+        return reused_units(self.model)
 
     def micro_batch(  # type: ignore[override]
         self, batch: DeviceBatch, targets: MomentumTargets, alpha: float

@@ -44,6 +44,7 @@ from blip_recipes.models.blip import MomentumTargets
 from blip_recipes.objectives.pretrain import ChunkedLMLoss
 from blip_recipes.parallel.distributed import DistInfo
 from blip_recipes.parallel.float8 import float8_precompute_scales
+from blip_recipes.parallel.fsdp import ReduceOnce
 from blip_recipes.training.momentum import MomentumState
 
 StepT = TypeVar("StepT", bound="OptimizerStep")
@@ -68,6 +69,9 @@ class StepOptions:
             `select` or `recompute` (`parallel.negative_kv`).
         lm_loss: the chunked LM loss computed inside the model's entry point
             (`parallel.lm_loss=chunked`), or None for fp32 logits (the same number in fp32).
+        reduce_reused: `once`: the FSDP2 units forward runs several times (`reused_units`)
+            reduce-scatter once per step (`ReduceOnce`); `per_use`: after each use's backward
+            (`parallel.reduce_reused`).
     """
 
     seed: int = 0
@@ -79,6 +83,7 @@ class StepOptions:
     after_optimizer_step: Callable[[], object] | None = None
     negative_kv: str = "select"
     lm_loss: ChunkedLMLoss | None = None
+    reduce_reused: str = "once"
 
     def __post_init__(self) -> None:
         if self.grad_accum_steps < 1:
@@ -86,6 +91,10 @@ class StepOptions:
         if self.negative_kv not in ("select", "recompute"):
             raise ValueError(
                 f"negative_kv must be 'select' or 'recompute', got {self.negative_kv!r}"
+            )
+        if self.reduce_reused not in ("once", "per_use"):
+            raise ValueError(
+                f"reduce_reused must be 'once' or 'per_use', got {self.reduce_reused!r}"
             )
 
     @classmethod
@@ -109,6 +118,7 @@ class StepOptions:
             lm_loss=ChunkedLMLoss(compile_backend="inductor" if par.compile else None)
             if par.lm_loss == "chunked"
             else None,
+            reduce_reused=par.reduce_reused,
         )
 
 
@@ -231,6 +241,8 @@ class OptimizerStep:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.generator = torch.Generator(device=self.parameters[0].device)
         self.fused = bool(optimizer.defaults.get("fused"))
+        once = self.options.reduce_reused == "once"
+        self.reduce_once = ReduceOnce(self.reused_units() if once else [])
 
     @classmethod
     def from_config(
@@ -253,6 +265,11 @@ class OptimizerStep:
     def config_arguments(cls, cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         """The task's own constructor arguments read from `cfg` (none by default)."""
         return {}
+
+    def reused_units(self) -> list[FSDPModule]:
+        """The model's FSDP2 units that one micro-batch's forward runs more than once (none by
+        default; `ReduceOnce` reduces each of them once per step)."""
+        return []
 
     def autocast(self, device_type: str) -> AbstractContextManager:
         """The step's autocast context (also what evaluation of the model should run under)."""
@@ -310,7 +327,7 @@ class OptimizerStep:
                     targets = self.momentum.targets(batch[0], batch[1], batch[2])
                 self.generator.manual_seed(derive_seed(opts.seed, opts.rank, step * accum + index))
                 out = self.micro_batch(batch, targets, *objective_args, **kwargs)
-            (out.loss if accum == 1 else out.loss / accum).backward()
+            self.reduce_once.backward(out.loss if accum == 1 else out.loss / accum, sync=last)
             outputs.append(out)
             if not last:  # its features enter the queue before the next micro-batch runs
                 finite = all_ranks_finite(out.loss, None, opts.group)

@@ -21,6 +21,8 @@ def test_tokens_map_to_overrides():
     assert not eager.compile and "parallel.activation_checkpointing=none" in eager.overrides
     assert "parallel.activation_checkpointing=full" in parse_variant("ac-on").overrides
     assert "optimizer.fused=false" in parse_variant("compile-bf16-unfused").overrides
+    assert "parallel.reduce_reused=per_use" in parse_variant("compile-bf16-rsperuse").overrides
+    assert "parallel.reduce_reused=once" in parse_variant("eager-rsonce").overrides
 
 
 @pytest.mark.parametrize("bad", ["eager-fp16", "eager-compile", "compile-bf16-float8-blockwise"])

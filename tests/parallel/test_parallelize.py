@@ -65,18 +65,20 @@ MOMENTUM = ("momentum", "momentum.visual_encoder.blocks.0", "momentum.visual_enc
     ("layout", "accum", "gathers", "reduces"),
     [
         # per unit: online root, ViT blocks, MED layers; momentum units gather once (fsdp)
-        ("fsdp", 1, (2, 2, 2, 2, 2), (2, 1, 1, 2, 2)),
-        # two micro-batches: gathered per micro-batch, gradients reduced only on the last one
-        ("fsdp", 2, (4, 4, 4, 4, 4), (2, 1, 1, 2, 2)),
+        ("fsdp", 1, (1, 2, 2, 1, 1), (1, 1, 1, 1, 1)),
+        # two micro-batches: gathered per micro-batch (the MED layers and the root twice in the
+        # first, which frees them after each use's backward), gradients reduced on the last one
+        ("fsdp", 2, (3, 4, 4, 3, 3), (1, 1, 1, 1, 1)),
         # ddp: nothing gathered (shard degree 1), gradients all-reduced like fsdp reduces them
-        ("ddp", 1, (0, 0, 0, 0, 0), (2, 1, 1, 2, 2)),
+        ("ddp", 1, (0, 0, 0, 0, 0), (1, 1, 1, 1, 1)),
     ],
 )
 def test_fsdp_collectives_per_unit_match_the_budget(tmp_path, layout, accum, gathers, reduces):
     """The budget of docs/performance.md, per FSDP unit and optimizer step on 2 ranks
-    (reshard after forward on): ViT block 2 all-gathers + 1 reduce-scatter; MED layer (run
-    twice) 2 + 2; online root 2 + 2; every momentum unit 1 all-gather, no reduce-scatter; under
-    ddp no all-gather at all (the momentum encoders cost no communication)."""
+    (reshard after forward on, reduce_reused=once): ViT block 2 all-gathers + 1 reduce-scatter;
+    MED layer (run twice) 1 + 1; online root 1 + 1; every momentum unit 1 all-gather, no
+    reduce-scatter; under ddp no all-gather at all (the momentum encoders cost no communication).
+    The per-use path's 2 + 2 for the MED layers and the root: tests/parallel/test_reduce_once.py."""
     spawn_ranks(budget_worker, 2, tmp_path, str(tmp_path), layout, accum)
     momentum_gathers = accum if layout == "fsdp" else 0
     expected = _budget(tuple(zip(ONLINE, gathers, reduces)) +
