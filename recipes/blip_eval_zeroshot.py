@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blip_recipes.config import to_toml
-from blip_recipes.data import build_tokenizer
+from blip_recipes.config import Config, to_toml
+from blip_recipes.evaluation.evaluated_model import eval_autocast, load_evaluated_model
 from blip_recipes.evaluation.zeroshot import (
     ClassificationData,
     ZeroShotResult,
@@ -36,26 +36,18 @@ from blip_recipes.evaluation.zeroshot import (
     load_annotated,
     load_image_folder,
 )
-from blip_recipes.interop.loading import build_model_from_weights
-from blip_recipes.interop.readers import read_weights
-from blip_recipes.parallel import init_distributed
+from blip_recipes.parallel import init_distributed, shutdown_distributed
 from blip_recipes.runs.recipe_main import run_inference_recipe
-from recipes.blip_eval_retrieval import (
-    INIT,
-    RetrievalEvalRecipe,
-    _describe_tokenizer,
-    _initial_model,
-    _step_of,
-)
 
-logger = logging.getLogger("blip_eval_zeroshot")
+NAME = "blip_eval_zeroshot"
+logger = logging.getLogger(NAME)
 
 RESULT_FILE = "zeroshot.json"
 SHOWN_IMAGES = 8
 """Images drawn with their label and prediction into TensorBoard."""
 
 
-def load_classification(cfg: Any) -> ClassificationData:
+def load_classification(cfg: Config) -> ClassificationData:
     """The `[zeroshot]` section's images, labels and class names."""
     zs = cfg.zeroshot
     if zs.annotation:
@@ -67,48 +59,34 @@ def load_classification(cfg: Any) -> ClassificationData:
     return load_image_folder(zs.image_folder)
 
 
-class ZeroShotEvalRecipe(RetrievalEvalRecipe):
-    """setup -> evaluate -> cleanup (the retrieval evaluation's model loading and resolution
-    checks, zero-shot data and scoring)."""
+class ZeroShotEvalRecipe:
+    """setup -> run -> cleanup; every rank runs all three."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
 
     def setup(self) -> None:
-        cfg, ev = self.cfg, self.cfg.eval
-        if not ev.checkpoint:
-            raise ValueError(
-                "set eval.checkpoint (a DCP checkpoint, reference .pth or HF folder, or init)"
-            )
-        self.data = load_classification(cfg)
+        cfg = self.cfg
+        self.data = load_classification(cfg)  # before the model: bad data fails fast
         self.dist = init_distributed(cfg.parallel.device, timeout_s=cfg.job.collective_timeout_s)
         self.device = self.dist.device
         self.output_dir = Path(cfg.job.output_dir)
-        if ev.checkpoint == INIT:
-            self.tokenizer = build_tokenizer(cfg.tokenizer)
-            logger.info("tokenizer: %s", _describe_tokenizer(cfg.tokenizer.kind,
-                                                             cfg.tokenizer.path))  # fmt: skip
-            self.model = _initial_model(cfg, self.tokenizer)
-            source, self.step = "the initial weights of this config", 0
-        else:
-            weights = read_weights(ev.checkpoint)
-            self.tokenizer = self._tokenizer_for(weights)
-            recorded = weights.model_args or weights.hf_config
-            self.model = build_model_from_weights(
-                weights, model_name=None if recorded else cfg.model.name, tokenizer=self.tokenizer
-            )
-            source, self.step = weights.source, _step_of(weights.source)
-        self.image_size = self._resolution(source)
-        self.model = self.model.to(self.device)
+        loaded = load_evaluated_model(cfg, logger)
+        self.model, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
+        self.image_size, self.step = loaded.image_size, loaded.step
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.toml").write_text(to_toml(cfg))
         logger.info("zero-shot: %s at %d px, %d images, %d classes, %d templates, rerank top-%d, "
-                    "%d rank(s) on %s", source, self.image_size, len(self.data.images),
+                    "%d rank(s) on %s", loaded.source, self.image_size, len(self.data.images),
                     len(self.data.classes), len(cfg.zeroshot.templates), cfg.zeroshot.rerank_k,
                     self.dist.world_size, self.device)  # fmt: skip
 
-    def run(self) -> dict[str, float]:  # type: ignore[override]
+    def run(self) -> dict[str, float]:
+        """Classify (all ranks), then (rank 0) write zeroshot.json, TensorBoard and a line."""
         cfg, ev = self.cfg, self.cfg.eval
         start = time.perf_counter()
-        with self._autocast():
+        with eval_autocast(cfg, self.device):
             result = evaluate_zeroshot(
                 self.model, self.tokenizer, self.data, cfg.zeroshot.templates,
                 image_size=self.image_size, device=self.device, batch_size=ev.batch_size,
@@ -150,9 +128,15 @@ class ZeroShotEvalRecipe(RetrievalEvalRecipe):
         print(f"({seconds:.1f} s; results in {self.output_dir / RESULT_FILE})")
         sys.stdout.flush()
 
+    def cleanup(self) -> None:
+        for name in ("model", "data"):
+            if hasattr(self, name):
+                delattr(self, name)
+        shutdown_distributed()
+
 
 def main(argv: list[str] | None = None) -> int:
-    return run_inference_recipe(ZeroShotEvalRecipe, argv, __doc__ or "", "blip_eval_zeroshot")
+    return run_inference_recipe(ZeroShotEvalRecipe, argv, __doc__ or "", NAME)
 
 
 if __name__ == "__main__":
