@@ -30,26 +30,24 @@ import json
 import logging
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from blip_recipes.config import Config, to_toml
-from blip_recipes.data import build_tokenizer
-from blip_recipes.evaluation import RetrievalScores, load_retrieval_data, score_retrieval
-from blip_recipes.evaluation.evaluated_model import (  # noqa: F401 - INIT: part of this recipe's names
-    INIT,
-    _describe_tokenizer,
-    _initial_model,
-    _step_of,
+from blip_recipes.evaluation import (
+    RetrievalData,
+    RetrievalScores,
+    load_retrieval_data,
+    score_retrieval,
 )
-from blip_recipes.interop.loading import build_model_from_weights, tokenizer_from_weights
-from blip_recipes.interop.readers import CheckpointWeights, read_weights
-from blip_recipes.models.inputs import model_image_size
+from blip_recipes.evaluation.evaluated_model import eval_autocast, load_evaluated_model
 from blip_recipes.parallel import init_distributed, shutdown_distributed
 from blip_recipes.runs.recipe_main import run_inference_recipe
+
+NAME = "blip_eval_retrieval"
+logger = logging.getLogger(NAME)
 
 RESULT_FILE = "retrieval.json"
 SCORES_FILE = "retrieval_scores.pt"
@@ -67,153 +65,56 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def load_test_set(cfg: Config) -> RetrievalData:
+    """`eval.annotation`'s images and captions (COCO-Karpathy-style)."""
+    ev = cfg.eval
+    if not ev.annotation:
+        raise ValueError("set eval.annotation (COCO-Karpathy-style test annotations)")
+    return load_retrieval_data(ev.annotation, ev.image_root, cfg.data.max_words)
+
+
 class RetrievalEvalRecipe:
-    """setup -> run (evaluate) -> cleanup; every rank runs all three.
-
-    A subclass evaluating other media (videos) or another task on the same checkpoint loading
-    replaces the data hooks: `_check_data_settings`, `_load_data`, `_describe_data`, `_score`,
-    `_metrics`, `_table`, and the class attributes below.
-    """
-
-    name = "blip_eval_retrieval"
-    result_file = RESULT_FILE
-    scalar_prefix = "retrieval"
-    media = "images"
+    """setup -> run -> cleanup; every rank runs all three."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.log = logging.getLogger(self.name)
-
-    def _check_data_settings(self) -> None:
-        if not self.cfg.eval.annotation:
-            raise ValueError("set eval.annotation (COCO-Karpathy-style test annotations)")
-
-    def _load_data(self) -> Any:
-        ev = self.cfg.eval
-        return load_retrieval_data(ev.annotation, ev.image_root, self.cfg.data.max_words)
-
-    def _describe_data(self) -> str:
-        data, k_test = self.data, self.cfg.eval.k_test
-        return f"{len(data.images)} {self.media} / {len(data.texts)} captions, k_test={k_test}"
-
-    def _score(self) -> RetrievalScores:
-        cfg, ev = self.cfg, self.cfg.eval
-        return score_retrieval(
-            self.model, self.tokenizer, self.data,
-            k_test=ev.k_test, batch_size=ev.batch_size, text_max_length=ev.text_max_length,
-            image_size=self.image_size, num_workers=cfg.data.num_workers,
-            device=self.device, progress=ev.progress,
-        )  # fmt: skip
-
-    def _metrics(self, scores: RetrievalScores) -> dict[str, float]:
-        return scores.metrics()
-
-    def _table(self, metrics: dict[str, float]) -> str:
-        return format_table(metrics)
 
     def setup(self) -> None:
-        cfg, ev = self.cfg, self.cfg.eval
-        if not ev.checkpoint:
-            raise ValueError(
-                "set eval.checkpoint (a DCP checkpoint, reference .pth or HF folder, or init)"
-            )
-        self._check_data_settings()
+        cfg = self.cfg
+        self.data = load_test_set(cfg)  # before the model: a bad split fails fast
         self.dist = init_distributed(cfg.parallel.device, timeout_s=cfg.job.collective_timeout_s)
         self.device = self.dist.device
         self.output_dir = Path(cfg.job.output_dir)
-        self.data = self._load_data()  # before the model: a bad split fails fast
-        if ev.checkpoint == INIT:
-            self.tokenizer = build_tokenizer(cfg.tokenizer)
-            self.log.info(
-                "tokenizer: %s", _describe_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-            )
-            self.model = _initial_model(cfg, self.tokenizer)
-            source, layout, self.step = "the initial weights of this config", "step 0", 0
-        else:
-            weights = read_weights(ev.checkpoint)
-            self.tokenizer = self._tokenizer_for(weights)
-            recorded = weights.model_args or weights.hf_config
-            self.model = build_model_from_weights(
-                weights, model_name=None if recorded else cfg.model.name, tokenizer=self.tokenizer
-            )
-            source, layout, self.step = weights.source, weights.layout, _step_of(weights.source)
-        self.image_size = self._resolution(source)
-        self.model = self.model.to(self.device)
+        loaded = load_evaluated_model(cfg, logger)
+        self.model, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
+        self.image_size, self.step = loaded.image_size, loaded.step
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.toml").write_text(to_toml(cfg))
-        self.log.info(
-            "evaluating %s (%s) at %d px on %s, %d rank(s) on %s",
-            source, layout, self.image_size, self._describe_data(), self.dist.world_size,
-            self.device,
+        logger.info(
+            "evaluating %s (%s) at %d px on %d images / %d captions, k_test=%d, %d rank(s) on %s",
+            loaded.source, loaded.layout, self.image_size, len(self.data.images),
+            len(self.data.texts), cfg.eval.k_test, self.dist.world_size, self.device,
         )  # fmt: skip
-
-    def _tokenizer_for(self, weights: CheckpointWeights) -> Any:
-        """The tokenizer stored with the checkpoint (HF folder, DCP config.toml or
-        model_args.json) when it can be built; else the config's [tokenizer] section."""
-        recorded = tokenizer_from_weights(weights)
-        section = weights.tokenizer or {}
-        if recorded is not None:
-            self.log.info(
-                "tokenizer: recorded with the checkpoint, %s",
-                _describe_tokenizer(section.get("kind"), section.get("path")),
-            )
-            return recorded
-        if section:
-            self.log.warning(
-                "tokenizer recorded with %s (%s) is not available here; using the config's "
-                "[tokenizer] instead",
-                weights.source, _describe_tokenizer(section.get("kind"), section.get("path")),
-            )  # fmt: skip
-        tok = self.cfg.tokenizer
-        self.log.info(
-            "tokenizer: from the config's [tokenizer], %s", _describe_tokenizer(tok.kind, tok.path)
-        )
-        return build_tokenizer(tok)
-
-    def _resolution(self, source: str) -> int:
-        """model.image_size when it is the resolution the model was trained at; otherwise an
-        error, or (eval.allow_resolution_change) a loud warning."""
-        trained = model_image_size(self.model)
-        wanted = self.cfg.model.image_size
-        if wanted == trained:
-            self.log.info("resolution: %d px (the checkpoint's)", trained)
-            return wanted
-        message = (
-            f"{source} was trained at {trained} px but model.image_size is {wanted}: evaluating "
-            "at another resolution interpolates the position embeddings and usually lowers the "
-            "scores."
-        )
-        if not self.cfg.eval.allow_resolution_change:
-            raise ValueError(
-                f"{message} Set model.image_size={trained}, or eval.allow_resolution_change=true "
-                f"to evaluate at {wanted} px anyway"
-            )
-        self.log.warning(
-            "%s Evaluating at %d px because eval.allow_resolution_change=true", message, wanted
-        )
-        return wanted
-
-    def _autocast(self):
-        choice = self.cfg.training.mixed_precision
-        if choice == "auto":
-            choice = "bf16" if self.device.type == "cuda" else "fp32"
-        if choice == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
 
     def run(self) -> dict[str, float]:
         """Score, then (rank 0) write retrieval.json, TensorBoard scalars and the table."""
+        cfg, ev = self.cfg, self.cfg.eval
         start = time.perf_counter()
-        with self._autocast():
-            scores = self._score()
-        metrics = self._metrics(scores)
+        with eval_autocast(cfg, self.device):
+            scores = score_retrieval(
+                self.model, self.tokenizer, self.data,
+                k_test=ev.k_test, batch_size=ev.batch_size, text_max_length=ev.text_max_length,
+                image_size=self.image_size, num_workers=cfg.data.num_workers,
+                device=self.device, progress=ev.progress,
+            )  # fmt: skip
+        metrics = scores.metrics()
         if self.dist.is_main:
             self._write(metrics, scores, time.perf_counter() - start)
         return metrics
 
     def _write(self, metrics: dict[str, float], scores: RetrievalScores, seconds: float) -> None:
-        (self.output_dir / self.result_file).write_text(json.dumps(metrics, indent=2) + "\n")
+        (self.output_dir / RESULT_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         if self.cfg.eval.save_scores:
             torch.save(scores.to("cpu").__dict__, self.output_dir / SCORES_FILE)
         if self.cfg.metrics.tensorboard:
@@ -221,9 +122,9 @@ class RetrievalEvalRecipe:
 
             with SummaryWriter(str(self.output_dir / "tensorboard")) as writer:
                 for key, value in metrics.items():
-                    writer.add_scalar(f"{self.scalar_prefix}/{key}", value, self.step)
-        print(self._table(metrics))
-        print(f"({seconds:.1f} s; results in {self.output_dir / self.result_file})")
+                    writer.add_scalar(f"retrieval/{key}", value, self.step)
+        print(format_table(metrics))
+        print(f"({seconds:.1f} s; results in {self.output_dir / RESULT_FILE})")
         sys.stdout.flush()
 
     def cleanup(self) -> None:
@@ -234,11 +135,11 @@ class RetrievalEvalRecipe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_inference_recipe(RetrievalEvalRecipe, argv, __doc__ or "", "blip_eval_retrieval")
+    return run_inference_recipe(RetrievalEvalRecipe, argv, __doc__ or "", NAME)
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__: list[Any] = ["RetrievalEvalRecipe", "format_table", "main"]
+__all__: list[Any] = ["RetrievalEvalRecipe", "format_table", "load_test_set", "main"]
