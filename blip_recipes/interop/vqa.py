@@ -288,7 +288,10 @@ def vqa_source_state(
                 architectures += config.get("architectures") or []
         if "BlipForQuestionAnswering" not in architectures:
             return None
-    elif classify_vqa_state_dict(read_state_dict_file(path, trust_pickle)) == "unknown":
+    elif classify_vqa_state_dict(read_state_dict_file(path, trust_pickle)) in (
+        "unknown",
+        "ours_pretrain",  # a pretraining file of ours converts as itself, not as a VQA start
+    ):
         return None
     return read_vqa_weights(path, trust_pickle)
 
