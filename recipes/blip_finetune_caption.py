@@ -82,11 +82,17 @@ class BlipFinetuneCaptionRecipe:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.step = 0
+        self.train_state = TrainState()
         self.nonfinite_steps = 0
         self.run = TrainingRun(cfg, "blip_finetune_caption", logger)
         self.val_data: CaptionData | None = None
         self.test_data: CaptionData | None = None
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps completed: a view of `train_state.step`, the one counter (saved with
+        each checkpoint; the LR scheduler's count is checked against it on resume)."""
+        return self.train_state.step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -130,7 +136,6 @@ class BlipFinetuneCaptionRecipe:
         # cosine over `training.epochs` epochs, constant within an epoch
         self.lr_scheduler = EpochCosineLR(self.optimizer, cfg.optimizer.lr, cfg.caption.min_lr,
                                           self.steps_per_epoch, cfg.training.epochs)  # fmt: skip
-        self.train_state = TrainState()
         self.prompt_length = len(prompt_ids(self.tokenizer, cfg.caption.prompt))
         self.step_fn = CaptionStep.from_config(
             cfg, self.model, self.optimizer, self.lr_scheduler, self.dist, self.compute_dtype,
@@ -140,7 +145,6 @@ class BlipFinetuneCaptionRecipe:
             self.step_fn = FirstCallTimer(self.step_fn, "first step")
         if self.resume_from is not None:
             self.resume_from = self.checkpoints.load(self.resume_from, self._checkpoint_states())
-            self.step = self.train_state.step
             logger.info("resumed from %s at step %d", self.resume_from, self.step)
 
         resume_step = self.step if self.resume_from is not None else None
@@ -201,7 +205,7 @@ class BlipFinetuneCaptionRecipe:
             batches = [next(self.loader) for _ in range(cfg.training.grad_accum_steps)]
             since_log.data_wait += time.perf_counter() - t0
             result = self.train_step(batches)
-            self.step += 1
+            self.train_state.step += 1
             nonfinite_run.update(result.ok)
             since_log.add(result)
             last = self.step == self.total_steps

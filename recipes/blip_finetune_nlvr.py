@@ -86,12 +86,18 @@ class BlipFinetuneNlvrRecipe:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.step = 0
+        self.train_state = TrainState()
         self.nonfinite_steps = 0
         self.run = TrainingRun(cfg, "blip_finetune_nlvr", logger)
         self.dev: list[NlvrExample] | None = None
         self.test_set: list[NlvrExample] | None = None
         self._last_val: dict[str, float] | None = None
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps completed: a view of `train_state.step`, the one counter (saved with
+        each checkpoint; the LR scheduler's count is checked against it on resume)."""
+        return self.train_state.step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -133,14 +139,12 @@ class BlipFinetuneNlvrRecipe:
         # cosine over `training.epochs` epochs, constant within an epoch (the reference's)
         self.lr_scheduler = EpochCosineLR(self.optimizer, cfg.optimizer.lr, nl.min_lr,
                                           self.steps_per_epoch, cfg.training.epochs)  # fmt: skip
-        self.train_state = TrainState()
         self.step_fn = NlvrStep.from_config(cfg, self.model, self.optimizer, self.lr_scheduler,
                                             self.dist, self.compute_dtype)  # fmt: skip
         if cfg.parallel.compile:  # the first step compiles: say so, and how long it took
             self.step_fn = FirstCallTimer(self.step_fn, "first step")
         if self.resume_from is not None:
             self.resume_from = self.checkpoints.load(self.resume_from, self._checkpoint_states())
-            self.step = self.train_state.step
             logger.info("resumed from %s at step %d", self.resume_from, self.step)
 
         resume_step = self.step if self.resume_from is not None else None
@@ -200,7 +204,7 @@ class BlipFinetuneNlvrRecipe:
             batches = [next(self.loader) for _ in range(cfg.training.grad_accum_steps)]
             since_log.data_wait += time.perf_counter() - t0
             result = self.train_step(batches)
-            self.step += 1
+            self.train_state.step += 1
             nonfinite_run.update(result.ok)
             since_log.add(result)
             last = self.step == self.total_steps

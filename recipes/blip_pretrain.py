@@ -66,9 +66,15 @@ class BlipPretrainRecipe:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.step = 0
+        self.train_state = TrainState()
         self.nonfinite_steps = 0
         self.run = TrainingRun(cfg, "blip_pretrain", logger)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps completed: a view of `train_state.step`, the one counter (saved with
+        each checkpoint; the LR scheduler's count is checked against it on resume)."""
+        return self.train_state.step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -115,7 +121,6 @@ class BlipPretrainRecipe:
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
         )
-        self.train_state = TrainState()
         self.step_fn = PretrainStep.from_config(
             cfg, self.model, self.optimizer, self.lr_scheduler, self.dist, self.compute_dtype,
             momentum=self.momentum,
@@ -124,7 +129,6 @@ class BlipPretrainRecipe:
             self.step_fn = FirstCallTimer(self.step_fn, "first step")
         if self.resume_from is not None:
             self.resume_from = self.checkpoints.load(self.resume_from, self._checkpoint_states())
-            self.step = self.train_state.step
             logger.info("resumed from %s at step %d", self.resume_from, self.step)
 
         resume_step = self.step if self.resume_from is not None else None
@@ -187,7 +191,7 @@ class BlipPretrainRecipe:
             batches = [next(self.loader) for _ in range(cfg.training.grad_accum_steps)]
             since_log.data_wait += time.perf_counter() - t0
             result = self.train_step(batches)
-            self.step += 1
+            self.train_state.step += 1
             nonfinite_run.update(result.ok)
             since_log.add(result)
             last = self.step == self.total_steps

@@ -12,7 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from blip_recipes.checkpoint import CheckpointManager, PerRankState, TrainState, is_complete
+from blip_recipes.checkpoint import (
+    LR_SCHEDULER,
+    TRAIN_STATE,
+    CheckpointCorruptError,
+    CheckpointManager,
+    PerRankState,
+    TrainState,
+    is_complete,
+)
 from blip_recipes.config import Config, to_toml
 from blip_recipes.data import TrainLoader
 
@@ -59,10 +67,16 @@ class RunCheckpoints:
 
     def load(self, path: Path, states: dict[str, Any]) -> Path:
         """Load ``states`` from ``path`` in place; returns the checkpoint actually loaded (with
-        ``resume=auto`` one that cannot be read is moved aside and the next older one used)."""
+        ``resume=auto`` one that cannot be read is moved aside and the next older one used).
+
+        Raises:
+            CheckpointCorruptError: its LR scheduler's step count is not its ``train_state.step``.
+        """
         if self.cfg.checkpoint.resume == "auto":
-            return self.manager.load_readable(path, states, quarantine=True)
-        self.manager.load(path, states)
+            path = self.manager.load_readable(path, states, quarantine=True)
+        else:
+            self.manager.load(path, states)
+        _check_one_step_count(path, states)
         return path
 
     def save(self, step: int, states: dict[str, Any]) -> None:
@@ -80,6 +94,19 @@ class RunCheckpoints:
     def close(self) -> None:
         """Finish pending (async) saves."""
         self.manager.close()
+
+
+def _check_one_step_count(path: Path, states: dict[str, Any]) -> None:
+    """The LR scheduler counts the steps the training state does: resuming with two different
+    counts would follow the schedule from the wrong step."""
+    scheduler, train_state = states.get(LR_SCHEDULER), states.get(TRAIN_STATE)
+    if scheduler is None or train_state is None:
+        return
+    if scheduler.last_epoch != train_state.step:
+        raise CheckpointCorruptError(
+            f"{path}: lr_scheduler has taken {scheduler.last_epoch} steps but train_state.step "
+            f"is {train_state.step}; they must agree to resume"
+        )
 
 
 def loader_state(loader: Any) -> Any:

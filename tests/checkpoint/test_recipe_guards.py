@@ -35,7 +35,7 @@ def test_recipe_refuses_to_checkpoint_nan_weights(tmp_path):
         recipe.setup()
         recipe.train()  # saves step-1 and step-2
         assert verify_checkpoint(out / "checkpoints" / "step-2").ok
-        recipe.step = 3
+        recipe.train_state.step = 3
         with torch.no_grad():
             next(recipe.model.parameters()).view(-1)[0] = math.nan
         with pytest.raises(NonFiniteCheckpointError) as err:
