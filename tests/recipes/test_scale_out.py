@@ -97,6 +97,7 @@ def test_fsdp4_and_hsdp_2x2_train_the_same(tmp_path):
     )
 
 
+@pytest.mark.slow  # 3 runs (~1 min on 2 cores); accumulation == one batch: tests/training/test_step.py
 def test_grad_accumulation_resumes_bitwise(tmp_path):
     """2 micro-batches per step: 4 steps straight == 2 steps, then resume for 2 more."""
     straight = run_recipe(tmp_path / "straight", "training.steps=4",
