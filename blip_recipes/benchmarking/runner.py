@@ -340,9 +340,14 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def run_benchmark(
-    settings: BenchmarkSettings, log: Callable[[str], None] = lambda s: None
+    settings: BenchmarkSettings,
+    log: Callable[[str], None] = lambda s: None,
+    on_partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Every (batch size, variant) of ``settings`` plus the baseline per batch size.
+
+    ``on_partial`` receives the report of the runs finished so far after each run (first
+    round only), so a caller cut off by a time limit can keep what was measured.
 
     Returns:
         ``{"meta": {settings, environment, FLOP figures}, "results": [per-run dicts]}``. Each
@@ -368,6 +373,8 @@ def run_benchmark(
                     baseline = run_baseline(settings, batch_size, device, vocab_path)
                     results.append(baseline)
                     log(one_line(baseline))
+                    if on_partial and r == 0:
+                        on_partial(_report(settings, device, [dict(x) for x in results]))
                 for variant in settings.variants:
                     log(f"{tag}[b={batch_size}] {variant.name} ...")
                     result = run_recipe_variant(settings, variant, batch_size, device, vocab_path)
@@ -377,8 +384,16 @@ def run_benchmark(
                         )
                     results.append(result)
                     log(one_line(result))
+                    if on_partial and r == 0:
+                        on_partial(_report(settings, device, [dict(x) for x in results]))
             rounds.append(results)
-    results = merge_rounds(rounds)
+    return _report(settings, device, merge_rounds(rounds))
+
+
+def _report(
+    settings: BenchmarkSettings, device: torch.device, results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``run_benchmark``'s report of ``results``: effective MFU and ratio filled in, and meta."""
     for result in results:
         if "samples_per_sec" in result:
             result["effective_mfu"] = _mfu(settings, result["samples_per_sec"], device)

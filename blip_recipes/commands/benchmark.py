@@ -171,19 +171,32 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = run_benchmark(settings, log=lambda line: print(line, flush=True))
+    path = Path(args.json_path) if args.json_path else None
+    # with --json, the file holds every run finished so far: a run cut off by a time limit
+    # keeps what it measured (the final write adds the merged rounds of --repeats)
+    report = run_benchmark(
+        settings,
+        log=lambda line: print(line, flush=True),
+        on_partial=(lambda partial: _write_json(path, partial)) if path else None,
+    )
     print()
     print(format_table(report))
-    if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(nan_to_none(report), indent=2, default=str) + "\n")
+    if path:
+        _write_json(path, report)
         print(f"\nwrote {path}")
     failed = [r["name"] for r in report["results"] if "error" in r]
     if failed:
         print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_json(path: Path, report: dict) -> None:
+    """Write ``report`` to ``path`` whole (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(nan_to_none(report), indent=2, default=str) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
