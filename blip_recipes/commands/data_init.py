@@ -214,11 +214,14 @@ RECIPE_OF = {"pretrain": "blip_pretrain", "eval_retrieval": "blip_eval_retrieval
              "pretrain_capfilt": "blip_pretrain"}  # fmt: skip
 
 
-def commands(out: Path, runs: Path, world_size: int, device: str) -> list[str]:
+def commands(out: Path, runs: Path, world_size: int, example_image: Path) -> list[str]:
+    """The whole path as shell lines; the caption line captions ``example_image`` (a
+    validation image, so the script runs as written)."""
     launch = f"--nproc-per-node {world_size} " if world_size > 1 else ""
     lines = [f"blip run {launch}{RECIPE_OF[name]} --config {shlex.quote(str(out / name))}.toml"
              for name in RECIPE_OF]  # fmt: skip
-    lines.append(f"blip caption {shlex.quote(str(runs / 'finetune_caption'))} IMAGE.jpg")
+    lines.append(f"blip caption {shlex.quote(str(runs / 'finetune_caption'))} "
+                 f"{shlex.quote(str(example_image))}")  # fmt: skip
     hf = runs / "pretrain_capfilt_hf"
     lines.append(
         f"blip convert {shlex.quote(str(runs / 'pretrain_capfilt'))} {shlex.quote(str(hf))} --to hf"
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                   f"{', '.join(args.ann)}; written by `blip data init`.\n"
                   f"#   blip run {RECIPE_OF[name]} --config {out / name}.toml\n")  # fmt: skip
         (out / f"{name}.toml").write_text(header + to_toml(cfg))
-    lines = commands(out, runs, world_size, device)
+    lines = commands(out, runs, world_size, Path(image_root, val[0][0]))
     script = out / "commands.sh"
     script.write_text("#!/bin/sh\n# The whole path, in order (written by `blip data init`).\nset -e\n"
                       + "\n".join(lines) + "\n")  # fmt: skip

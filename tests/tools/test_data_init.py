@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,9 @@ def test_writes_a_split_and_configs_each_reading_the_stage_before(tmp_path, caps
     assert again.data.sources[0].paths == [str(runs / "capfilt" / "capfilt.jsonl")]
     script = (out / "commands.sh").read_text()
     assert script.count("blip run ") == 6 and "--to hf" in script
+    (caption_line,) = [line for line in script.splitlines() if line.startswith("blip caption ")]
+    example = Path(shlex.split(caption_line)[-1])  # a validation image: the script runs as written
+    assert example.is_file() and example.name in {r["image"] for r in val}
 
     with pytest.raises(SystemExit):  # an existing, non-empty --out is never written into
         main(["--ann", str(ann), "--out", str(out)])
