@@ -13,14 +13,17 @@ model needs an ``if world_size > 1`` branch.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 #: Mesh dimension names (TorchTitan's): parameters are sharded over ``dp_shard`` and replicated
@@ -41,6 +44,26 @@ def collective_timeout() -> timedelta:
     """The timeout the default group was created with; give it to every ``dist.new_group`` (a
     new group otherwise gets torch's default of 30 minutes)."""
     return _timeout
+
+
+@contextlib.contextmanager
+def new_groups_wait_at_most(timeout: timedelta) -> Iterator[None]:
+    """Groups made inside without a timeout of their own wait at most ``timeout``.
+
+    torch gives such a group its backend's default (30 minutes for gloo, 10 for NCCL), not the
+    default group's; ``init_device_mesh`` makes its dimension groups that way (``new_group``, or
+    ``split_group`` under NCCL, both with ``timeout=None``) and offers no timeout argument (its
+    backend options are per backend, and the group must keep both gloo and NCCL on CUDA). So
+    the defaults torch reads are ``timeout`` while the groups are made.
+    """
+    saved = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
+    c10d.default_pg_timeout = timeout
+    if isinstance(saved[1], timedelta):  # None when torch was built without NCCL
+        c10d.default_pg_nccl_timeout = timeout
+    try:
+        yield
+    finally:
+        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = saved
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -242,18 +265,23 @@ def build_data_parallel_mesh(
 
     The group of every data-parallel rank is the mesh flattened (``dp``); its rank order is the
     global rank order for every layout, so gathered queues are identical across layouts.
+
+    Every group of the mesh waits at most ``job.collective_timeout_s`` (:func:`collective_timeout`)
+    for a peer, as the default group does (:func:`new_groups_wait_at_most`).
     """
     if data_parallel not in ("fsdp", "hsdp", "ddp"):
         raise ValueError(f"data_parallel must be fsdp, hsdp or ddp, got {data_parallel!r}")
-    if data_parallel == "fsdp" or world_size == 1:
-        mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=(DP_SHARD,))
-        return mesh, mesh.get_group()
-    replicas = world_size if data_parallel == "ddp" else hsdp_replicas(
-        world_size, dp_replicate, ranks_per_node)  # fmt: skip
-    mesh = init_device_mesh(
-        device_type, (replicas, world_size // replicas), mesh_dim_names=(DP_REPLICATE, DP_SHARD)
-    )
-    return mesh, mesh._flatten(DP).get_group()
+    with new_groups_wait_at_most(_timeout):
+        if data_parallel == "fsdp" or world_size == 1:
+            mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=(DP_SHARD,))
+            return mesh, mesh.get_group()
+        replicas = world_size if data_parallel == "ddp" else hsdp_replicas(
+            world_size, dp_replicate, ranks_per_node)  # fmt: skip
+        mesh = init_device_mesh(
+            device_type, (replicas, world_size // replicas),
+            mesh_dim_names=(DP_REPLICATE, DP_SHARD),
+        )  # fmt: skip
+        return mesh, mesh._flatten(DP).get_group()
 
 
 def shutdown_distributed(barrier: bool = True) -> None:

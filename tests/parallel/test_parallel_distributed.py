@@ -43,7 +43,8 @@ SCRIPT = textwrap.dedent(
     """
     import torch, torch.distributed as dist
     from blip_recipes.parallel import init_distributed, shutdown_distributed, apply_fsdp
-    info = init_distributed("cpu")
+    from blip_recipes.parallel.distributed import build_data_parallel_mesh
+    info = init_distributed("cpu", timeout_s=77)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8))
     apply_fsdp(model, list(model), info.mesh)
     model(torch.ones(2, 8)).sum().backward()
@@ -51,12 +52,21 @@ SCRIPT = textwrap.dedent(
     dist.all_reduce(t)
     print(f"rank={info.rank} world={info.world_size} local={info.local_rank} sum={t.item()}")
     del model
+    def seconds(group):
+        return int(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+    for layout in ("fsdp", "hsdp", "ddp"):  # hsdp and ddp: (2, 1) meshes, size-1 shard groups
+        mesh, dp_group = build_data_parallel_mesh("cpu", 2, layout, dp_replicate=2)
+        waits = sorted({seconds(dp_group), *(seconds(g) for g in mesh.get_all_groups())})
+        print(f"rank={info.rank} {layout} group timeouts {waits}")
     shutdown_distributed()
     """
 )
 
 
 def test_torchrun_two_ranks_exit_cleanly(tmp_path):
+    """Two torchrun ranks train a step under FSDP2 and exit 0; every group of each layout's mesh
+    waits at most job.collective_timeout_s (a group made without a timeout would wait torch's
+    30 minutes for a stalled peer)."""
     script = tmp_path / "dist_script.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -65,3 +75,5 @@ def test_torchrun_two_ranks_exit_cleanly(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank=0 world=2 local=0 sum=1.0" in result.stdout
     assert "rank=1 world=2 local=1 sum=1.0" in result.stdout
+    for layout in ("fsdp", "hsdp", "ddp"):
+        assert f"rank=1 {layout} group timeouts [77]" in result.stdout, result.stdout
