@@ -98,8 +98,12 @@ def cmd_validate(args: list[str]) -> int:
         del rest[j : j + 2]
     path = resolve_config(config_arg) if config_arg is not None else None
     cfg = load_config(path, rest)
-    trains = all(e.trains for e in RECIPES.values() if path is not None and path.stem in e.configs)
-    validate(cfg, LaunchContext(world_size=world_size, checkpoints=trains))
+    entries = [e for e in RECIPES.values() if path is not None and path.stem in e.configs]
+    trains = all(e.trains for e in entries)
+    unread = (
+        frozenset.intersection(*(frozenset(e.unread) for e in entries)) if entries else frozenset()
+    )
+    validate(cfg, LaunchContext(world_size=world_size, checkpoints=trains, unread=unread))
     print(to_toml(cfg))
     return 0
 

@@ -20,7 +20,12 @@ from blip_recipes.cli.torchrun_args import launch_world_size, split_launcher_arg
 from blip_recipes.cli.usage import UsageError
 from blip_recipes.config import LaunchContext, help_text, load_config, split_config_arg, validate
 from blip_recipes.config.advice import mark_printed
-from blip_recipes.config.registry import recipe_trains, resolve_config, resolve_recipe
+from blip_recipes.config.registry import (
+    recipe_trains,
+    recipe_unread,
+    resolve_config,
+    resolve_recipe,
+)
 
 RUN_HELP = """usage: blip run [torchrun flags] RECIPE --config FILE [overrides...]
 
@@ -81,7 +86,7 @@ def cmd_run(args: list[str]) -> int:
     if world_size is not None and world_size < 1:
         raise UsageError(f"--nproc-per-node x --nnodes must be >= 1, got {world_size} ranks")
     context = LaunchContext(world_size=world_size or 1) if launcher else LaunchContext.from_env()
-    validate(cfg, replace(context, checkpoints=recipe_trains(recipe)))
+    validate(cfg, replace(context, checkpoints=recipe_trains(recipe), unread=recipe_unread(recipe)))
     recipe_argv = ["--config", str(config), *overrides]
     mark_printed()  # the ranks do not repeat the warnings validate printed
     if not launcher:

@@ -55,12 +55,15 @@ def resolved_device(cfg: Config) -> str:
         return "cpu"
 
 
-def advice(cfg: Config, world_size: int = 1, trains: bool = True) -> list[str]:
+def advice(
+    cfg: Config, world_size: int = 1, trains: bool = True, unread: frozenset[str] = frozenset()
+) -> list[str]:
     """One line per setting that will clearly not do what the user expects (module docstring).
 
     Args:
         world_size: ranks of the launch (the global batch and the workers per machine).
         trains: the recipe trains (warmup, queue and memory advice apply).
+        unread: config keys the recipe does not read (no advice about them).
     """
     out: list[str] = []
     device = resolved_device(cfg)
@@ -85,12 +88,14 @@ def advice(cfg: Config, world_size: int = 1, trains: bool = True) -> list[str]:
             f"step; set data.num_workers={max(0, cores // local_ranks - 1)}"
         )
     load_check_modules()
-    context = LaunchContext(world_size=world_size, checkpoints=trains)
+    context = LaunchContext(world_size=world_size, checkpoints=trains, unread=unread)
     out += [line for fn in ADVISORS for line in fn(cfg, context)]
     return out
 
 
-def print_advice(cfg: Config, world_size: int = 1, trains: bool = True) -> list[str]:
+def print_advice(
+    cfg: Config, world_size: int = 1, trains: bool = True, unread: frozenset[str] = frozenset()
+) -> list[str]:
     """Print :func:`advice` to stderr as ``warning: ...`` lines, once per launch; returns them.
 
     Quiet in ranks launched by a process that printed them already (``BLIP_ADVICE_PRINTED``)
@@ -98,7 +103,7 @@ def print_advice(cfg: Config, world_size: int = 1, trains: bool = True) -> list[
     if os.environ.get(ADVISED_ENV) or os.environ.get("RANK", "0") != "0":
         return []
     try:
-        lines = advice(cfg, world_size, trains)
+        lines = advice(cfg, world_size, trains, unread)
     except Exception:  # noqa: BLE001 - advice must never stop a valid run
         return []
     for line in lines:

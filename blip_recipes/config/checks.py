@@ -27,6 +27,13 @@ class LaunchContext:
     """The recipe trains and saves training checkpoints: enables the free-disk-space check and
     the training-only checks (queue size against the global batch). Inference recipes
     (evaluation, CapFilt) set it False."""
+    unread: frozenset[str] = frozenset()
+    """Config keys the recipe does not read (e.g. ``momentum.queue_size`` for caption
+    fine-tuning): the checks and warnings about them are skipped."""
+
+    def reads(self, key: str) -> bool:
+        """Whether the recipe reads ``key`` (a ``section.field`` name)."""
+        return key not in self.unread
 
     @classmethod
     def from_env(cls) -> LaunchContext:

@@ -132,7 +132,7 @@ def _ranges(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
 
 @register_validator
 def _queue_holds_whole_global_batches(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
-    if not ctx.checkpoints:
+    if not ctx.checkpoints or not ctx.reads("momentum.queue_size"):
         return
     global_batch = cfg.data.batch_size * ctx.world_size
     if global_batch > 0 and cfg.momentum.queue_size % global_batch != 0:

@@ -20,11 +20,16 @@ class RecipeEntry:
     configs: tuple[str, ...]
     trains: bool = True
     """False for inference recipes: `blip run` skips the training-only config checks."""
+    unread: tuple[str, ...] = ()
+    """Config keys the recipe does not read: no check or warning is given about them."""
 
     @property
     def path(self) -> Path:
         return RECIPES_DIR / self.file
 
+
+_NO_WARMUP = ("lr_scheduler.warmup_steps",)  # per-epoch cosine schedules without warmup
+_NO_QUEUE = ("momentum.queue_size",)  # no momentum encoders or feature queues
 
 RECIPES: dict[str, RecipeEntry] = {
     entry.name: entry
@@ -40,26 +45,52 @@ RECIPES: dict[str, RecipeEntry] = {
         RecipeEntry("blip_capfilt", "blip_capfilt.py", ("capfilt",), False),
         RecipeEntry("blip_eval_nocaps", "blip_eval_nocaps.py", ("eval_nocaps",), False),
         RecipeEntry(
-            "blip_finetune_caption", "blip_finetune_caption.py", ("finetune_caption_coco",)
+            "blip_finetune_caption",
+            "blip_finetune_caption.py",
+            ("finetune_caption_coco",),
+            unread=_NO_WARMUP + _NO_QUEUE,
         ),
-        RecipeEntry("blip_finetune_vqa", "blip_finetune_vqa.py", ("finetune_vqa",)),
+        RecipeEntry(
+            "blip_finetune_vqa",
+            "blip_finetune_vqa.py",
+            ("finetune_vqa",),
+            unread=_NO_WARMUP + _NO_QUEUE,
+        ),
         RecipeEntry(
             "blip_finetune_retrieval",
             "blip_finetune_retrieval.py",
             ("finetune_retrieval_coco", "finetune_retrieval_flickr"),
+            unread=_NO_WARMUP,
         ),
-        RecipeEntry("blip_finetune_nlvr", "blip_finetune_nlvr.py", ("finetune_nlvr",)),
+        RecipeEntry(
+            "blip_finetune_nlvr",
+            "blip_finetune_nlvr.py",
+            ("finetune_nlvr",),
+            unread=_NO_WARMUP + _NO_QUEUE,
+        ),
         RecipeEntry("blip_eval_zeroshot", "blip_eval_zeroshot.py", ("eval_zeroshot",), False),
     )
 }
 
 
-def recipe_trains(path: Path) -> bool:
-    """Whether the recipe file at ``path`` trains (unregistered recipes are assumed to)."""
+def recipe_entry(path: Path) -> RecipeEntry | None:
+    """The registered recipe at ``path`` (None for a recipe of the user's own)."""
     for entry in RECIPES.values():
         if entry.path == Path(path).resolve():
-            return entry.trains
-    return True
+            return entry
+    return None
+
+
+def recipe_trains(path: Path) -> bool:
+    """Whether the recipe file at ``path`` trains (unregistered recipes are assumed to)."""
+    entry = recipe_entry(path)
+    return entry.trains if entry else True
+
+
+def recipe_unread(path: Path) -> frozenset[str]:
+    """Config keys the recipe at ``path`` does not read (none known for the user's own)."""
+    entry = recipe_entry(path)
+    return frozenset(entry.unread) if entry else frozenset()
 
 
 def config_names() -> list[str]:

@@ -28,7 +28,7 @@ def validate(cfg: Config, context: LaunchContext | None = None) -> None:
     errors = [msg for fn in VALIDATORS for msg in fn(cfg, context)]
     if errors:
         raise ConfigError("\n".join(errors))
-    print_advice(cfg, context.world_size, trains=context.checkpoints)
+    print_advice(cfg, context.world_size, trains=context.checkpoints, unread=context.unread)
 
 
 __all__ = ["validate"]

@@ -181,7 +181,7 @@ def _data_set_size(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
     samples = samples_per_epoch(cfg)
     steps = total_steps(cfg, ctx.world_size, samples)
     warmup = cfg.lr_scheduler.warmup_steps
-    if steps is not None and warmup >= steps:
+    if steps is not None and warmup >= steps and ctx.reads("lr_scheduler.warmup_steps"):
         yield (
             f"lr_scheduler.warmup_steps={warmup} is not shorter than the run ({steps} steps): the "
             f"learning rate never reaches optimizer.lr={cfg.optimizer.lr}; set "
@@ -189,7 +189,7 @@ def _data_set_size(cfg: Config, ctx: LaunchContext) -> Iterable[str]:
         )
     global_batch = cfg.data.batch_size * ctx.world_size
     queue = cfg.momentum.queue_size
-    if samples and queue > samples and global_batch > 0:
+    if samples and queue > samples and global_batch > 0 and ctx.reads("momentum.queue_size"):
         fit = max(global_batch, samples // 2 // global_batch * global_batch)
         yield (
             f"momentum.queue_size={queue} is {queue / samples:.0f}x the data set ({samples} "

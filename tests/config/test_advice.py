@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from blip_recipes.config import load_config
 from blip_recipes.config.advice import advice
 from blip_recipes.data.config_checks import samples_per_epoch, total_steps
@@ -47,6 +49,23 @@ def test_inference_recipes_get_no_training_advice():
     cfg = _cfg("debug", "lr_scheduler.warmup_steps=10000", "momentum.queue_size=65536")
     assert advice(cfg, trains=False) == []
     assert len(advice(cfg, trains=True)) == 2
+
+
+def test_advice_and_checks_skip_the_keys_a_recipe_does_not_read():
+    from blip_recipes.config import ConfigError, LaunchContext, validate
+    from blip_recipes.config.registry import RECIPES, recipe_unread
+
+    cfg = _cfg("debug", "lr_scheduler.warmup_steps=10000", "momentum.queue_size=65536")
+    caption = recipe_unread(RECIPES["blip_finetune_caption"].path)
+    retrieval = recipe_unread(RECIPES["blip_finetune_retrieval"].path)
+    assert advice(cfg, unread=caption) == []  # per-epoch schedule, no queue
+    (queue_line,) = advice(cfg, unread=retrieval)  # per-epoch schedule, but a queue
+    assert "momentum.queue_size=65536" in queue_line
+    assert recipe_unread(RECIPES["blip_pretrain"].path) == frozenset()
+    odd_batch = _cfg("debug", "data.batch_size=7")  # 7 divides no queue size of the config
+    validate(odd_batch, LaunchContext(unread=caption))  # caption fine-tuning has no queue
+    with pytest.raises(ConfigError, match="momentum.queue_size"):  # pretraining has one
+        validate(odd_batch, LaunchContext())
 
 
 def test_steps_and_sizes_from_the_annotations(tmp_path):
