@@ -94,7 +94,8 @@ class RetrievalScores:
 
 
 class _Progress:
-    """A tqdm bar on the main rank (plain no-op elsewhere or without tqdm)."""
+    """A tqdm bar on the main rank when stderr is a terminal (no-op elsewhere, in a pipe or a
+    log file, or without tqdm)."""
 
     def __init__(self, enabled: bool, total: int) -> None:
         self.bar = None
@@ -102,7 +103,8 @@ class _Progress:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, desc="retrieval eval", unit="batch", leave=False)
+                self.bar = tqdm(total=total, desc="retrieval eval", unit="batch", leave=False,
+                                disable=None)  # fmt: skip
             except ImportError:  # pragma: no cover
                 self.bar = None
 

@@ -314,11 +314,10 @@ class MetricsLogger:
         for backend in self.backends:
             backend.log_scalars(step, record, "eval")
         self.eval_records.append(record)
-        shown = " | ".join(
-            f"{k} {float(v):.2f}"
-            for k, v in values.items()
-            if k.endswith(("r_mean", "_acc", "accuracy"))
-        )
+        headline = [f"{k} {float(v):.2f}" for k, v in values.items()
+                    if k.endswith(("r_mean", "_acc", "accuracy"))]  # fmt: skip
+        # other evaluations (captioning's BLEU / CIDEr) show all their values
+        shown = " | ".join(headline or [f"{k} {float(v):.4g}" for k, v in values.items()])
         self.print_fn(f"eval at step {step} | {shown}")
 
     def log_text(self, tag: str, text: str, step: int) -> None:

@@ -134,6 +134,10 @@ def test_log_eval_writes_its_own_file_and_tensorboard(tmp_path):
     assert record == {"step": 5, "txt_r1": 50.0, "r_mean": 62.5}
     assert not (tmp_path / "metrics.jsonl").read_text()  # training records stay separate
     assert lines == ["eval at step 5 | r_mean 62.50"]
+    logger = MetricsLogger(tmp_path / "caption", rank=0, print_fn=lines.append)
+    logger.log_eval(9, {"val_Bleu_4": 0.78601, "val_CIDEr": 4.5382})  # no headline: all shown
+    logger.close()
+    assert lines[-1] == "eval at step 9 | val_Bleu_4 0.786 | val_CIDEr 4.538"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
