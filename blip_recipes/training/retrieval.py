@@ -19,12 +19,14 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from blip_recipes.config import Config
 from blip_recipes.models.blip import BlipOutput, BlipPretrain, MomentumTargets
 from blip_recipes.objectives import pretrain as objective
 from blip_recipes.objectives.retrieval import itc_loss_with_ids, sample_negatives_by_id
 from blip_recipes.parallel.distributed import DistInfo
+from blip_recipes.parallel.parallelize import reused_units
 from blip_recipes.training.momentum import MomentumState
 from blip_recipes.training.step import OptimizerStep, StepOptions
 
@@ -178,6 +180,10 @@ class RetrievalStep(OptimizerStep):
         than one rank."""
         many = cfg.retrieval.negatives_all_ranks and dist_info.world_size > 1
         return {"negatives_group": dist_info.dp_group if many else None}
+
+    def reused_units(self) -> list[FSDPModule]:
+        """The MED layers (unimodal text pass, ITM pass) and the root (every entry point)."""
+        return reused_units(self.model)
 
     def micro_batch(  # type: ignore[override]
         self, batch: RetrievalBatch, targets: MomentumTargets, alpha: float

@@ -1,11 +1,13 @@
 """retrieval_losses / RetrievalStep on the tiny model: the ITM pairs are the ones drawn, same-image
 pairs are never negatives, the decoder gets no gradient, ids enter the queue; the gather with
-gradient and negatives over 2 gloo ranks."""
+gradient and negatives over 2 gloo ranks; the units run twice reduce-scatter once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -155,3 +157,90 @@ def test_negatives_over_two_ranks_equal_the_gathered_computation(tmp_path):
             assert not (neg == result["ids"]).any()
         assert result["id_queue"].tolist()[:4] == [0, 1, 0, 2]  # rank order
         assert result["vit_grad"] is not None and result["vit_grad"].abs().sum() > 0
+
+
+def _reduce_counts_and_grads(mesh, group, rank: int, reduce_reused: str, param_dtype):
+    """Two RetrievalStep micro-batch backwards under FSDP2: the last one's reduce-scatters per
+    unit, and the full gradients."""
+    from blip_recipes.config.sections import ParallelConfig
+    from blip_recipes.parallel import parallelize_blip
+    from blip_recipes.parallel._comm_count import count_fsdp_collectives, unit_names
+    from blip_recipes.training.step import StepOptions
+
+    model = make_model()  # eval: dropout off, so both paths compute the same function
+    momentum = momentum_state(queue_size=16, group=group, track_ids=True)
+    momentum.copy_from(model)
+    parallelize_blip(model, momentum.encoders, ParallelConfig(), mesh, param_dtype=param_dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    options = StepOptions(rank=rank, group=group, reduce_reused=reduce_reused)
+    step = RetrievalStep(model, optimizer, schedule, options, momentum, negatives_group=group)
+    batch = _batch([2 * rank, 2 * rank, 2 * rank + 1, 7], seed=rank)
+    names = unit_names(online=model)
+    for index in range(2):  # the second backward must reduce like the first (flags restored)
+        targets = momentum.targets(batch.images, batch.input_ids, batch.attention_mask)
+        step.generator.manual_seed(index)
+        out = step.micro_batch(batch, targets, 0.4)
+        model.zero_grad(set_to_none=True)
+        with count_fsdp_collectives(names) as counts:
+            step.reduce_once.backward(out.loss)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    table = {unit: n for (kind, unit), n in counts.items() if kind == "reduce_scatter"}
+    return grads, table
+
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _compare_reduce_paths(mesh, group, rank: int, dtypes=tuple(_DTYPES)) -> dict:
+    """Per-use vs once with fp32 (and bf16) parameters: gradient difference and counts."""
+    result = {}
+    for dtype_name in dtypes:
+        dtype = _DTYPES[dtype_name]
+        old, old_counts = _reduce_counts_and_grads(mesh, group, rank, "per_use", dtype)
+        new, new_counts = _reduce_counts_and_grads(mesh, group, rank, "once", dtype)
+        assert old.keys() == new.keys() and all(g.isfinite().all() for g in new.values())
+        result[dtype_name] = {
+            "max_diff": max((old[k] - new[k]).abs().max().item() for k in old),
+            "max_grad": max(g.abs().max().item() for g in old.values()),
+            "no_grad": sorted(n for n, _ in make_model().named_parameters() if n not in new),
+            "old": old_counts,
+            "new": new_counts,
+        }
+    return result
+
+
+def _check_reduce_paths(result: dict) -> None:
+    for dtype_name, run in result.items():
+        tolerance = {"fp32": 1e-6, "bf16": 1e-2}[dtype_name]
+        for unit in ("online", "online.text.layers.0", "online.text.layers.1"):  # run twice
+            assert run["old"][unit] == 2 and run["new"][unit] == 1, (dtype_name, unit, run)
+        for unit in ("online.visual_encoder.blocks.0", "online.visual_encoder.blocks.1"):
+            assert run["old"][unit] == run["new"][unit] == 1, (dtype_name, unit)
+        assert run["max_diff"] <= tolerance * max(run["max_grad"], 1.0), (dtype_name, run)
+        assert all("causal_self_attn." in n or n.startswith("lm_head.") for n in run["no_grad"])
+
+
+def test_the_text_layers_and_the_root_reduce_once_per_step_on_one_rank():
+    """The text encoder runs for ITC and again for ITM: its layers and the root reduce-scatter
+    once (FSDP2 at degree 1), with the per-use path's gradients."""
+    from blip_recipes.parallel import init_distributed
+
+    info = init_distributed("cpu")
+    _check_reduce_paths(_compare_reduce_paths(info.mesh, None, 0, ("fp32",)))
+
+
+def reduce_once_worker(rank: int, world: int, out_dir: str) -> None:
+    from blip_recipes.parallel import build_data_parallel_mesh
+
+    torch.set_num_threads(1)
+    mesh, group = build_data_parallel_mesh("cpu", world, "fsdp")
+    result = _compare_reduce_paths(mesh, group, rank)  # negatives from both ranks' batches
+    (Path(out_dir) / f"reduce{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_the_text_layers_and_the_root_reduce_once_per_step_on_two_ranks(tmp_path):
+    spawn_ranks(reduce_once_worker, 2, tmp_path, str(tmp_path))
+    for rank in range(2):
+        _check_reduce_paths(json.loads((tmp_path / f"reduce{rank}.json").read_text()))
