@@ -134,7 +134,7 @@ class OptimizerConfig:
     decay_norms_and_biases: bool = True
     """Apply weight decay to biases, norms and other 1-d params as the reference does; false excludes them."""
     fused: Optional[bool] = None
-    """Fused AdamW kernel; None picks it on CUDA."""
+    """Fused AdamW kernel (one pass per tensor, the update skipped on the device); None picks it on CUDA and CPU; false: foreach AdamW."""
 
 
 @dataclass

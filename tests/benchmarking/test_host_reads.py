@@ -52,7 +52,7 @@ def test_the_guard_names_the_call_site_of_each_read():
 
 
 def test_a_default_step_has_no_host_reads_and_the_unfused_skip_has_one():
-    """Fused AdamW (the default on CUDA): zero reads. Foreach AdamW decides the skip on the
+    """Fused AdamW (the default): zero reads. Foreach AdamW decides the skip on the
     host with `bool(ok)`, once per step: the guard finds it and names `apply_update`."""
     assert _reads_over_two_steps(_step(0, None, fused=True), 0) == []
     reads = _reads_over_two_steps(_step(0, None, fused=False), 0)

@@ -28,7 +28,7 @@ def test_reference_decays_everything():
     g = opt.param_groups[0]
     assert g["weight_decay"] == 0.05 and g["lr"] == 3e-4 and g["betas"] == (0.9, 0.999)
     assert g["eps"] == 1e-8 and len(g["params"]) == 6  # frozen one left out
-    assert not g["fused"]
+    assert g["fused"]
 
 
 def test_switch_excludes_biases_norms_and_1d():
@@ -43,7 +43,9 @@ def test_switch_excludes_biases_norms_and_1d():
 
 def test_fused_default_follows_device():
     assert build_optimizer(_Net(), OptimizerConfig(), "cuda").defaults["fused"]
-    assert build_optimizer(_Net(), OptimizerConfig(fused=True), "cpu").defaults["fused"]
+    assert build_optimizer(_Net(), OptimizerConfig(), "cpu").defaults["fused"]
+    unfused = build_optimizer(_Net(), OptimizerConfig(fused=False), "cpu").defaults
+    assert not unfused["fused"] and unfused["foreach"]
 
 
 def _lrs(cfg, steps, peak=3e-4, steps_per_epoch=10, total=40):
