@@ -302,11 +302,13 @@ class CapfiltRecipe:
         print("\n".join(lines))
         sys.stdout.flush()
 
-    def cleanup(self) -> None:
+    def cleanup(self, barrier: bool = True) -> None:
+        """Release the models and tear the process group down (``barrier=False`` after a
+        failure: see :mod:`blip_recipes.runs.recipe_main`)."""
         for name in ("captioner", "scorer", "annotations"):
             if hasattr(self, name):
                 delattr(self, name)
-        shutdown_distributed()
+        shutdown_distributed(barrier)
 
 
 def _quantile_text(quantiles: dict[str, float]) -> str:

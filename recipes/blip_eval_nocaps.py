@@ -145,11 +145,13 @@ class NocapsEvalRecipe:
         print(f"({seconds:.1f} s; {len(records)} captions for the server in {path}{shown})")
         sys.stdout.flush()
 
-    def cleanup(self) -> None:
+    def cleanup(self, barrier: bool = True) -> None:
+        """Release the models and tear the process group down (``barrier=False`` after a
+        failure: see :mod:`blip_recipes.runs.recipe_main`)."""
         for name in ("model", "data"):
             if hasattr(self, name):
                 delattr(self, name)
-        shutdown_distributed()
+        shutdown_distributed(barrier)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -317,7 +317,7 @@ class BlipFinetuneCaptionRecipe:
     # ------------------------------------------------------------------ cleanup
     def cleanup(self, barrier: bool = True) -> None:
         """Flush metrics, finish pending saves, release modules, tear the process group down
-        and free the output folder (``barrier=False`` after a failed collective)."""
+        and free the output folder (``barrier=False`` after a failure)."""
         for name in ("metrics", "checkpoints", "best"):
             if getattr(self, name, None) is not None:
                 getattr(self, name).close()

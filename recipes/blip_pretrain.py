@@ -229,7 +229,7 @@ class BlipPretrainRecipe:
     # ------------------------------------------------------------------ cleanup
     def cleanup(self, barrier: bool = True) -> None:
         """Flush metrics, finish pending saves, release modules, tear the process group down
-        and free the output folder (``barrier=False`` after a failed collective)."""
+        and free the output folder (``barrier=False`` after a failure)."""
         for name in ("metrics", "checkpoints"):
             if getattr(self, name, None) is not None:
                 getattr(self, name).close()

@@ -70,6 +70,10 @@ class CollectiveTimeoutError(RuntimeError):
     """A collective waited ``job.collective_timeout_s`` for a peer rank that never came."""
 
 
+_CLOSED_MARKERS = ("Connection closed by peer", "pair closure", "Connection reset by peer")
+"""What gloo says when a peer's process ended (it failed, or was killed) while it waited."""
+
+
 def is_collective_timeout(error: BaseException) -> bool:
     """True for the errors gloo, NCCL and the TCP store raise when a peer does not answer in
     time (a stopped, hung or lost rank); also for a peer that closed its connection."""
@@ -77,13 +81,19 @@ def is_collective_timeout(error: BaseException) -> bool:
     return isinstance(error, (CollectiveTimeoutError, dist.DistStoreError)) or any(
         marker in text
         for marker in ("Timed out waiting", "Watchdog caught collective operation timeout",
-                       "Connection closed by peer")  # gloo, NCCL, gloo
+                       *_CLOSED_MARKERS)  # gloo, NCCL, gloo
     )  # fmt: skip
 
 
 def describe_collective_timeout(error: BaseException) -> str:
-    """One line for a stalled peer: what was waited for, and for how long."""
+    """One line for a stalled or failed peer: what was waited for, and for how long."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if any(marker in first for marker in _CLOSED_MARKERS):
+        return (
+            "a peer rank left the job while this rank waited for it in a collective (it failed "
+            f"or was killed; its own line or log says why): "
+            f"{first.split('. This is typically')[0][:300]}"
+        )
     return (
         f"a peer rank did not answer within job.collective_timeout_s="
         f"{_timeout.total_seconds():g} s (a stopped, hung or lost rank; its log may say why); "
@@ -292,8 +302,9 @@ def shutdown_distributed(barrier: bool = True) -> None:
     reference to sharded modules and optimizers *before* calling this (the caller's job: ``del``
     them or let the recipe object go), then garbage-collect, synchronise the device, barrier so no
     rank tears down while another still communicates, and destroy the group. Safe to call twice
-    or without a group. ``barrier=False`` after a failed collective (a peer that stopped
-    answering would make the barrier wait a whole ``collective_timeout_s`` again).
+    or without a group. ``barrier=False`` after a failure (a peer that stopped answering, or
+    one still waiting in a collective this rank left, would make the barrier wait a whole
+    ``collective_timeout_s``).
     """
     gc.collect()
     if not dist.is_initialized():

@@ -10,7 +10,9 @@ into the process's exit status and the message a user reads:
 
 The message is one line, ``<recipe>: <what>``; the full traceback goes only to the handlers
 that write files (``<output_dir>/logs/rank<r>.log``), or to stderr when none is attached yet
-(a failure before the output folder is known).
+(a failure before the output folder is known, a recipe that keeps no rank log), except for a
+peer that stopped answering or left: where this rank waited adds nothing to that line, and the
+peer's own line says what happened.
 """
 
 from __future__ import annotations
@@ -73,8 +75,11 @@ def one_line(error: BaseException) -> str:
 def exit_status_for_error(error: BaseException, prog: str, logger: logging.Logger) -> int:
     """Report ``error`` in one line (``prog: ...``), its traceback to the rank log; return the
     exit status (2 for :data:`USER_ERRORS`, else 1)."""
+    from blip_recipes.parallel.distributed import is_collective_timeout
+
     status = 2 if isinstance(error, USER_ERRORS) else 1
-    log_traceback(error, logger.name)
+    if _file_handlers() or not is_collective_timeout(error):
+        log_traceback(error, logger.name)
     logger.error("%s: %s", prog, one_line(error))
     return status
 

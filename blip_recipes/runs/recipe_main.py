@@ -14,6 +14,14 @@ and an inference recipe's (``setup``, ``run``, ``cleanup``; no checkpoints saved
 Exit statuses: 0 done (also a stop before training started, or a stop that saved a checkpoint),
 2 a user error (the configuration, the output folder), 1 a runtime failure, each said in one line
 (the traceback goes to the rank log, or before the line when there is none).
+
+No barrier after a failure: the process group is torn down with a barrier only when every rank
+got to the end (or agreed to stop before training). A failure may be this rank's alone (its
+loader worker died, a video does not decode, its disk is full) while the other ranks wait in a
+collective; a barrier would wait for them, and they for it, ``job.collective_timeout_s`` (600 s
+by default) before the job could end, and then fail with a traceback of its own. Without it the
+rank exits at once, the others' collective sees the closed connection and ends in one line, and
+torchrun stops the job.
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ from blip_recipes.config import parse_recipe_args
 from blip_recipes.data.watchdog import LoaderError
 from blip_recipes.metrics import MetricsWriteError
 from blip_recipes.metrics.run_logging import configure_logging
-from blip_recipes.parallel.distributed import is_collective_timeout
 from blip_recipes.runs.errors import exit_status_for_error
 from blip_recipes.runs.nonfinite import NonFiniteLossError
 from blip_recipes.runs.stop import StoppedBeforeStartError
@@ -49,26 +56,26 @@ def run_training_recipe(recipe_cls: type, argv: list[str] | None, description: s
     """``recipe_cls(cfg)`` -> ``setup()`` -> ``train()`` -> ``cleanup(barrier)``; the exit status.
 
     The recipe's logger is ``logging.getLogger(<its module's file stem>)``, the name its
-    one-line errors carry. ``cleanup(barrier=False)`` after a failed collective (no barrier at
-    shutdown).
+    one-line errors carry. ``cleanup(barrier=False)`` after any failure (see the module docstring).
     """
     cfg = parse_recipe_args(argv, description=description)
     configure_logging()  # rank 0 on the console; every rank in <output_dir>/logs/rank<r>.log
     name = recipe_name(recipe_cls)
     logger = logging.getLogger(name)
     recipe = recipe_cls(cfg)
-    healthy = True  # False after a failed collective: no barrier at shutdown
+    healthy = False  # no barrier at shutdown unless every rank got to the end
     try:
         recipe.setup()
         recipe.train()
-    except StoppedBeforeStartError as e:
+        healthy = True
+    except StoppedBeforeStartError as e:  # every rank agreed on it
+        healthy = True
         logger.warning("%s", e)
         return 0
     except RUN_FAILURES as e:
         logger.error("%s", e)
         return 1
     except Exception as e:  # one line on the console, the traceback in the rank log
-        healthy = not is_collective_timeout(e)
         return exit_status_for_error(e, name, logger)
     finally:
         recipe.cleanup(barrier=healthy)
@@ -83,19 +90,22 @@ def run_inference_recipe(
     user_errors: tuple[type[BaseException], ...] = (),
     failures: tuple[type[BaseException], ...] = (),
 ) -> int:
-    """``recipe_cls(cfg)`` -> ``setup()`` -> ``run()`` -> ``cleanup()``; the exit status.
+    """``recipe_cls(cfg)`` -> ``setup()`` -> ``run()`` -> ``cleanup(barrier)``; the exit status.
 
     ``user_errors`` exit 2 and ``ValueError`` / ``FileNotFoundError`` / ``failures`` exit 1, each as
     ``error: <message>`` on stderr; anything else is one line named ``name``, exit 1.
+    ``cleanup(barrier=False)`` after any failure (see the module docstring).
     """
     cfg = parse_recipe_args(argv, description=description, saves_checkpoints=False)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
     )
     recipe = recipe_cls(cfg)
+    healthy = False
     try:
         recipe.setup()
         recipe.run()
+        healthy = True
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -105,7 +115,7 @@ def run_inference_recipe(
     except Exception as e:  # one line; the traceback before it (no rank log here)
         return exit_status_for_error(e, name, logging.getLogger(name))
     finally:
-        recipe.cleanup()
+        recipe.cleanup(barrier=healthy)
     return 0
 
 

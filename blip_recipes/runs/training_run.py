@@ -211,7 +211,7 @@ class TrainingRun:
         return summary
 
     def close(self, barrier: bool = True) -> None:
-        """Tear the process group down (``barrier=False`` after a failed collective: see
+        """Tear the process group down (``barrier=False`` after a failure: see
         `shutdown_distributed`), then release the output folder for the next run."""
         try:
             shutdown_distributed(barrier)

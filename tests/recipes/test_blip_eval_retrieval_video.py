@@ -140,3 +140,27 @@ def test_a_video_that_does_not_decode_is_one_line(setup, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 1 and last.startswith("error: cannot decode video ") and "video3.mp4" in last
     assert not (tmp_path / "out" / "video_retrieval.json").exists()
+
+
+@pytest.mark.slow  # two ranks through `blip run`
+def test_a_video_that_does_not_decode_on_one_of_two_ranks_is_one_line(setup, tmp_path):
+    """Rank 1's video3 does not decode in a loader worker while rank 0 waits in the features'
+    all-gather: rank 1 says so in one line and leaves without a barrier, rank 0's collective
+    ends at once with one line (it used to wait job.collective_timeout_s, then print the
+    barrier's traceback on both ranks)."""
+    import shutil
+
+    tmp, _ = setup
+    videos = tmp_path / "videos"
+    shutil.copytree(tmp / "videos", videos)
+    (videos / "video3.mp4").write_bytes((videos / "video3.mp4").read_bytes()[:200])
+    args = [sys.executable, "-m", "blip_recipes.cli", "run", "--standalone", "--nproc-per-node",
+            "2", "blip_eval_retrieval_video", "--config", "eval_retrieval_msrvtt",
+            *_overrides(tmp, tmp_path / "out"), f"video.root={videos}", "data.num_workers=2",
+            "eval.batch_size=1"]  # fmt: skip
+    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: cannot decode video " in proc.stderr and "video3.mp4" in proc.stderr
+    assert "a peer rank left the job while this rank waited" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

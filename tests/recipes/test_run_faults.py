@@ -79,6 +79,24 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(tmp_path):
     assert took < 5 + 30 + 30  # timeout, torchrun's shutdown of the stopped rank, start-up
 
 
+def test_a_killed_loader_worker_of_one_of_two_ranks_ends_the_job_in_seconds(tmp_path):
+    """kill -9 of rank 1's loader worker: rank 1 names it in one line and leaves without a
+    barrier; rank 0, inside the step's collectives, ends at once with one line (it used to wait
+    job.collective_timeout_s in a barrier that could never complete, then print a traceback)."""
+    out = tmp_path / "run"
+    proc = _start(out, "training.steps=100000", "data.num_workers=1", nproc=2)
+    _wait_for_step(proc, out, 2)
+    (rank1,) = [pid for pid in _children(proc.pid)
+                if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]  # fmt: skip
+    (worker,) = _children(rank1)
+    os.kill(worker, signal.SIGKILL)
+    err, took = _finish(proc, timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert f"rank 1: data loader worker 0 (pid {worker}) died with SIGKILL" in err
+    assert "a peer rank left the job while this rank waited" in err
+    assert "Traceback" not in err and took < 60, err[-3000:]
+
+
 def test_a_removed_output_folder_stops_the_run_with_exit_1(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, "training.steps=100000")

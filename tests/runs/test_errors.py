@@ -27,6 +27,8 @@ def _raise(error: BaseException) -> BaseException:
         (RunStoppedError("the run lock was removed"), 1, "the run lock was removed"),
         (RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 5000ms for recv"), 1,
          "a peer rank did not answer within job.collective_timeout_s="),
+        (RuntimeError("[gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:48319. Ch"), 1,
+         "a peer rank left the job while this rank waited for it in a collective"),
     ],
 )  # fmt: skip
 def test_error_becomes_one_line_and_an_exit_status(tmp_path, error, status, line):
