@@ -1,14 +1,16 @@
 """A user's own images and captions through the whole BLIP path with the configs `blip data
 init` writes, each stage a plain `blip run RECIPE --config STAGE.toml` (no overrides): pretrain
 -> retrieval eval -> caption and retrieval fine-tuning -> CapFilt -> pretrain on CapFilt's output
--> HF export loaded by transformers. Where the small run's filter has not learnt ITM (it keeps
-fewer images than one batch), pretraining again must be refused before launch in one line, and
-the first pretraining is exported instead. The images are photo-like (a smooth noisy colour field, as
-the loader benchmarks use) under shapes the captions describe. Opt-in: several minutes on CPU."""
+-> `commands.sh`'s caption of a validation image -> HF export loaded by transformers. Where the
+small run's filter has not learnt ITM (it keeps fewer images than one batch), pretraining again
+must be refused before launch in one line, and the first pretraining is exported instead. The
+images are photo-like (a smooth noisy colour field, as the loader benchmarks use) under shapes the
+captions describe. Opt-in: several minutes on CPU."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,10 @@ def test_own_data_runs_the_whole_path_from_data_init(tmp_path):
         assert "fewer than one global batch" in again.stderr or "no records" in again.stderr
         exported = runs / "pretrain"
 
+    (caption_line,) = [line for line in script if line.startswith("blip caption ")]
+    captioned = blip(*shlex.split(caption_line)[1:], cwd=tmp_path)  # as written in commands.sh
+    image, caption = captioned.stdout.strip().split("\t")
+    assert Path(image).is_file() and caption.strip(), captioned.stdout
     hf = tmp_path / "hf"
     blip("convert", str(exported), str(hf), "--to", "hf", cwd=tmp_path)
     import transformers
