@@ -46,7 +46,7 @@ phase() {  # name, timeout seconds, benchmark arguments...
 # (most telling first: a phase cut by its limit keeps the runs before)
 SWITCHES=$MODE-bf16,$MODE-bf16-autocast,$MODE-bf16-kvrecompute,$MODE-bf16-lmfull
 if [ "${RS:-0}" = 1 ]; then SWITCHES+=,$MODE-bf16-rsperuse; fi
-SWITCHES+=,$MODE-bf16-unfused
+SWITCHES+=,$MODE-bf16-unfused,$MODE-bf16-objeager
 phase switches "$SWITCHES_S" --model "$BASE" --batch-size "$BATCH_B" --variants "$SWITCHES"
 # 2. ViT-L: bf16 vs float8 (no baseline).
 phase large "$LARGE_S" --model "$LARGE" --batch-size "$BATCH_L" --no-baseline \

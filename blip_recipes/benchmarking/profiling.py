@@ -30,7 +30,7 @@ PREFIX = "bench/"
 PARTS = ("vit", "momentum", "text", "itc", "multimodal", "itm", "lm", "optimizer", "queue", "other")
 """Labels of the split, in report order. ``multimodal`` is our one MED pass for ITM and LM
 together; the baseline runs separate ITM and LM passes (``itm``, ``lm``); for ours ``itm`` and
-``lm`` are the heads, negative sampling and losses around that pass."""
+``lm`` are the heads and losses around that pass, and ``itc`` includes the hard-negative draw."""
 _BACKWARD = "autograd::engine::evaluate_function"
 
 
@@ -102,8 +102,8 @@ def instrument_step(step: Any) -> Iterator[None]:
     images, multimodal with them; ``text_proj`` -> text; ``itm_head`` -> itm; ``lm_head`` -> lm.
     Wrappers: ``momentum.update`` / ``targets`` -> momentum, ``enqueue`` -> queue;
     ``optimizer.step`` / ``zero_grad``, the gradient norm and the LR scheduler -> optimizer;
-    ``objective.itc_loss`` -> itc, ``sample_hard_negatives`` / ``itm_loss`` -> itm,
-    ``lm_loss`` -> lm.
+    the step's ``ItcItmLosses`` (eager or compiled): ``itc_and_negatives`` -> itc (ITC and the
+    hard negatives drawn from it), ``itm`` -> itm; ``objective.lm_loss`` -> lm.
     """
     from blip_recipes.objectives import pretrain as objective
     from blip_recipes.training import step as optimizer_step
@@ -126,9 +126,8 @@ def instrument_step(step: Any) -> Iterator[None]:
             (step.optimizer, "zero_grad", "optimizer"),
             (step.lr_scheduler, "step", "optimizer"),
             (optimizer_step, "global_grad_norm", "optimizer"),
-            (objective, "itc_loss", "itc"),
-            (objective, "sample_hard_negatives", "itm"),
-            (objective, "itm_loss", "itm"),
+            (step.options.itc_itm, "itc_and_negatives", "itc"),
+            (step.options.itc_itm, "itm", "itm"),
             (objective, "lm_loss", "lm"),
         ):
             if hasattr(obj, name):

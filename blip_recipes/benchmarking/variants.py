@@ -20,6 +20,7 @@ A variant name is a ``-``-joined list of tokens, read left to right::
 | ``lmchunked`` / ``lmfull`` | ``parallel.lm_loss`` chunked / full (fp32 logits) |
 | ``kvselect`` / ``kvrecompute`` | ``parallel.negative_kv`` select / recompute (hard negatives' keys/values) |
 | ``rsonce`` / ``rsperuse`` | ``parallel.reduce_reused`` once / per_use (reduce-scatters of the MED layers and the root) |
+| ``objcompile`` / ``objeager`` | ``parallel.compile_objective`` true / false (ITC, negatives and ITM compiled with ``compile``) |
 
 Each optimisation of the recipe can thus be switched off alone and measured against the same
 variant with it on (``compile-bf16`` vs ``compile-bf16-unfused``, ``compile-bf16-noreshard``, ...).
@@ -140,12 +141,15 @@ def parse_variant(name: str) -> Variant:
         elif token in ("rsonce", "rsperuse"):
             kind = "reduce_reused"
             extra.append(f"parallel.reduce_reused={'once' if token == 'rsonce' else 'per_use'}")
+        elif token in ("objcompile", "objeager"):
+            kind = "compile_objective"
+            extra.append(f"parallel.compile_objective={str(token == 'objcompile').lower()}")
         else:
             raise ValueError(
                 f"variant {name!r}: unknown token {token!r}; known: eager, compile, fp32, bf16, "
                 "float8-tensorwise, float8-rowwise, ac-on, ac-full, ac-off, ac-vitN, nofsdp, ddp, hsdp, "
                 "noreshard, fused, unfused, autocast, lmchunked, lmfull, kvselect, kvrecompute, rsonce, "
-                "rsperuse"
+                "rsperuse, objcompile, objeager"
             )
         if kind in seen:
             raise ValueError(f"variant {name!r}: more than one {kind} token")

@@ -203,6 +203,8 @@ class ParallelConfig:
     """Pretraining's LM loss: chunked (the vocab projection in the compute dtype, 8 row chunks, each chunk's label-smoothed cross-entropy summed in fp32 and compiled with parallel.compile; no fp32 logits) or full (fp32 logits of every row, then the cross-entropy; the previous structure)."""
     negative_kv: Literal["select", "recompute"] = "select"
     """Pretraining: the hard-negative images' cross-attention keys/values in each MED layer are selected from the batch's own (projected once per image; a one-hot matmul) or recomputed from their tokens (the previous structure, for comparison)."""
+    compile_objective: bool = True
+    """With parallel.compile: pretraining's ITC (momentum distillation over the queues), the hard-negative draw and the ITM loss run as two compiled graphs (fullgraph) instead of about 95 small eager kernels forward + backward; false runs them eagerly (the previous structure). Same losses and negatives."""
     reduce_reused: Literal["once", "per_use"] = "once"
     """FSDP2 units that forward runs twice per step (the MED layers, the root): once = their gradients are summed over both uses and reduce-scattered once at the end of backward (half their reduce-scatter bytes and one all-gather fewer; their unsharded fp32 gradients live until then); per_use = reduce-scattered after each use's backward (the previous structure)."""
 

@@ -106,6 +106,47 @@ def hard_negative_weights(sim: torch.Tensor) -> torch.Tensor:
         return weights.masked_fill(eye, 0.0)
 
 
+def negative_noise(
+    batch: int, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of one hard-negative draw: two (B, B) fp32 Exp(1) tensors, drawn in
+    the order (and with the calls) `torch.multinomial(weights, 1)` makes for the image and then
+    the text negatives, so `choose_negatives` picks what multinomial would."""
+
+    def draw() -> torch.Tensor:
+        return torch.empty((batch, batch), device=device).exponential_(1, generator=generator)
+
+    return draw(), draw()
+
+
+def choose_negatives(weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One draw per row from the categorical distribution `weights / weights.sum(1)`.
+
+    The exponential race `argmax(weights / noise)`, noise ~ Exp(1), is the algorithm of
+    `torch.multinomial(weights, 1)` (with the same noise, the same index), written as tensor
+    code: no validity checks on the host, and it compiles.
+
+    Args:
+        weights: (R, C) non-negative, every row with a positive entry.
+        noise: (R, C) Exp(1) draws (`negative_noise`).
+
+    Returns:
+        (R,) int64 column indices.
+    """
+    return (weights / noise).argmax(dim=1)
+
+
+def hard_negatives(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_hard_negatives` given its random numbers (`negative_noise`): no generator, so
+    it compiles into one graph with the loss."""
+    batch = sim_i2t.shape[0]
+    neg_image = choose_negatives(hard_negative_weights(sim_t2i[:, :batch]), noise[0])
+    neg_text = choose_negatives(hard_negative_weights(sim_i2t[:, :batch]), noise[1])
+    return neg_image, neg_text
+
+
 def sample_hard_negatives(
     sim_i2t: torch.Tensor,
     sim_t2i: torch.Tensor,
@@ -113,7 +154,8 @@ def sample_hard_negatives(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one hard negative image per text and one hard negative text per image.
 
-    One vectorised `torch.multinomial` per direction (no loop, no host sync). Needs B >= 2.
+    Vectorised (no loop, no host sync): the draws of `torch.multinomial(weights, 1)`, one per
+    direction, from `negative_noise` and `choose_negatives`. Needs B >= 2.
 
     Args:
         sim_i2t: (B, >= B) image-to-text logits; only the first B columns (local batch) are used.
@@ -124,12 +166,8 @@ def sample_hard_negatives(
         (neg_image_for_text (B,), neg_text_for_image (B,)), int64 indices into the local batch,
         never equal to the row's own index.
     """
-    batch = sim_i2t.shape[0]
-    weights_t2i = hard_negative_weights(sim_t2i[:, :batch])
-    weights_i2t = hard_negative_weights(sim_i2t[:, :batch])
-    neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
-    neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
-    return neg_image, neg_text
+    noise = negative_noise(sim_i2t.shape[0], sim_i2t.device, generator)
+    return hard_negatives(sim_i2t, sim_t2i, noise)
 
 
 class ItmResult(NamedTuple):
@@ -164,6 +202,82 @@ def itm_loss(logits: torch.Tensor) -> ItmResult:
             match_prob = logits.softmax(dim=1)[:, 1]
             accuracy = (logits.argmax(dim=1) == labels).float().mean()
             return ItmResult(loss, accuracy, match_prob[:batch].mean(), match_prob[batch:].mean())
+
+
+def itc_loss_and_negatives(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    temp: torch.Tensor,
+    alpha: float | torch.Tensor,
+    noise: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`itc_loss`, then the hard negatives from its similarities (`hard_negatives`): the part
+    of the objective between the unimodal encoders and the multimodal pass, as one function
+    of tensors (`ItcItmLosses` compiles it as one graph).
+
+    Args: as `itc_loss`, plus `noise` from `negative_noise`.
+
+    Returns:
+        (loss 0-d, neg_image_for_text (B,), neg_text_for_image (B,)).
+    """
+    itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                   temp, alpha)  # fmt: skip
+    neg_image, neg_text = hard_negatives(itc.sim_i2t.detach(), itc.sim_t2i.detach(), noise)
+    return itc.loss, neg_image, neg_text
+
+
+class ItcItmLosses:
+    """The ITC and ITM parts of the pretraining objective, eager or compiled.
+
+    `itc_and_negatives` runs `itc_loss_and_negatives` (ITC with momentum distillation over
+    the queues and the hard-negative choice) and `itm` runs `itm_loss`; with a
+    `compile_backend` each is one `torch.compile(fullgraph=True)` graph (eager, the two are
+    about 95 small kernels forward + backward). Nothing in them is a Python value that changes between steps: the
+    random numbers of the draw come in as tensors (`negative_noise`, drawn eagerly from the
+    step's generator, so both paths pick the same negatives) and the compiled path passes
+    alpha as a 0-d tensor, so the alpha ramp compiles once. Neither path reads the device.
+
+    Args:
+        compile_backend: `torch.compile` backend; None = eager.
+    """
+
+    def __init__(self, compile_backend: str | Callable | None = None) -> None:
+        self.compiled = compile_backend is not None
+        self._itc: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (
+            itc_loss_and_negatives
+        )
+        self.itm: Callable[[torch.Tensor], ItmResult] = itm_loss
+        if compile_backend is not None:
+            self._itc = torch.compile(itc_loss_and_negatives, fullgraph=True,
+                                      backend=compile_backend)  # fmt: skip
+            self.itm = torch.compile(itm_loss, fullgraph=True, backend=compile_backend)
+
+    def itc_and_negatives(
+        self,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        image_feat_m: torch.Tensor,
+        text_feat_m: torch.Tensor,
+        image_queue: torch.Tensor,
+        text_queue: torch.Tensor,
+        temp: torch.Tensor,
+        alpha: float | torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`itc_loss_and_negatives` with its noise drawn from `generator` (None = global RNG).
+
+        Returns:
+            (ITC loss 0-d, neg_image_for_text (B,), neg_text_for_image (B,)).
+        """
+        noise = negative_noise(image_feat.shape[0], image_feat.device, generator)
+        if self.compiled and not isinstance(alpha, torch.Tensor):
+            alpha = torch.full((), alpha, dtype=torch.float32, device=image_feat.device)
+        return self._itc(image_feat, text_feat, image_feat_m, text_feat_m, image_queue,
+                         text_queue, temp, alpha, noise)  # fmt: skip
 
 
 def lm_loss(

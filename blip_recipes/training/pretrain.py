@@ -17,6 +17,8 @@ from blip_recipes.objectives import pretrain as objective
 from blip_recipes.parallel.parallelize import reused_units
 from blip_recipes.training.step import DeviceBatch, OptimizerStep
 
+_EAGER = objective.ItcItmLosses()
+
 
 def pretrain_losses(
     model: BlipPretrain,
@@ -28,6 +30,7 @@ def pretrain_losses(
     generator: torch.Generator | None = None,
     negative_kv: str = "select",
     lm_loss: objective.ChunkedLMLoss | None = None,
+    itc_itm: objective.ItcItmLosses | None = None,
 ) -> BlipOutput:
     """ITC, ITM with hard negatives and LM for one batch (the reference's `forward`).
 
@@ -43,6 +46,8 @@ def pretrain_losses(
         negative_kv: `select` or `recompute` (`BlipPretrain.multimodal`).
         lm_loss: a chunked LM loss computed inside the multimodal pass; None = fp32 logits
             and `objective.lm_loss` (the same number in fp32).
+        itc_itm: the ITC (with the hard negatives) and ITM losses, eager or compiled; None =
+            eager.
 
     Returns:
         `BlipOutput` with `loss = loss_ita + loss_itm + loss_lm`.
@@ -50,7 +55,8 @@ def pretrain_losses(
     image = model.encode_image(images)
     text = model.encode_text(input_ids, attention_mask)
     temp = model.temperature()
-    itc = objective.itc_loss(
+    itc_itm = itc_itm if itc_itm is not None else _EAGER
+    loss_ita, neg_image, neg_text = itc_itm.itc_and_negatives(
         image.feat,
         text.feat,
         targets.image_feat_m,
@@ -59,21 +65,19 @@ def pretrain_losses(
         targets.text_queue,
         temp,
         alpha,
-    )
-    neg_image, neg_text = objective.sample_hard_negatives(
-        itc.sim_i2t.detach(), itc.sim_t2i.detach(), generator
+        generator,
     )
     multimodal = model.multimodal(image.embeds, input_ids, attention_mask, neg_image, neg_text,
                                   negative_kv, lm_loss)  # fmt: skip
-    itm = objective.itm_loss(multimodal.itm_logits)
+    itm = itc_itm.itm(multimodal.itm_logits)
     if multimodal.loss_lm is not None:
         loss_lm = multimodal.loss_lm
     else:
         labels = objective.lm_labels(input_ids, model.pad_token_id)  # column 0 is never a target
         loss_lm = objective.lm_loss(multimodal.lm_logits, labels)
     return BlipOutput(
-        loss=itc.loss + itm.loss + loss_lm,
-        loss_ita=itc.loss,
+        loss=loss_ita + itm.loss + loss_lm,
+        loss_ita=loss_ita,
         loss_itm=itm.loss,
         loss_lm=loss_lm,
         itm_acc=itm.accuracy,
@@ -105,4 +109,4 @@ class PretrainStep(OptimizerStep):
         """`pretrain_losses` of one micro-batch (`self.generator` is seeded for it)."""
         opts = self.options
         return pretrain_losses(self.model, *batch, targets, alpha, self.generator,
-                               opts.negative_kv, opts.lm_loss)  # fmt: skip
+                               opts.negative_kv, opts.lm_loss, opts.itc_itm)  # fmt: skip

@@ -41,7 +41,7 @@ from torch.distributed.fsdp import FSDPModule
 from blip_recipes.config import Config
 from blip_recipes.data._seeding import derive_seed
 from blip_recipes.models.blip import MomentumTargets
-from blip_recipes.objectives.pretrain import ChunkedLMLoss
+from blip_recipes.objectives.pretrain import ChunkedLMLoss, ItcItmLosses
 from blip_recipes.parallel.distributed import DistInfo
 from blip_recipes.parallel.float8 import float8_precompute_scales
 from blip_recipes.parallel.fsdp import ReduceOnce
@@ -72,6 +72,8 @@ class StepOptions:
         reduce_reused: `once`: the FSDP2 units forward runs several times (`reused_units`)
             reduce-scatter once per step (`ReduceOnce`); `per_use`: after each use's backward
             (`parallel.reduce_reused`).
+        itc_itm: pretraining's ITC (with the hard negatives) and ITM losses, compiled under
+            `parallel.compile` with `parallel.compile_objective`, else eager.
     """
 
     seed: int = 0
@@ -84,6 +86,7 @@ class StepOptions:
     negative_kv: str = "select"
     lm_loss: ChunkedLMLoss | None = None
     reduce_reused: str = "once"
+    itc_itm: ItcItmLosses = dataclasses.field(default_factory=ItcItmLosses)
 
     def __post_init__(self) -> None:
         if self.grad_accum_steps < 1:
@@ -119,6 +122,9 @@ class StepOptions:
             if par.lm_loss == "chunked"
             else None,
             reduce_reused=par.reduce_reused,
+            itc_itm=ItcItmLosses(
+                compile_backend="inductor" if par.compile and par.compile_objective else None
+            ),
         )
 
 

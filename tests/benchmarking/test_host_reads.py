@@ -14,7 +14,7 @@ from blip_recipes.training.step import DeviceBatch, StepOptions
 from tests.models.tiny_blip import make_model, make_text, momentum_state
 
 
-def _step(rank: int, mesh, fused: bool) -> PretrainStep:
+def _step(rank: int, mesh, fused: bool, **options) -> PretrainStep:
     from blip_recipes.config.sections import ParallelConfig
     from blip_recipes.parallel import parallelize_blip
 
@@ -26,8 +26,8 @@ def _step(rank: int, mesh, fused: bool) -> PretrainStep:
     kind = {"fused": True} if fused else {"foreach": True}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **kind)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    options = StepOptions(seed=0, rank=rank, group=group)
-    return PretrainStep(model, optimizer, schedule, options, momentum=momentum)
+    step_options = StepOptions(seed=0, rank=rank, group=group, **options)
+    return PretrainStep(model, optimizer, schedule, step_options, momentum=momentum)
 
 
 def _reads_over_two_steps(step: PretrainStep, rank: int) -> list[str]:
@@ -58,6 +58,18 @@ def test_a_default_step_has_no_host_reads_and_the_unfused_skip_has_one():
     reads = _reads_over_two_steps(_step(0, None, fused=False), 0)
     assert len(reads) == 2, reads
     assert all("training/step.py" in r and "apply_update" in r and "bool(ok)" in r for r in reads)
+
+
+def test_the_compiled_objective_adds_no_host_reads():
+    """A dispatch mode and torch.compile do not mix (dynamo skips frames under a mode), so the
+    compiled objective runs here with compilation off: what it runs around its graphs (the
+    negatives' noise, alpha as a tensor) reads nothing, and inside a graph fullgraph=True turns
+    any read (`.item()`, a data-dependent shape: both graph breaks) into an error."""
+    from blip_recipes.objectives.pretrain import ItcItmLosses
+
+    step = _step(0, None, fused=True, itc_itm=ItcItmLosses("eager"))
+    with torch.compiler.set_stance("force_eager"):
+        assert _reads_over_two_steps(step, 0) == []
 
 
 def reads_worker(rank: int, world: int, out_dir: str) -> None:

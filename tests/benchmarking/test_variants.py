@@ -23,6 +23,8 @@ def test_tokens_map_to_overrides():
     assert "optimizer.fused=false" in parse_variant("compile-bf16-unfused").overrides
     assert "parallel.reduce_reused=per_use" in parse_variant("compile-bf16-rsperuse").overrides
     assert "parallel.reduce_reused=once" in parse_variant("eager-rsonce").overrides
+    assert "parallel.compile_objective=false" in parse_variant("compile-bf16-objeager").overrides
+    assert "parallel.compile_objective=true" in parse_variant("compile-objcompile").overrides
 
 
 @pytest.mark.parametrize("bad", ["eager-fp16", "eager-compile", "compile-bf16-float8-blockwise"])

@@ -136,6 +136,82 @@ def test_sampling_is_reproducible_with_a_generator():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_negatives_are_the_draws_torch_multinomial_makes():
+    """The exponential race on the same generator picks what `torch.multinomial` picked (the
+    numbers the golden losses were trained with)."""
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        sim_i2t, sim_t2i = torch.randn(6, 9, generator=gen) * 3, torch.randn(6, 9, generator=gen)
+        gen.manual_seed(100 + seed)
+        want_image = torch.multinomial(objective.hard_negative_weights(sim_t2i[:, :6]), 1,
+                                       generator=gen).squeeze(1)  # fmt: skip
+        want_text = torch.multinomial(objective.hard_negative_weights(sim_i2t[:, :6]), 1,
+                                      generator=gen).squeeze(1)  # fmt: skip
+        got = objective.sample_hard_negatives(sim_i2t, sim_t2i, gen.manual_seed(100 + seed))
+        assert torch.equal(got[0], want_image) and torch.equal(got[1], want_text)
+
+
+def _itc_case(batch=6, dim=8, queue=12):
+    img, txt = _unit(batch, dim, seed=0), _unit(batch, dim, seed=1)
+    img_m, txt_m = _unit(batch, dim, seed=2), _unit(batch, dim, seed=3)
+    queues = _unit(queue, dim, seed=4).t().contiguous(), _unit(queue, dim, seed=5).t().contiguous()
+    return img, txt, img_m, txt_m, *queues
+
+
+def _run_itc_itm(losses: objective.ItcItmLosses, case, temp, alpha, seed):
+    """One step's ITC + negatives + ITM forward and backward: values and input gradients."""
+    img, txt, img_m, txt_m, img_q, txt_q = case
+    img, txt, temp = (t.clone().requires_grad_() for t in (img, txt, temp))
+    logits = torch.randn(3 * img.shape[0], 2, generator=torch.Generator().manual_seed(seed))
+    logits.requires_grad_()
+    gen = torch.Generator().manual_seed(seed)
+    loss, neg_image, neg_text = losses.itc_and_negatives(img, txt, img_m, txt_m, img_q, txt_q,
+                                                         temp, alpha, gen)  # fmt: skip
+    itm = losses.itm(logits)
+    (loss + itm.loss).backward()
+    return (loss, *itm, neg_image, neg_text, img.grad, txt.grad, temp.grad, logits.grad)
+
+
+def test_itc_itm_compile_to_two_graphs_and_the_alpha_ramp_does_not_recompile():
+    """fullgraph=True (a graph break raises); every step of the alpha ramp, a new queue content
+    and a new temperature reuse the two graphs of the first step."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    torch._dynamo.reset()
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list):
+        graphs.append(gm)
+        return gm.forward
+
+    losses, eager = objective.ItcItmLosses(counting_backend), objective.ItcItmLosses()
+    case = _itc_case()
+    for step, alpha in enumerate([0.0, 0.1, 0.2, 0.4]):
+        case[4].mul_(-1.0)  # the queue changes in place between steps, as an enqueue does
+        temp = torch.tensor([0.07 + 0.01 * step])
+        got = _run_itc_itm(losses, case, temp, alpha, step)
+        want = _run_itc_itm(eager, case, temp, alpha, step)
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), step
+        assert len(graphs) == 2, step
+    for fn in (objective.itc_loss_and_negatives, objective.itm_loss):
+        assert len(_debug_get_cache_entry_list(fn.__code__)) == 1
+
+
+@pytest.mark.slow  # inductor cold compile of two small graphs, ~20-60 s on 2 cores
+def test_inductor_itc_itm_equal_eager_in_fp32():
+    torch._dynamo.reset()
+    losses, eager = objective.ItcItmLosses("inductor"), objective.ItcItmLosses()
+    case = _itc_case(batch=8, dim=16, queue=32)
+    for step, alpha in enumerate([0.0, 0.4]):
+        temp = torch.tensor([0.05])
+        got = _run_itc_itm(losses, case, temp, alpha, step)
+        want = _run_itc_itm(eager, case, temp, alpha, step)
+        assert torch.equal(got[5], want[5]) and torch.equal(got[6], want[6])  # the negatives
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), step
+
+
 def _lm_case(dtype=torch.float32, rows=37, vocab=53, width=16):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(rows, width, generator=gen)

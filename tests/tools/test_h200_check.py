@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = {
     "switches": ["baseline-hf-fp32", "eager-bf16", "eager-bf16-autocast", "eager-bf16-kvrecompute",
-                 "eager-bf16-lmfull", "eager-bf16-rsperuse", "eager-bf16-unfused"],
+                 "eager-bf16-lmfull", "eager-bf16-rsperuse", "eager-bf16-unfused",
+                 "eager-bf16-objeager"],
     "large": ["eager-bf16", "eager-bf16-float8-tensorwise"],
     "split": ["eager-bf16"],
     "loader": ["eager-bf16"],

@@ -33,7 +33,7 @@ class _NanGradient(torch.autograd.Function):
         return grad * float("nan")
 
 
-def _build_step(rank: int, mesh) -> PretrainStep:
+def _build_step(rank: int, mesh, **options) -> PretrainStep:
     from blip_recipes.config.sections import ParallelConfig
     from blip_recipes.parallel import parallelize_blip
 
@@ -44,8 +44,8 @@ def _build_step(rank: int, mesh) -> PretrainStep:
     parallelize_blip(model, momentum.encoders, ParallelConfig(), mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    options = StepOptions(seed=0, rank=rank, group=group)
-    return PretrainStep(model, optimizer, schedule, options, momentum=momentum)
+    step_options = StepOptions(seed=0, rank=rank, group=group, **options)
+    return PretrainStep(model, optimizer, schedule, step_options, momentum=momentum)
 
 
 def _snapshot(step: PretrainStep) -> dict[str, torch.Tensor]:
@@ -193,6 +193,34 @@ def test_clipping_scales_the_update_and_reports_the_norm_before():
     assert float(moved.norm()) == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr x clip
 
 
+def test_the_compiled_objective_takes_the_eager_steps_without_recompiling():
+    """Dropout on, the alpha ramp, three updates: losses (and so the negatives drawn) equal the
+    eager objective's, and the two graphs compiled in the first step serve the others."""
+    from blip_recipes.objectives.pretrain import ItcItmLosses
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ids, mask = make_text(4, seed=0)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for name, itc_itm in (("eager", ItcItmLosses()), ("compiled", ItcItmLosses(counting_backend))):
+        step = _build_step(0, None, itc_itm=itc_itm)
+        losses[name] = []
+        for index in range(3):
+            torch.manual_seed(index)  # the same dropout masks for both
+            result = step([DeviceBatch(images, ids, mask)], index, 0.1 * index)
+            out = result.output
+            losses[name].append([out.loss_ita, out.loss_itm, out.loss_lm, out.itm_acc])
+    assert len(graphs) == 2
+    for want, got in zip(losses["eager"], losses["compiled"]):
+        assert torch.allclose(torch.stack(got), torch.stack(want), rtol=1e-6, atol=1e-7)
+
+
 def test_a_task_that_reads_momentum_targets_refuses_to_run_without_a_momentum_state():
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -214,8 +242,12 @@ def test_options_from_a_config():
     assert (options.seed, options.rank, options.group, options.grad_clip) == (5, 0, None, 2.0)
     assert options.grad_accum_steps == 3 and options.negative_kv == "recompute"
     assert options.autocast_dtype == torch.bfloat16 and isinstance(options.lm_loss, ChunkedLMLoss)
-    cfg.parallel.lm_loss = "full"
+    assert not options.itc_itm.compiled  # parallel.compile is off
+    cfg.parallel.lm_loss, cfg.parallel.compile = "full", True
     fp32 = StepOptions.from_config(cfg, torch.nn.Linear(2, 2), info, torch.float32)
-    assert fp32.autocast_dtype is None and fp32.lm_loss is None
+    assert fp32.autocast_dtype is None and fp32.lm_loss is None and fp32.itc_itm.compiled
+    cfg.parallel.compile_objective = False
+    off = StepOptions.from_config(cfg, torch.nn.Linear(2, 2), info, torch.float32)
+    assert not off.itc_itm.compiled
     with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):
         StepOptions(grad_accum_steps=0)
