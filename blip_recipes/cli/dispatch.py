@@ -67,8 +67,9 @@ commands:
         again) for your own images and captions, sized to the data and this machine.
   blip benchmark [step] [--model M] [--variants V] [--json FILE]
         Training-step throughput per variant, against a transformers-composed baseline.
-  blip benchmark data | float8-layers | flops [...]
-        Data pipeline throughput; float8 vs bf16 per linear layer; FLOPs of one step.
+  blip benchmark data | float8-layers | flops | vs-reference [...]
+        Data pipeline throughput; float8 vs bf16 per linear layer; FLOPs of one step; the
+        step against a local checkout of the original BLIP code (CPU, one process).
   blip --version
         Print the installed blip-recipes version.
 
@@ -242,6 +243,7 @@ BENCHMARK_COMMANDS = {
     "data": "benchmark_data",
     "float8-layers": "benchmark_float8_layers",
     "flops": "count_flops",
+    "vs-reference": "benchmark_vs_reference",
 }
 
 

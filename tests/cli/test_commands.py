@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     ("benchmark", "data"),
     ("benchmark", "float8-layers"),
     ("benchmark", "flops"),
+    ("benchmark", "vs-reference"),
 ]
 
 
