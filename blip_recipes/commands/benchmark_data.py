@@ -144,11 +144,12 @@ def output_agreement(ours, plain, paths: list[str], n: int = 50) -> dict[str, fl
 
 
 def time_loader(name, data_cfg, image_size, steps, tqdm) -> tuple[float, float]:
-    """(images/s wall, images per CPU second of the calling thread) of the training loader.
+    """(images/s wall, images per CPU second of this process) of the training loader.
 
-    With ``data_cfg.num_workers == 0`` the loader runs in this thread, so the second figure is
-    what one loader core delivers (read, decode, augment, tokenize, collate): the number that
-    sizes a host's worker count. With workers, it only counts the main process's share.
+    With ``data_cfg.num_workers == 0`` the loader makes each batch in this process (in its
+    fetch thread, while this thread waits), so the second figure is what one loader core
+    delivers (read, decode, augment, tokenize, collate): the number that sizes a host's worker
+    count. With workers, it only counts the main process's share.
     """
     from blip_recipes.config import TokenizerConfig
     from blip_recipes.data import build_tokenizer, build_train_loader
@@ -157,11 +158,11 @@ def time_loader(name, data_cfg, image_size, steps, tqdm) -> tuple[float, float]:
         data_cfg, build_tokenizer(TokenizerConfig(kind="synthetic")), image_size, 0, 0, 1
     )
     next(loader)  # start workers
-    start, cpu_start = time.perf_counter(), time.thread_time()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in tqdm(range(steps), desc=name, unit="batch", leave=False, disable=None):
         next(loader)
     images = steps * data_cfg.batch_size
-    wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return images / wall, images / max(cpu, 1e-9)
 
 

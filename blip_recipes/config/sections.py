@@ -96,7 +96,7 @@ class DataConfig:
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
     timeout_s: float = 600.0
-    """Longest a rank waits for one batch from its loader workers before the run stops naming the loader; a dead worker stops it within a second, a stop request shortens the wait to 30 s."""
+    """Longest a rank waits for one batch (from its loader workers, or made in its own process with num_workers=0) before the run stops naming the stalled worker or the stuck read, exit 1; a dead worker stops it within a second, a stop request shortens the wait to 30 s."""
     pin_memory: bool = True
     """Pin host batches for faster copies to CUDA (ignored on CPU)."""
     max_words: int = 30

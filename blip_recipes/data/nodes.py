@@ -7,14 +7,16 @@ The graph of one rank (see :func:`build_pipeline`)::
       -> ParallelMapper        load, decode, augment, collate, tokenize one step's samples
                                (data.num_workers processes, in order; inline with 0 workers)
       -> PinMemory             (CUDA only, data.pin_memory)
-      -> a prefetch thread     data.prefetch_factor batches ahead (only with workers)
+      -> a fetch thread        data.prefetch_factor batches ahead with workers; with 0 workers
+                               it makes each batch while the rank waits for it
 
 The map function receives a whole step's positions and returns the finished batch: one message
 and one shared-memory tensor per batch between processes, as with ``DataLoader``. Per-sample
 messages would cost an IPC round and a shared-memory segment for every image.
 
-With workers, the rank's wait for a batch is bounded (:mod:`.watchdog`): it checks every half
-second that its workers are alive, whether a stop was requested and how long it has waited. A
+The rank's wait for a batch is bounded (:mod:`.watchdog`), with or without workers: batches
+are fetched in a thread, and the rank checks every half second that its workers are alive,
+whether a stop was requested and how long it has waited. A
 :class:`~.watchdog.LoaderError` raised in a worker (too many bad samples) reaches the rank as a
 result and is raised there with its own one-line message.
 
@@ -30,7 +32,6 @@ import contextlib
 import logging
 import multiprocessing.util  # noqa: F401 (its exit hook is registered before ours, runs after)
 import os
-import queue
 import signal
 import threading
 import time
@@ -47,7 +48,7 @@ from torchdata.nodes import (
     PinMemory,
 )
 
-from blip_recipes.data.watchdog import POLL_S, LoaderError, Watchdog
+from blip_recipes.data.watchdog import LoaderError, Watchdog, WatchedFetch
 
 logger = logging.getLogger("blip_recipes.data")
 
@@ -219,8 +220,9 @@ class Pipeline:
     """A started node graph: ``next()`` gives batches; :meth:`close` stops its threads and
     worker processes.
 
-    With a ``watchdog`` (workers), a thread pulls batches into a queue of ``prefetch`` and the
-    rank's wait on that queue runs the watchdog's checks every :data:`~.watchdog.POLL_S` s.
+    Batches are fetched in a thread (:class:`~.watchdog.WatchedFetch`: ``prefetch`` ahead with
+    workers, each one only when asked for without), and the rank's wait for one runs the
+    watchdog's checks every :data:`~.watchdog.POLL_S` s.
     """
 
     def __init__(
@@ -228,21 +230,16 @@ class Pipeline:
         root: BaseNode,
         mapper: ParallelMapper,
         threaded: list[BaseNode],
-        watchdog: Watchdog | None = None,
+        watchdog: Watchdog,
         prefetch: int = 1,
     ) -> None:
         self.mapper, self.threaded, self.watchdog = mapper, threaded, watchdog
-        self._queue: queue.Queue | None = None
-        self._closing = threading.Event()
-        self._final: tuple[str, Any] | None = None
         self._failed = False  # the watchdog found a dead or stuck worker
         close_at_exit(self)
         with stop_signals_blocked():  # iter() resets the graph: threads and workers start here
             self._iterator = iter(Loader(root, restart_on_stop_iteration=False))
-            if watchdog is not None:
-                self._queue = queue.Queue(maxsize=max(1, prefetch))
-                self._pump = threading.Thread(target=self._pull, daemon=True)
-                self._pump.start()
+            ahead = max(1, prefetch) if mapper.num_workers > 0 else 0
+            self._fetch = WatchedFetch(self._iterator, ahead)
         inner = getattr(getattr(mapper, "_it", None), "_it", None)
         for thread in (getattr(inner, "_read_thread", None), getattr(inner, "_sort_thread", None)):
             if thread is not None:
@@ -250,64 +247,31 @@ class Pipeline:
         if threading.excepthook is not _excepthook:
             threading.excepthook = _excepthook
 
-    def _pull(self) -> None:
-        """The prefetch thread: batches (or how the graph ended) into the queue."""
-        assert self._queue is not None
-        while not self._closing.is_set():
-            try:
-                item: tuple[str, Any] = ("batch", next(self._iterator))
-            except StopIteration:
-                item = ("end", None)
-            except BaseException as e:  # a worker's exception (torchdata re-raises it here)
-                item = ("error", e)
-            while not self._closing.is_set():
-                try:
-                    self._queue.put(item, timeout=POLL_S)
-                    break
-                except queue.Full:
-                    continue
-            if item[0] != "batch":
-                return
-
     def workers(self) -> list:
         """The worker processes (empty when inline or not started)."""
         inner = getattr(getattr(self.mapper, "_it", None), "_it", None)
         return list(getattr(inner, "_workers", []))
 
     def __next__(self) -> Any:
-        if self._queue is None:
-            item = next(self._iterator)
-        else:
-            kind, item = self._final or self._wait()
-            if kind == "end":
-                self._final = (kind, item)
-                raise StopIteration
-            if kind == "error":
-                self._final = (kind, item)
-                raise item
+        self.watchdog.start()
+        item = self._fetch.get(self._check)
         if isinstance(item, WorkerFailure):
             raise item.error
         return item
 
-    def _wait(self) -> tuple[str, Any]:
-        assert self._queue is not None and self.watchdog is not None
-        self.watchdog.start()
-        while True:
-            try:
-                return self._queue.get(timeout=POLL_S)
-            except queue.Empty:
-                try:
-                    self.watchdog.check(self.workers())
-                except LoaderError:
-                    self._failed = True
-                    raise
+    def _check(self) -> None:
+        try:
+            self.watchdog.check(self.workers(), fetching=self._fetch.thread)
+        except LoaderError:
+            self._failed = True
+            raise
 
     def close(self) -> None:
-        """Stop pulling, let the result threads finish while the workers still live (a batch in
+        """Stop fetching, let the result threads finish while the workers still live (a batch in
         transit fetches its shared memory from the worker that made it), then stop the workers
         (SIGKILL for one that does not exit: they ignore SIGTERM). After the watchdog found a
         dead or stuck worker, SIGKILL them all first: a thread may wait on a stuck one."""
-        self._closing.set()
+        self._fetch.close()
         if self._failed:
             for worker in self.workers():
                 if worker.is_alive():
@@ -321,8 +285,7 @@ class Pipeline:
         if inner is None or not hasattr(inner, "_workers"):
             return  # inline (no workers) or never started
         inner._stop.set()
-        pump = getattr(self, "_pump", None)
-        for thread in (inner._read_thread, inner._sort_thread, pump):
+        for thread in (inner._read_thread, inner._sort_thread, self._fetch.thread):
             if thread is not None and thread.is_alive():
                 thread.join(timeout=1 if self._failed else 10)
         inner._mp_stop.set()
@@ -355,9 +318,9 @@ def build_pipeline(
             None, of whole steps: no ``Batcher``).
         make_batch: the step's tasks (or step) -> the batch (runs in the workers; picklable).
         num_workers: process workers; 0 runs everything in the calling thread when it asks.
-        prefetch_factor: batches the prefetch thread keeps ready (workers only).
+        prefetch_factor: batches the fetch thread keeps ready (workers only).
         pin_memory: pin batches in a thread (only where CUDA is available).
-        watchdog: bounds each wait for a batch (workers only; default: 600 s, no stop check).
+        watchdog: bounds each wait for a batch (default: 600 s, no stop check).
     """
     node: BaseNode = source
     if batch_size is not None:
@@ -373,6 +336,4 @@ def build_pipeline(
     if pin_memory and torch.cuda.is_available():
         node = PinMemory(node, pin_memory_device="cuda")
         threaded.append(node)
-    if num_workers == 0:
-        return Pipeline(node, mapper, threaded)
     return Pipeline(node, mapper, threaded, watchdog or Watchdog(600.0), prefetch_factor)

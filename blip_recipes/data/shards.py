@@ -1,12 +1,19 @@
 """The tar-shard loader: one rank's worker processes each playing one shard stream (see
 :mod:`.shard_streams`), batches interleaved in a fixed order, bad samples counted, a dead or
 stuck worker named, and the per-rank state that resumes it exactly.
+
+Batches are received from the ``DataLoader`` in a thread (:class:`~.watchdog.WatchedFetch`):
+receiving one can block for good (its shared memory is fetched from the worker that made it,
+and a stopped worker never answers; with no workers, a read of a hung file system never
+returns), so the rank waits on that thread with the watchdog's checks instead.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +25,7 @@ from blip_recipes.data.nodes import close_at_exit
 from blip_recipes.data.samples import IgnoreStopSignals
 from blip_recipes.data.shard_files import list_shards, shard_sizes
 from blip_recipes.data.shard_streams import ShardBatches
-from blip_recipes.data.watchdog import POLL_S, LoaderError
+from blip_recipes.data.watchdog import POLL_S, LoaderError, Watchdog, WatchedFetch
 
 logger = logging.getLogger("blip_recipes.data")
 
@@ -48,6 +55,7 @@ class ShardLoader(SampleCounters):
         self.consumed = 0
         self._init_counters()
         self._iterator = None
+        self._fetch: WatchedFetch | None = None
         self._failed = False  # the watchdog found a dead or stuck worker
         close_at_exit(self)
         if len(self.shards) < ctx.world_size * self.streams_per_rank:
@@ -84,7 +92,7 @@ class ShardLoader(SampleCounters):
                 pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
                 worker_init_fn=IgnoreStopSignals() if nw > 0 else None,
                 generator=private_generator(),
-                timeout=POLL_S if nw > 0 else 0,  # each wait is one watchdog check
+                timeout=POLL_S if nw > 0 else 0,  # see _receive
             )
         )
         if getattr(iterator, "_worker_pids_set", False):
@@ -97,41 +105,61 @@ class ShardLoader(SampleCounters):
         return iterator
 
     def _next_batch(self) -> dict:
-        """The next batch from the DataLoader; with workers, each wait of ``POLL_S`` runs the
-        watchdog's checks (:mod:`.watchdog`)."""
-        if self._iterator is None:
+        """The next batch from the DataLoader, received in a thread while this one runs the
+        watchdog's checks every ``POLL_S`` (:mod:`.watchdog`)."""
+        if self._fetch is None:
             self._iterator = self._start()
-        if self.cfg.num_workers == 0:
-            return next(self._iterator)
+            self._closing = threading.Event()
+            ahead = 1 if self.cfg.num_workers > 0 else 0
+            receive = self._receive(self._iterator, self._closing)
+            self._fetch = WatchedFetch(receive, ahead, name="shard-batches")
         watchdog = self._watchdog()
-        while True:
+        try:
+            return self._fetch.get(lambda: self._check(watchdog))
+        except (RuntimeError, EOFError, ConnectionError) as e:  # EOF: killed mid-send
+            if isinstance(e, LoaderError) or self.cfg.num_workers == 0:
+                raise
+            # A worker killed while it hands over a batch breaks the connection a moment
+            # before the kernel reports its exit: look for the dead worker for a while.
+            broken = isinstance(e, (EOFError, ConnectionError))
+            deadline = time.monotonic() + (WORKER_EXIT_WAIT_S if broken else 0)
+            while True:
+                self._check(watchdog)
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+            if broken:
+                self._failed = True
+                raise LoaderError(
+                    f"rank {watchdog.rank}: the data loader's worker connection broke "
+                    f"({type(e).__name__}: {e}) and no worker exited"
+                ) from e
+            raise
+
+    @staticmethod
+    def _receive(iterator: Iterator[dict], closing: threading.Event) -> Iterator[dict]:
+        """The DataLoader's batches, waiting :data:`POLL_S` at a time until ``closing``: once
+        its workers are shut down, a DataLoader without a timeout would wait for them forever
+        (it only looks for workers that died while it still counted on them)."""
+        while not closing.is_set():
             try:
-                return next(self._iterator)
-            except (RuntimeError, EOFError, ConnectionError) as e:  # EOF: killed mid-send
-                if isinstance(e, LoaderError):
+                yield next(iterator)
+            except RuntimeError as e:
+                if not str(e).startswith("DataLoader timed out"):
                     raise
-                timed_out = str(e).startswith("DataLoader timed out")
-                broken = isinstance(e, (EOFError, ConnectionError))
-                # A worker killed while it hands over a batch breaks the connection a moment
-                # before the kernel reports its exit: look for the dead worker for a while.
-                deadline = time.monotonic() + (WORKER_EXIT_WAIT_S if broken else 0)
-                while True:
-                    try:
-                        watchdog.check(list(getattr(self._iterator, "_workers", [])))
-                    except LoaderError as error:
-                        self._failed = True
-                        raise error from None
-                    if time.monotonic() >= deadline:
-                        break
-                    time.sleep(0.05)
-                if broken:
-                    self._failed = True
-                    raise LoaderError(
-                        f"rank {watchdog.rank}: the data loader's worker connection broke "
-                        f"({type(e).__name__}: {e}) and no worker exited"
-                    ) from e
-                if not timed_out:
-                    raise
+
+    def _check(self, watchdog: Watchdog) -> None:
+        """The watchdog's checks, naming the worker whose batch is next (the DataLoader hands
+        out batches round-robin, in order)."""
+        it = self._iterator
+        info = getattr(it, "_task_info", {}).get(getattr(it, "_rcvd_idx", None))
+        awaited = info[0] if info is not None and len(info) == 1 else None
+        fetching = self._fetch.thread if self._fetch is not None else None
+        try:
+            watchdog.check(list(getattr(it, "_workers", [])), awaited, fetching)
+        except LoaderError as error:
+            self._failed = True
+            raise error from None
 
     def __next__(self) -> dict:
         batch = self._next_batch()
@@ -149,6 +177,9 @@ class ShardLoader(SampleCounters):
         interpreter exit: the workers ignore SIGTERM, which ``multiprocessing`` would wait on,
         so one that is still alive after the DataLoader's shutdown gets SIGKILL (at once when the
         watchdog found a dead or stuck worker)."""
+        if self._fetch is not None:
+            self._closing.set()
+            self._fetch.close()
         if self._iterator is not None:
             workers = list(getattr(self._iterator, "_workers", []))
             if self._failed:
@@ -162,8 +193,17 @@ class ShardLoader(SampleCounters):
                 if worker.is_alive():
                     worker.kill()
                     worker.join(timeout=5)
-            self._iterator = None
-            self._failed = False
+        self._iterator, self._fetch = None, None
+        self._failed = False
+
+    def __del__(self) -> None:
+        # The fetch thread holds the DataLoader iterator, so the iterator's own clean-up would
+        # never run for a loader dropped without close(), and its workers (they ignore SIGTERM)
+        # would outlive it: multiprocessing's exit hook then waits for them forever.
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone
+            pass
 
     def stats(self) -> dict:
         """Per-rank counters: samples delivered, bad samples replaced, epoch."""

@@ -1,7 +1,11 @@
 """The bound on a rank's wait for its next batch: dead workers, stalls and stop requests.
 
-A rank that waits for a batch from its loader worker processes checks, every :data:`POLL_S`
-seconds, that
+Batches are fetched in a thread (:class:`WatchedFetch`), never in the rank's own thread, so
+that its wait is a wait on a queue that can always be given up: with worker processes the
+thread receives their batches (receiving one can itself block: a batch's shared memory is
+fetched from the worker that made it, and a stopped worker never answers); with
+``data.num_workers=0`` it makes each batch while the rank waits for it (a read of a hung file
+system never returns). While it waits, the rank checks every :data:`POLL_S` seconds that
 
 - every worker still runs: one that died (``kill -9``, the kernel's OOM killer, a crash) ends
   the run at once, naming the worker, its pid and its exit signal or code;
@@ -9,19 +13,27 @@ seconds, that
   a batch that comes within :data:`STOP_GRACE_S` seconds of the request is still delivered, so
   the run saves at its next stop check as usual; otherwise the run ends without a checkpoint;
 - the wait is within ``data.timeout_s``: workers that are alive but deliver nothing (a hung
-  file system, a stalled remote source) end the run after that long.
+  file system, a stalled remote source, a worker stopped with SIGSTOP), or a read in the
+  rank's own process that does not return, end the run after that long, naming the worker (its
+  pid and state: stopped, blocked in the kernel, ...) or where the read is stuck.
 
 Each ends with a :class:`LoaderError` whose message is one line, so the job exits non-zero and a
-scheduler can requeue it.
+scheduler can requeue it. A thread stuck in a read cannot be ended; it is left behind (a
+daemon) and the process exits without it, unless the read is stuck inside the kernel
+(uninterruptible I/O on a hard-mounted file system), which no signal ends either.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 logger = logging.getLogger("blip_recipes.data")
 
@@ -57,6 +69,43 @@ def describe_exit(exitcode: int) -> str:
     return f"died with {name}"
 
 
+_STATES = {
+    "T": "stopped by a signal (SIGSTOP, SIGTSTP: it resumes only on SIGCONT)",
+    "t": "stopped by a debugger",
+    "D": "blocked in the kernel (uninterruptible I/O: a hung file system?)",
+    "R": "running",
+    "S": "sleeping",
+    "Z": "exited",
+}
+
+
+def process_state(pid: int | None) -> str:
+    """What process ``pid`` is doing, in words, from ``/proc/<pid>/stat`` ("" where unknown)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+    return _STATES.get(state, f"state {state}")
+
+
+def stuck_at(thread: threading.Thread | None) -> str:
+    """Where ``thread`` is now: ``file.py:123 in function``, and the innermost frame of this
+    package it came from when that is another one ("" when it is not running)."""
+    frame = sys._current_frames().get(thread.ident) if thread and thread.ident else None
+    if frame is None:
+        return ""
+
+    def at(f: Any) -> str:
+        return f"{Path(f.f_code.co_filename).name}:{f.f_lineno} in {f.f_code.co_name}"
+
+    ours = frame
+    while ours is not None and "blip_recipes" not in ours.f_code.co_filename:
+        ours = ours.f_back
+    if ours is None or ours is frame:
+        return at(frame)
+    return f"{at(frame)}, called from {at(ours)}"
+
+
 class Watchdog:
     """The checks of the module docstring for one rank's loader.
 
@@ -77,9 +126,21 @@ class Watchdog:
         self._since = time.monotonic()
         self._stop_seen: float | None = None
 
-    def check(self, workers: Sequence[Process]) -> None:
+    def check(
+        self,
+        workers: Sequence[Process],
+        awaited: int | None = None,
+        fetching: threading.Thread | None = None,
+    ) -> None:
         """Raise :class:`LoaderError` if a worker of ``workers`` (worker ``i`` at index ``i``)
-        died, or the wait went on too long (see the module docstring)."""
+        died, or the wait went on too long (see the module docstring).
+
+        Args:
+            workers: the loader's worker processes (none: batches are made in this process).
+            awaited: the worker whose batch is next, when the loader knows it.
+            fetching: the thread that makes or receives the batch (named when there are no
+                workers: where it is stuck).
+        """
         dead = [
             f"worker {i} (pid {w.pid}) {describe_exit(w.exitcode)}"
             for i, w in enumerate(workers)
@@ -105,9 +166,99 @@ class Watchdog:
                 "request; exiting without a checkpoint (a resume starts from the newest one)"
             )
         if waited >= self.timeout_s:
-            pids = ", ".join(str(w.pid) for w in workers)
             raise LoaderError(
                 f"rank {self.rank}: no batch from the data loader in {waited:.0f} s "
-                f"(data.timeout_s={self.timeout_s:g}); its {len(workers)} worker(s) (pid {pids}) "
-                "are alive but deliver nothing (a hung file system or remote source?)"
+                f"(data.timeout_s={self.timeout_s:g}): {self._stalled(workers, awaited, fetching)}"
             )
+
+    @staticmethod
+    def _stalled(workers: Sequence[Process], awaited: int | None,
+                 fetching: threading.Thread | None) -> str:  # fmt: skip
+        """What delivers nothing, in words."""
+        states = [process_state(w.pid) for w in workers]
+        stopped = any(state.startswith("stopped") for state in states)
+
+        def worker(i: int) -> str:
+            return f"worker {i} (pid {workers[i].pid}{', ' + states[i] if states[i] else ''})"
+
+        hint = "" if stopped else " (a hung file system or remote source?)"
+        if not workers:
+            where = stuck_at(fetching)
+            return (
+                "data.num_workers=0 makes batches in the rank's own process, and its read has not "
+                f"returned{' (at ' + where + ')' if where else ''}; a hung file system or remote "
+                "source?"
+            )
+        if awaited is not None and 0 <= awaited < len(workers):
+            return f"{worker(awaited)}, whose batch is next, is alive but delivers nothing{hint}"
+        return (
+            f"its {len(workers)} worker(s) are alive but deliver nothing: "
+            f"{', '.join(worker(i) for i in range(len(workers)))}{hint}"
+        )
+
+
+class WatchedFetch:
+    """Items of ``iterator`` fetched in a daemon thread; :meth:`get` waits for the next one
+    with a check every :data:`POLL_S` seconds (see the module docstring).
+
+    Args:
+        iterator: what to fetch from (only this thread calls ``next`` on it).
+        ahead: how many items the thread fetches before they are asked for; 0 fetches each item
+            only while :meth:`get` waits for it, one at a time, as if the caller fetched it.
+        name: the thread's name.
+    """
+
+    def __init__(self, iterator: Iterator, ahead: int, name: str = "batch-fetch") -> None:
+        self._iterator = iterator
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._asked = threading.Semaphore(ahead)
+        self._closing = threading.Event()
+        self._final: tuple[str, Any] | None = None
+        self.thread = threading.Thread(target=self._fetch, name=name, daemon=True)
+        self.thread.start()
+
+    def _fetch(self) -> None:
+        while True:
+            while not self._asked.acquire(timeout=POLL_S):
+                if self._closing.is_set():
+                    return
+            if self._closing.is_set():
+                return
+            try:
+                result: tuple[str, Any] = ("item", next(self._iterator))
+            except StopIteration:
+                result = ("end", None)
+            except BaseException as e:  # raised in the caller's thread by get()
+                result = ("error", e)
+            self._results.put(result)
+            if result[0] != "item":
+                return
+
+    def get(self, check: Callable[[], None]) -> Any:
+        """The next item. Raises what ``next(iterator)`` raised (``StopIteration`` at its end,
+        again on every later call), or what ``check`` (called every :data:`POLL_S` seconds of
+        the wait) raises."""
+        if self._final is None:
+            self._asked.release()
+            while True:
+                try:
+                    kind, item = self._results.get(timeout=POLL_S)
+                    break
+                except queue.Empty:
+                    check()
+            if kind == "item":
+                return item
+            self._final = (kind, item)
+        kind, item = self._final
+        if kind == "end":
+            raise StopIteration
+        raise item
+
+    def close(self, timeout: float = 0) -> None:
+        """Stop fetching: a thread waiting to be asked ends at once, one inside ``next`` when
+        that returns; wait up to ``timeout`` seconds for it (one stuck in a read is left behind:
+        it is a daemon)."""
+        self._closing.set()
+        self._asked.release()  # wake it
+        if timeout > 0 and self.thread is not threading.current_thread():
+            self.thread.join(timeout)

@@ -1,14 +1,19 @@
-"""The bound on a rank's wait for a batch: dead and stuck workers, stop requests (both loaders)."""
+"""The bound on a rank's wait for a batch: dead and stuck workers, reads that hang without
+workers, stop requests (both loaders)."""
 
 import io
+import json
 import os
 import signal
+import threading
 import time
 
 import pytest
+from PIL import Image
 
 from blip_recipes.config import DataConfig, DataSourceConfig
 from blip_recipes.data import BadSampleError, build_train_loader, synthetic_sample
+from blip_recipes.data import samples as samples_module
 from blip_recipes.data import watchdog as watchdog_module
 from blip_recipes.data.tar_format import write_shard
 from blip_recipes.data.watchdog import LoaderError, describe_exit
@@ -28,8 +33,8 @@ def _shard_cfg(tmp_path, **kw):
         samples.append((f"k{i}", buf.getvalue(), "jpg", caption))
     write_shard(str(tmp_path / "s.tar"), samples)
     source = DataSourceConfig(kind="shards", paths=[str(tmp_path / "s.tar")])
-    return DataConfig(sources=[source], batch_size=4, num_workers=1, pin_memory=False,
-                      shuffle_buffer=4, **kw)  # fmt: skip
+    return DataConfig(sources=[source], batch_size=4, pin_memory=False, shuffle_buffer=4,
+                      **{"num_workers": 1, **kw})  # fmt: skip
 
 
 def _workers(loader):
@@ -78,25 +83,22 @@ def test_a_killed_worker_ends_the_wait_naming_it(loader_with_worker):
     assert "\n" not in message and waited < 5
 
 
-# Stuck (SIGSTOPped) workers: map-style only. A shard DataLoader worker stopped in the middle of
-# sending a batch blocks the rank's read of its queue, which runs in the rank's thread.
-map_only = pytest.mark.parametrize("loader_with_worker", ["map"], indirect=True)
-
-
-@map_only
 def test_a_stuck_worker_ends_the_wait_after_timeout_s(loader_with_worker):
+    """SIGSTOP of the worker, never continued: the wait ends after data.timeout_s naming the
+    worker and its state. The shard loader's rank used to block for good, receiving a batch's
+    shared memory from the stopped worker in its own thread."""
     loader = loader_with_worker(timeout_s=1.5)
     (worker,) = _workers(loader)
     os.kill(worker.pid, signal.SIGSTOP)
     message, waited = _next_until_error(loader)
     assert "no batch from the data loader in 2 s (data.timeout_s=1.5)" in message
-    assert f"(pid {worker.pid}) are alive" in message and 1.5 <= waited < 6
+    assert f"worker 0 (pid {worker.pid}, stopped by a signal (SIGSTOP" in message
+    assert "\n" not in message and 1.5 <= waited < 6
     start = time.monotonic()
     loader.close()  # a stopped worker does not exit by itself: it gets SIGKILL at once
     assert not worker.is_alive() and time.monotonic() - start < 5
 
 
-@map_only
 def test_a_stop_request_ends_a_stuck_wait(loader_with_worker, monkeypatch):
     monkeypatch.setattr(watchdog_module, "STOP_GRACE_S", 1.0)
     loader = loader_with_worker(timeout_s=60)
@@ -105,6 +107,46 @@ def test_a_stop_request_ends_a_stuck_wait(loader_with_worker, monkeypatch):
     os.kill(worker.pid, signal.SIGSTOP)
     message, waited = _next_until_error(loader)
     assert "stopped while waiting for a batch" in message and waited < 5
+
+
+@pytest.mark.parametrize("kind", ["map", "shards"])
+def test_a_read_that_hangs_without_workers_ends_the_wait(
+    kind, tmp_path, synthetic_tokenizer, monkeypatch
+):
+    """data.num_workers=0: the batch is made in the rank's process, where a read of a hung file
+    system never returns (here: opening a FIFO nobody writes). The rank waits for it in another
+    thread: after data.timeout_s it ends with one line saying where the read is stuck."""
+    fifo = tmp_path / ("image.jpg" if kind == "map" else "hung.tar")
+    os.mkfifo(fifo)
+    if kind == "map":  # open without the size check first (a FIFO's size is 0)
+        monkeypatch.setattr(samples_module, "open_image", Image.open)
+        ann = tmp_path / "ann.json"
+        ann.write_text(json.dumps([{"image": fifo.name, "caption": "a red circle"}] * 8))
+        source = DataSourceConfig(kind="json", paths=[str(ann)], image_root=str(tmp_path))
+        cfg = DataConfig(sources=[source], batch_size=2, num_workers=0, pin_memory=False,
+                         timeout_s=1.0)  # fmt: skip
+    else:
+        cfg = _shard_cfg(tmp_path, timeout_s=1.0, num_workers=0)
+        cfg.sources[0].paths = [str(fifo)]
+    loader = build_train_loader(cfg, synthetic_tokenizer, 16, 0, 0, 1)
+    message, waited = _next_until_error(loader)
+    assert "no batch from the data loader in 1 s (data.timeout_s=1)" in message
+    assert "data.num_workers=0 makes batches in the rank's own process" in message
+    assert "(at " in message and "in _io.open" not in message and "\n" not in message
+    assert 1.0 <= waited < 4
+    loader.close()
+    # Release the stuck read: a real file at the path it retries, then EOF on the FIFO.
+    stuck = [t for t in threading.enumerate() if t.name in ("batch-fetch", "shard-batches")]
+    fifo.rename(tmp_path / "fifo")
+    if kind == "map":
+        synthetic_sample(0, 0, 32)[0].save(fifo, format="JPEG")
+    else:
+        _shard_cfg(tmp_path)  # writes s.tar
+        os.replace(tmp_path / "s.tar", fifo)
+    os.close(os.open(tmp_path / "fifo", os.O_WRONLY | os.O_NONBLOCK))
+    for thread in stuck:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
 
 
 def test_worker_side_bad_sample_error_is_one_line(tmp_path, synthetic_tokenizer):
