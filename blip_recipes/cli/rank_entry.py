@@ -7,7 +7,8 @@ A rank spends its first seconds importing torch and the library; a SIGTERM then 
 with the default action (exit -15, and the job fails) before the recipe has installed its own
 handlers. Here the stop signals only set ``BLIP_STOP_REQUESTED`` (the variable the recipe
 already reads when it installs its handlers, so the stop is taken at its first check: before
-training started, it exits 0 with nothing to save).
+training started, it exits 0 with nothing to save). `blip run` starts each rank with the stop
+signals blocked, so one that comes before this file runs waits until the handlers are in place.
 
 Run as a file, this module imports nothing of the library (and no torch) before the handlers
 are in place; ``sys.path[0]`` is then set to the recipe's folder, as ``python RECIPE.py`` would.
@@ -31,6 +32,9 @@ def _record_stop(signum: int, _frame: object) -> None:
 def main() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, _record_stop)
+    # `blip run` starts ranks with the stop signals blocked (a stop that arrived since is
+    # pending): from here on they are recorded.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if len(sys.argv) < 2:
         sys.exit("usage: rank_entry.py RECIPE.py [args...]")
     recipe = os.path.abspath(sys.argv[1])

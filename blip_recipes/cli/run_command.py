@@ -15,6 +15,7 @@ from blip_recipes.cli.stop_forwarding import (
     StopForwarder,
     early_stop,
     install_early_stop_handlers,
+    ranks_start_with_stop_signals_blocked,
 )
 from blip_recipes.cli.torchrun_args import launch_world_size, split_launcher_args, stop_signals_for
 from blip_recipes.cli.usage import UsageError
@@ -121,7 +122,8 @@ def run_through_torchrun(
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     launcher, stop_signals = stop_signals_for(launcher)
     try:
-        with StopForwarder(stop_signals, stop_timeout_s) as stop:
+        with StopForwarder(stop_signals, stop_timeout_s) as stop, \
+                ranks_start_with_stop_signals_blocked():  # fmt: skip
             if early_stop:
                 print(
                     f"blip run: {early_stop[0].name} before the ranks started: stopped before "

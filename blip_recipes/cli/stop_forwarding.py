@@ -1,13 +1,15 @@
 """Stop signals in `blip run` itself: forwarded to every rank while torchrun runs them
-(`StopForwarder`), and recorded while `blip run` is still starting (`install_early_stop_handlers`).
+(`StopForwarder`), recorded while `blip run` is still starting (`install_early_stop_handlers`),
+and kept for a rank that is still starting (`ranks_start_with_stop_signals_blocked`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from blip_recipes.runs.stop import STOP_REQUEST_ENV, STOP_SIGNALS
 
@@ -149,3 +151,35 @@ def install_early_stop_handlers() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
             signal.signal(sig, _record_early_stop)
+
+
+@contextlib.contextmanager
+def ranks_start_with_stop_signals_blocked() -> Iterator[None]:
+    """Every rank torchrun starts inside begins with the stop signals blocked.
+
+    A stop forwarded to a rank that was just started, before its interpreter has run the first
+    lines of ``rank_entry.py``, would kill it (the default action of SIGTERM and SIGUSR1), and
+    the job would exit 1. A blocked signal instead waits, across ``exec``, until
+    ``rank_entry.py`` has installed its handlers and unblocks it; none is lost. The signal mask
+    is the spawning thread's, so it is set around torchrun's ``Popen`` of each rank only (the
+    launcher itself keeps receiving stop signals).
+    """
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import (
+        subprocess_handler,
+    )
+
+    handler = subprocess_handler.SubprocessHandler
+    original = handler._popen
+
+    def popen_blocked(self, args, env):  # type: ignore[no-untyped-def]
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return original(self, args, env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    handler._popen = popen_blocked  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        handler._popen = original  # type: ignore[method-assign]

@@ -97,6 +97,24 @@ def test_a_killed_loader_worker_of_one_of_two_ranks_ends_the_job_in_seconds(tmp_
     assert "Traceback" not in err and took < 60, err[-3000:]
 
 
+def test_a_stop_while_the_ranks_start_exits_0_without_a_checkpoint(tmp_path):
+    """SIGTERM to `blip run` as soon as its 2 ranks exist (they are still importing torch):
+    every rank keeps the request, the recipe refuses to start training and the job exits 0
+    with one line (a rank used to die of the signal and the job exited 1)."""
+    out = tmp_path / "run"
+    proc = _start(out, "training.steps=100000", nproc=2)
+    deadline = time.monotonic() + 60
+    while len(_children(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err, _ = _finish(proc, timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped before training started, nothing to save" in err
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert "Traceback" not in err
+
+
 def test_a_removed_output_folder_stops_the_run_with_exit_1(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, "training.steps=100000")
