@@ -143,9 +143,12 @@ def med(
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
+    # tiny: 4 text heads of 16 rather than 2 of 32, at the same cost: its ITM learns to check the
+    # colours of a synthetic image within configs/debug.toml's 800 steps (75% ITM accuracy; with
+    # 2 heads 69%, barely above the 67% prior of one match to two hard negatives)
     "blip_pretrain_tiny": dict(
         vocab_size=30524, image_size=32, patch_size=16, vision_width=64, vision_depth=2,
-        vision_heads=2, text_width=64, text_depth=2, text_heads=2, text_ffn_dim=256,
+        vision_heads=2, text_width=64, text_depth=2, text_heads=4, text_ffn_dim=256,
         embed_dim=32, drop_path_rate=0.0, queue_size=64, max_positions=64,
     ),
     "blip_pretrain_base": dict(
@@ -261,7 +264,8 @@ def preset_queue_size(name: str, **overrides: Any) -> int:
 
 
 def blip_pretrain_tiny(**overrides: Any) -> BlipPretrain:
-    """Tiny CPU model: ViT 64 wide, 2 blocks, 2 heads, 32 px; MED 64 wide, 2 layers; E = 32."""
+    """Tiny CPU model: ViT 64 wide, 2 blocks, 2 heads, 32 px; MED 64 wide, 2 layers, 4 heads;
+    E = 32."""
     return build_model("blip_pretrain_tiny", **overrides)
 
 

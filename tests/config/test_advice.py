@@ -81,10 +81,10 @@ def test_steps_and_sizes_from_the_annotations(tmp_path):
 
 def test_blip_validate_prints_warnings_on_stderr_and_still_succeeds(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "blip_recipes.cli", "validate", "--config",
-                           "debug", "lr_scheduler.warmup_steps=600",
+                           "debug", "lr_scheduler.warmup_steps=1000",
                            f"job.output_dir={tmp_path}"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and "warmup_steps=600 is not shorter than the run" in warnings[0]
+    assert len(warnings) == 1 and "warmup_steps=1000 is not shorter than the run" in warnings[0]
     assert "[job]" in proc.stdout

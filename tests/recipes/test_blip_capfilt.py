@@ -320,7 +320,7 @@ def _synthetic_corpus(root: Path, n: int = 40) -> dict[str, bool]:
 
 @pytest.mark.slow
 def test_trained_filter_keeps_matching_pairs_and_drops_swapped_ones(tmp_path):
-    """A tiny model trained 2000 steps on the synthetic set (about 4-6 minutes on 2 CPU cores)
+    """A tiny model trained 2000 steps on the synthetic set (about 3 minutes on 2 CPU cores)
     as captioner and filter, default threshold 0.5, on synthetic images half of which carry
     another image's caption."""
     model = tmp_path / "model"
