@@ -25,7 +25,15 @@ from blip_recipes.data.nodes import close_at_exit
 from blip_recipes.data.samples import IgnoreStopSignals
 from blip_recipes.data.shard_files import list_shards, shard_sizes
 from blip_recipes.data.shard_streams import ShardBatches
-from blip_recipes.data.watchdog import POLL_S, LoaderError, Watchdog, WatchedFetch
+from blip_recipes.data.watchdog import (
+    POLL_S,
+    LoaderError,
+    Watchdog,
+    WatchedFetch,
+    dataloader_awaited_worker,
+    dataloader_workers,
+    release_dataloader_workers,
+)
 
 logger = logging.getLogger("blip_recipes.data")
 
@@ -95,13 +103,7 @@ class ShardLoader(SampleCounters):
                 timeout=POLL_S if nw > 0 else 0,  # see _receive
             )
         )
-        if getattr(iterator, "_worker_pids_set", False):
-            # torch's SIGCHLD handler would raise wherever the rank is (mid-step, mid-save);
-            # the watchdog reports a dead worker at the rank's next wait for a batch instead.
-            from torch.utils.data._utils.signal_handling import _remove_worker_pids
-
-            _remove_worker_pids(id(iterator))
-            iterator._worker_pids_set = False
+        release_dataloader_workers(iterator)  # a dead worker is the watchdog's to report
         return iterator
 
     def _next_batch(self) -> dict:
@@ -152,11 +154,9 @@ class ShardLoader(SampleCounters):
         """The watchdog's checks, naming the worker whose batch is next (the DataLoader hands
         out batches round-robin, in order)."""
         it = self._iterator
-        info = getattr(it, "_task_info", {}).get(getattr(it, "_rcvd_idx", None))
-        awaited = info[0] if info is not None and len(info) == 1 else None
         fetching = self._fetch.thread if self._fetch is not None else None
         try:
-            watchdog.check(list(getattr(it, "_workers", [])), awaited, fetching)
+            watchdog.check(dataloader_workers(it), dataloader_awaited_worker(it), fetching)
         except LoaderError as error:
             self._failed = True
             raise error from None

@@ -26,12 +26,13 @@ daemon) and the process exits without it, unless the read is stuck inside the ke
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +40,9 @@ logger = logging.getLogger("blip_recipes.data")
 
 #: Seconds between the checks while a rank waits for a batch.
 POLL_S = 0.5
+#: ``data.timeout_s`` of the loaders that get no watchdog of their own (the evaluation loaders,
+#: :func:`watched_batches`); every recipe sets it from its config (:func:`set_wait_timeout`).
+_wait_timeout_s = 600.0
 #: Seconds a rank still waits for a batch after a stop request (Slurm's default grace before
 #: SIGKILL is 30 s).
 STOP_GRACE_S = 30.0
@@ -89,17 +93,25 @@ def process_state(pid: int | None) -> str:
 
 
 def stuck_at(thread: threading.Thread | None) -> str:
-    """Where ``thread`` is now: ``file.py:123 in function``, and the innermost frame of this
-    package it came from when that is another one ("" when it is not running)."""
+    """Where ``thread`` is now: ``file.py:123 in function``, and the innermost frame of the
+    caller's code it came from when that is another one (the first frame of this package, or
+    outside Python's library and installed packages, that is not this module); "" when it is not
+    running."""
     frame = sys._current_frames().get(thread.ident) if thread and thread.ident else None
     if frame is None:
         return ""
+    libraries = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
 
     def at(f: Any) -> str:
         return f"{Path(f.f_code.co_filename).name}:{f.f_lineno} in {f.f_code.co_name}"
 
+    def library(f: Any) -> bool:
+        name = f.f_code.co_filename
+        installed = name.startswith(libraries) and f"{os.sep}blip_recipes{os.sep}" not in name
+        return installed or name == __file__ or name.startswith("<")
+
     ours = frame
-    while ours is not None and "blip_recipes" not in ours.f_code.co_filename:
+    while ours is not None and library(ours):
         ours = ours.f_back
     if ours is None or ours is frame:
         return at(frame)
@@ -262,3 +274,68 @@ class WatchedFetch:
         self._asked.release()  # wake it
         if timeout > 0 and self.thread is not threading.current_thread():
             self.thread.join(timeout)
+
+
+def set_wait_timeout(timeout_s: float) -> None:
+    """``data.timeout_s`` for :func:`watched_batches` without a timeout of its own."""
+    global _wait_timeout_s
+    _wait_timeout_s = timeout_s
+
+
+def dataloader_workers(iterator: Any) -> list:
+    """The worker processes of a ``DataLoader`` iterator (none without workers)."""
+    return list(getattr(iterator, "_workers", []))
+
+
+def dataloader_awaited_worker(iterator: Any) -> int | None:
+    """The worker whose batch a ``DataLoader`` iterator hands out next (it hands them out
+    round-robin, in order), None when unknown or already received."""
+    info = getattr(iterator, "_task_info", {}).get(getattr(iterator, "_rcvd_idx", None))
+    return info[0] if info is not None and len(info) == 1 else None
+
+
+def release_dataloader_workers(iterator: Any) -> None:
+    """Leave a dead ``DataLoader`` worker to the watchdog: torch's SIGCHLD handler would raise
+    wherever the rank is (mid-step, mid-save, or while it kills stuck workers itself)."""
+    if getattr(iterator, "_worker_pids_set", False):
+        from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+        _remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+
+
+def watched_batches(loader: Iterable, timeout_s: float | None = None) -> Iterator:
+    """The batches of ``loader`` (a ``DataLoader``), each wait for one bounded as the training
+    loader's are (see the module docstring; no stop check: the evaluation loaders are not part
+    of the stop protocol): a dead worker ends it at once, no batch within ``timeout_s``
+    (default: :func:`set_wait_timeout`'s, ``data.timeout_s``) ends it naming the worker whose
+    batch is next, or where the read is stuck; then every worker gets SIGKILL.
+
+    Raises:
+        LoaderError: as above, in one line.
+    """
+    iterator = iter(loader)
+    release_dataloader_workers(iterator)
+    workers = dataloader_workers(iterator)
+    fetch = WatchedFetch(iterator, 1 if workers else 0, name="eval-batches")
+    watchdog = Watchdog(timeout_s if timeout_s is not None else _wait_timeout_s)
+
+    def check() -> None:
+        try:
+            watchdog.check(workers, dataloader_awaited_worker(iterator), fetch.thread)
+        except LoaderError:
+            for worker in workers:  # stopped ones too; the fetch thread then sees them gone
+                if worker.is_alive():
+                    worker.kill()
+            raise
+
+    try:
+        while True:
+            watchdog.start()
+            try:
+                item = fetch.get(check)
+            except StopIteration:
+                return
+            yield item
+    finally:
+        fetch.close()

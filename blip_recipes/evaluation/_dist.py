@@ -8,6 +8,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
+
+from blip_recipes.data.watchdog import watched_batches
 
 T = TypeVar("T")
 
@@ -66,7 +69,8 @@ def run_balanced(
     of calls.
 
     FSDP2-sharded forwards are collectives: a rank with fewer batches runs `fn(dummy)` (results
-    discarded) until all ranks have made as many calls as the busiest one.
+    discarded) until all ranks have made as many calls as the busiest one. A `DataLoader`'s
+    batches come through `watched_batches`: every wait for one is bounded by `data.timeout_s`.
 
     Yields:
         `(item, fn(item))` for this rank's real items only.
@@ -76,7 +80,7 @@ def run_balanced(
         count = torch.tensor([length], dtype=torch.long)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         calls = int(count.item())
-    iterator = iter(items)
+    iterator = watched_batches(items) if isinstance(items, DataLoader) else iter(items)
     for index in range(calls):
         if index < length:
             item = next(iterator)

@@ -37,7 +37,7 @@ from blip_recipes.checkpoint import (
     NonFiniteCheckpointError,
 )
 from blip_recipes.config import parse_recipe_args
-from blip_recipes.data.watchdog import LoaderError
+from blip_recipes.data.watchdog import LoaderError, set_wait_timeout
 from blip_recipes.metrics import MetricsWriteError
 from blip_recipes.metrics.run_logging import configure_logging
 from blip_recipes.runs.errors import exit_status_for_error
@@ -59,6 +59,7 @@ def run_training_recipe(recipe_cls: type, argv: list[str] | None, description: s
     one-line errors carry. ``cleanup(barrier=False)`` after any failure (see the module docstring).
     """
     cfg = parse_recipe_args(argv, description=description)
+    set_wait_timeout(cfg.data.timeout_s)  # the evaluation loaders' (the training loader's own)
     configure_logging()  # rank 0 on the console; every rank in <output_dir>/logs/rank<r>.log
     name = recipe_name(recipe_cls)
     logger = logging.getLogger(name)
@@ -97,6 +98,7 @@ def run_inference_recipe(
     ``cleanup(barrier=False)`` after any failure (see the module docstring).
     """
     cfg = parse_recipe_args(argv, description=description, saves_checkpoints=False)
+    set_wait_timeout(cfg.data.timeout_s)  # the evaluation loaders'
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
     )

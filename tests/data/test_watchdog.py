@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from blip_recipes.config import DataConfig, DataSourceConfig
@@ -163,3 +164,59 @@ def test_worker_side_bad_sample_error_is_one_line(tmp_path, synthetic_tokenizer)
     loader.close()
     assert str(info.value).startswith("50 replacements in a row were bad samples; last: ")
     assert "missing.jpg" in str(info.value) and "\n" not in str(info.value)
+
+
+class _Blocking(torch.utils.data.Dataset):
+    """Item 0 at once; item 1 waits for ``release`` (a read that hangs) in this process."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 1 and torch.utils.data.get_worker_info() is None:
+            self.release.wait()
+        return torch.full((2,), i)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_evaluation_loaders_waits_are_bounded(workers):
+    """The evaluation loaders' batches (run_balanced over a DataLoader): a SIGSTOPped worker,
+    or without workers a read that hangs, ends the wait after the timeout in one line, and
+    the workers get SIGKILL."""
+    from blip_recipes.evaluation._dist import run_balanced
+
+    data = _Blocking()
+    loader = torch.utils.data.DataLoader(data, batch_size=1, num_workers=workers)
+    watchdog_module.set_wait_timeout(1.0)
+    try:
+        batches = run_balanced(loader, len(loader), lambda b: b, None, balanced=False)
+        next(batches)
+        if workers:
+            (worker,) = _workers_of(batches)
+            os.kill(worker.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(LoaderError) as info:
+            for _ in batches:  # a batch made before the stop comes first
+                pass
+        waited = time.monotonic() - start
+    finally:
+        watchdog_module.set_wait_timeout(600.0)
+        data.release.set()
+    message = str(info.value)
+    assert "no batch from the data loader in 1 s (data.timeout_s=1)" in message
+    if workers:
+        assert f"worker 0 (pid {worker.pid}, stopped by a signal" in message
+        worker.join(timeout=5)
+        assert not worker.is_alive()
+    else:
+        assert "makes batches in the rank's own process" in message and "__getitem__" in message
+    assert "\n" not in message and waited < 5
+
+
+def _workers_of(batches):
+    """The DataLoader workers behind a run_balanced generator (via watched_batches' frame)."""
+    watched = batches.gi_frame.f_locals["iterator"]
+    return watched.gi_frame.f_locals["workers"]

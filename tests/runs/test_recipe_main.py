@@ -3,6 +3,8 @@ any failure (a rank failing alone must not wait for peers still inside a collect
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from blip_recipes.data.watchdog import LoaderError
@@ -34,7 +36,8 @@ class _Recipe:
 
 @pytest.fixture
 def recipe(monkeypatch):
-    monkeypatch.setattr(recipe_main, "parse_recipe_args", lambda *a, **k: None)
+    cfg = SimpleNamespace(data=SimpleNamespace(timeout_s=600.0))
+    monkeypatch.setattr(recipe_main, "parse_recipe_args", lambda *a, **k: cfg)
     monkeypatch.setattr(recipe_main, "configure_logging", lambda: None)
     _Recipe.barriers = []
     return _Recipe
