@@ -190,7 +190,7 @@ def test_evaluation_loaders_waits_are_bounded(workers):
 
     data = _Blocking()
     loader = torch.utils.data.DataLoader(data, batch_size=1, num_workers=workers)
-    watchdog_module.set_wait_timeout(1.0)
+    watchdog_module.set_wait_timeout(2.0)
     try:
         batches = run_balanced(loader, len(loader), lambda b: b, None, balanced=False)
         next(batches)
@@ -206,14 +206,14 @@ def test_evaluation_loaders_waits_are_bounded(workers):
         watchdog_module.set_wait_timeout(600.0)
         data.release.set()
     message = str(info.value)
-    assert "no batch from the data loader in 1 s (data.timeout_s=1)" in message
+    assert "no batch from the data loader in 2 s (data.timeout_s=2)" in message
     if workers:
         assert f"worker 0 (pid {worker.pid}, stopped by a signal" in message
         worker.join(timeout=5)
         assert not worker.is_alive()
     else:
         assert "makes batches in the rank's own process" in message and "__getitem__" in message
-    assert "\n" not in message and waited < 5
+    assert "\n" not in message and 2.0 <= waited < 15  # a loaded CI host is slow
 
 
 def _workers_of(batches):
