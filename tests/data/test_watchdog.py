@@ -129,6 +129,7 @@ def test_a_read_that_hangs_without_workers_ends_the_wait(
     else:
         cfg = _shard_cfg(tmp_path, timeout_s=2.0, num_workers=0)
         cfg.sources[0].paths = [str(fifo)]
+    earlier = set(threading.enumerate())  # other tests' loaders may still have threads
     loader = build_train_loader(cfg, synthetic_tokenizer, 16, 0, 0, 1)
     message, waited = _next_until_error(loader)
     assert "no batch from the data loader in 2 s (data.timeout_s=2)" in message
@@ -137,7 +138,8 @@ def test_a_read_that_hangs_without_workers_ends_the_wait(
     assert 2.0 <= waited < 15  # a loaded CI host starts the loader slowly
     loader.close()
     # Release the stuck read: a real file at the path it retries, then EOF on the FIFO.
-    stuck = [t for t in threading.enumerate() if t.name in ("batch-fetch", "shard-batches")]
+    stuck = [t for t in set(threading.enumerate()) - earlier
+             if t.name in ("batch-fetch", "shard-batches")]  # fmt: skip
     fifo.rename(tmp_path / "fifo")
     if kind == "map":
         synthetic_sample(0, 0, 32)[0].save(fifo, format="JPEG")
